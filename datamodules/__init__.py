@@ -1,0 +1,1 @@
+"""Sample schemas, shard writing/reading and LightningDataModules. Imports nothing from `firm`."""

@@ -1,0 +1,117 @@
+"""The `firm` command line.
+
+Each area of FIRM adds its own subcommands through a provider module with ``add_commands(subparsers)``; providers
+import heavy libraries only inside their handlers, so `firm --help` and `firm list` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from firm.config import ConfigError
+
+# Modules that contribute subcommands (each defines `add_commands(subparsers)`).
+PROVIDERS: list[str] = [
+    "firm.cli",
+]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from firm.runner import run
+
+    experiment = args.experiment
+    overrides = list(args.overrides)
+    # `firm run --resume RUN_DIR key=value`: argparse puts the first override into `experiment`.
+    if experiment is not None and "=" in experiment and not experiment.endswith((".yaml", ".yml")):
+        overrides.insert(0, experiment)
+        experiment = None
+    if experiment is not None:
+        experiment = _find_experiment(experiment)
+    run(experiment, overrides, dry_run=args.dry_run, resume=args.resume)
+    return 0
+
+
+def _find_experiment(spec: str) -> str:
+    """A YAML path as given, or a shipped experiment named relative to `experiments/` (with or without .yaml)."""
+    from pathlib import Path
+
+    from firm.runner import experiments_root
+
+    if Path(spec).exists():
+        return spec
+    for candidate in (experiments_root() / spec, experiments_root() / f"{spec}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return spec  # load_experiment reports the missing file
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from firm.runner import experiments_root, list_experiments
+
+    rows = list_experiments()
+    if not rows:
+        print(f"no experiments found under {experiments_root()}")
+        return 1
+    width = max(len(r[0]) for r in rows)
+    print(f"Shipped experiments (under {experiments_root()}); run one with `firm run experiments/<path>`:\n")
+    for path, desc in rows:
+        print(f"  {path:<{width}}  {desc}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run an experiment YAML",
+        description="Resolve an experiment (dataclass defaults <- YAML <- key=value overrides), then train it. "
+        "Outputs go to <output_root>/<name>/<timestamp>/.",
+    )
+    p.add_argument("experiment", nargs="?", help="experiment YAML (a path, or a name under experiments/)")
+    p.add_argument("overrides", nargs="*", help="overrides such as trainer.max_steps=100 module.lr=3e-4")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue a run from its last checkpoint (without RUN_DIR: the experiment's newest run)",
+    )
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("list", help="list the shipped experiments")
+    p.set_defaults(func=_cmd_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firm", description="FIRM: faithful reward modeling and RL for image editing and generation."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in PROVIDERS:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    # Overrides may follow options (`firm run x.yaml --dry-run a.b=1`): argparse leaves those for us.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        sys.exit(2)
+    try:
+        code = args.func(args)
+    except ConfigError as e:
+        print(f"firm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("firm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,325 @@
+"""Experiment configuration.
+
+An experiment is a YAML file. Its values are resolved in a fixed order:
+
+    component dataclass defaults  <-  YAML (and the chain of `base:` files it inherits)  <-  CLI `key.sub=value`
+
+Every component (LightningModule, LightningDataModule, reward, critic backend, ...) owns a small dataclass of its
+settings next to its code, exposed as the class attribute ``Config``. A config field that holds a component is
+declared with :func:`component_field`; the component is picked by its ``name:`` key through a registry
+(:mod:`firm.registry`), and its dataclass becomes the schema of that section.
+
+Unknown keys, wrong types and missing required values are errors (:class:`ConfigError`) that name the key and the
+file (or the command-line override) that set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from firm.registry import REGISTRIES, resolve
+
+__all__ = [
+    "MISSING",
+    "ConfigError",
+    "ExperimentConfig",
+    "TrainerConfig",
+    "component_field",
+    "load_experiment",
+    "parse_overrides",
+    "save_config",
+    "to_object",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and where it was set."""
+
+
+def component_field(registry: str, *, optional: bool = False, default_name: str | None = None) -> Any:
+    """A config field holding a registered component, chosen by its ``name:`` key.
+
+    Args:
+        registry: which registry in :data:`firm.registry.REGISTRIES` to look the name up in.
+        optional: the section may be left out (the field is then ``None``).
+        default_name: the component used when the section gives no ``name:``.
+    """
+    return field(default=None, metadata={"registry": registry, "optional": optional, "default_name": default_name})
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of the Lightning ``Trainer`` (and of checkpointing)."""
+
+    max_steps: int = -1  # optimizer steps to run; -1 means bounded by max_epochs
+    max_epochs: int | None = None  # epochs to run; None with max_steps=-1 means Lightning's default (1000)
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: Any = "auto"  # number of devices per node, a list of ids, or "auto"
+    num_nodes: int = 1  # nodes; multi-node runs start through torchrun or SLURM (see docs/running.md)
+    strategy: str = "auto"  # auto | ddp | fsdp | ddp_spawn | ... (Lightning strategy names)
+    fsdp_sharding: str = "FULL_SHARD"  # FSDP sharding strategy when strategy=fsdp
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
+    gradient_clip_val: float | None = None  # clip the gradient norm to this value (None: no clipping)
+    accumulate_grad_batches: int = 1  # batches per optimizer step
+    log_every_n_steps: int = 10  # how often training metrics are written to the loggers
+    val_check_interval: Any = None  # validate every N train batches (int) or fraction of an epoch (float)
+    check_val_every_n_epoch: int | None = 1  # validate every N epochs; None when val_check_interval is in steps
+    limit_train_batches: Any = None  # cap on train batches per epoch (int or fraction)
+    limit_val_batches: Any = None  # cap on validation batches (int or fraction; 0 disables validation)
+    num_sanity_val_steps: int = 0  # validation batches run before training starts
+    checkpoint_every_n_steps: int = 100  # write a checkpoint (and checkpoints/last.ckpt) every N optimizer steps
+    keep_checkpoints: int = 2  # how many step checkpoints to keep besides last.ckpt (-1: all)
+    enable_progress_bar: bool | None = None  # None: on when stderr is an interactive terminal
+    deterministic: bool | None = None  # torch deterministic algorithms (slower)
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: what to build, how to train it, where outputs go."""
+
+    name: str = MISSING  # experiment name; outputs go to <output_root>/<name>/<timestamp>/
+    description: str = ""  # one line shown by `firm list`
+    seed: int = 0  # seeds python, numpy, torch and dataloader workers
+    output_root: str = "runs"  # root folder of run directories
+    imports: list[str] = field(default_factory=list)  # python modules or .py files that register extra components
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    module: Any = component_field("modules")  # the LightningModule: {name: ..., **its Config}
+    data: Any = component_field("datamodules")  # the LightningDataModule: {name: ..., **its Config}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading YAML files
+
+
+def _load_yaml_file(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if node is None or (isinstance(node, DictConfig) and len(node) == 0 and path.read_text().strip() == ""):
+        return OmegaConf.create({})
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: an experiment file must be a mapping of keys to values, got a list")
+    return node
+
+
+def _load_chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML file and all its `base:` ancestors, deepest base first, as (source name, mapping)."""
+    path = path.resolve()
+    if path in _seen:
+        cycle = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"{path}: `base:` inheritance forms a cycle: {cycle}")
+    node = _load_yaml_file(path)
+    layers: list[tuple[str, DictConfig]] = []
+    if "base" in node:
+        base = node.pop("base")
+        bases = [base] if isinstance(base, str) else list(base) if base is not None else []
+        for b in bases:
+            if not isinstance(b, str):
+                raise ConfigError(f"{path}: `base:` must be a path (or a list of paths) to YAML files, got {b!r}")
+            layers += _load_chain((path.parent / b), (*_seen, path))
+    layers.append((str(_display_path(path)), node))
+    return layers
+
+
+def _display_path(path: Path) -> Path:
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, DictConfig]]:
+    """Parse CLI overrides ``key.sub=value`` (values are YAML) into one layer per override."""
+    layers = []
+    for ov in overrides:
+        if "=" not in ov or ov.startswith("="):
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key = ov.split("=", 1)[0]
+        try:
+            node = OmegaConf.from_dotlist([ov])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ConfigError(f"command-line override {ov!r}: cannot parse ({e})") from None
+        if key == "base":
+            raise ConfigError("command-line override 'base=...' is not allowed: name the base in the YAML file")
+        layers.append((f"command-line override {ov!r}", node))
+    return layers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building the schema from the registries
+
+
+def _select(node: Any, dotted: str) -> Any:
+    cur = node
+    for part in dotted.split("."):
+        if not isinstance(cur, DictConfig) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _source_of(layers: list[tuple[str, DictConfig]], dotted: str, default: str) -> str:
+    for src, layer in reversed(layers):
+        if _select(layer, dotted) is not None:
+            return src
+    return default
+
+
+def _build_schema(cls: type, raw: Any, prefix: str, layers: list[tuple[str, DictConfig]], top: str) -> DictConfig:
+    """A structured OmegaConf node for dataclass ``cls``, with component fields filled by registry lookups."""
+    node = OmegaConf.structured(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        sub_raw = raw.get(f.name) if isinstance(raw, DictConfig) else None
+        registry = f.metadata.get("registry")
+        if registry is None:
+            ftype = hints.get(f.name)
+            if dataclasses.is_dataclass(ftype) and _has_component_fields(ftype):
+                node[f.name] = _build_schema(ftype, sub_raw, key + ".", layers, top)
+            continue
+        if sub_raw is None:
+            if f.metadata.get("optional"):
+                continue
+            default_name = f.metadata.get("default_name")
+            if default_name is None:
+                choices = ", ".join(sorted(REGISTRIES[registry]))
+                raise ConfigError(f"{top}: missing required section '{key}' (give it a `name:`, one of: {choices})")
+            sub_raw = OmegaConf.create({"name": default_name})
+        if not isinstance(sub_raw, DictConfig):
+            src = _source_of(layers, key, top)
+            raise ConfigError(f"{src}: '{key}' must be a mapping with a `name:` key, got {sub_raw!r}")
+        comp_name = sub_raw.get("name", f.metadata.get("default_name"))
+        if comp_name is None:
+            choices = ", ".join(sorted(REGISTRIES[registry]))
+            raise ConfigError(f"{top}: missing required value '{key}.name' (one of: {choices})")
+        try:
+            comp = resolve(registry, str(comp_name))
+        except KeyError as e:
+            src = _source_of(layers, f"{key}.name", top)
+            raise ConfigError(f"{src}: '{key}.name': {e.args[0]}") from None
+        conf_cls = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
+        if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
+            raise ConfigError(f"component {comp_name!r} of registry {registry!r} has no `Config` dataclass")
+        node[f.name] = _build_schema(conf_cls, sub_raw, key + ".", layers, top)
+        node[f.name]["name"] = str(comp_name)
+    return node
+
+
+def _has_component_fields(cls: type) -> bool:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("registry") is not None:
+            return True
+        ftype = hints.get(f.name)
+        if dataclasses.is_dataclass(ftype) and _has_component_fields(ftype):
+            return True
+    return False
+
+
+def _import_extensions(imports: Any, source: str) -> None:
+    for item in list(imports or []):
+        item = str(item)
+        try:
+            if item.endswith(".py"):
+                path = Path(item).resolve()
+                mod_name = f"firm_ext_{path.stem}_{abs(hash(str(path))) % 10**8}"
+                if mod_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                if spec is None or spec.loader is None or not path.is_file():
+                    raise FileNotFoundError(path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(item)
+        except Exception as e:  # noqa: BLE001 - re-raised with the source named
+            raise ConfigError(f"{source}: cannot import {item!r} listed in `imports:`: {type(e).__name__}: {e}") from e
+
+
+def _format_omegaconf_error(e: OmegaConfBaseException, source: str) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, ConfigKeyError):
+        return f"{source}: unknown key '{key}' ({first})"
+    return f"{source}: invalid value for '{key}': {first}"
+
+
+def load_experiment(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    schema: type = ExperimentConfig,
+) -> DictConfig:
+    """Resolve an experiment: dataclass defaults <- YAML chain <- overrides.
+
+    Args:
+        path: the experiment YAML.
+        overrides: CLI overrides, each ``key.sub=value``.
+        schema: the top-level dataclass (``ExperimentConfig`` for `firm run`).
+
+    Returns:
+        A validated, structured ``DictConfig``. Use :func:`to_object` for dataclass instances.
+
+    Raises:
+        ConfigError: naming the key and the file (or override) on any problem.
+    """
+    path = Path(path)
+    layers = _load_chain(path) + parse_overrides(list(overrides or []))
+    top = str(_display_path(path.resolve()))
+    try:
+        raw = OmegaConf.merge(*[layer for _, layer in layers]) if layers else OmegaConf.create({})
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{top}: {e}") from None
+    _import_extensions(raw.get("imports"), _source_of(layers, "imports", top))
+    cfg = _build_schema(schema, raw, "", layers, top)
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_format_omegaconf_error(e, source)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        names = ", ".join(f"'{m}'" for m in missing)
+        raise ConfigError(f"{top}: missing required value(s) {names}: set them in the YAML or as key=value")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_format_omegaconf_error(e, top)) from None
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """Dataclass instances (``ExperimentConfig`` with each component's ``Config``) from a resolved config."""
+    return OmegaConf.to_object(cfg)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (it can be run again as it is)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

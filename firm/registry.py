@@ -1,0 +1,61 @@
+"""Registries: plain dicts from a name (as written in YAML) to a component.
+
+A value is the component class itself or a lazy ``"package.module:Attr"`` string, so that `firm list` and
+`firm run --dry-run` do not import heavy libraries for components an experiment does not use. Register your own
+components with :func:`register` from a module named in the experiment's ``imports:`` list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+# LightningModules that `firm run` can train.
+MODULES: dict[str, Any] = {
+    "toy_regression": "firm.toy:ToyRegressionModule",
+}
+
+# LightningDataModules.
+DATAMODULES: dict[str, Any] = {
+    "synthetic_regression": "datamodules.toy:RegressionDataModule",
+}
+
+REGISTRIES: dict[str, dict[str, Any]] = {
+    "modules": MODULES,
+    "datamodules": DATAMODULES,
+}
+
+
+def register(registry: str, name: str, obj: Any = None, *, overwrite: bool = False):
+    """Add ``name -> obj`` to a registry; usable as a decorator when ``obj`` is omitted."""
+    if registry not in REGISTRIES:
+        raise KeyError(f"unknown registry {registry!r}; known: {', '.join(sorted(REGISTRIES))}")
+
+    def _add(o: Any) -> Any:
+        table = REGISTRIES[registry]
+        if name in table and table[name] is not o and not overwrite:
+            raise KeyError(f"{registry}: {name!r} is already registered to {table[name]!r}")
+        table[name] = o
+        return o
+
+    return _add(obj) if obj is not None else _add
+
+
+def resolve(registry: str, name: str) -> Any:
+    """The component registered as ``name``; imports it on first use.
+
+    Raises:
+        KeyError: with the known names (and the closest match) when ``name`` is not registered.
+    """
+    table = REGISTRIES[registry]
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown {registry[:-1]} {name!r}.{hint} Known: {', '.join(sorted(table))}")
+    obj = table[name]
+    if isinstance(obj, str):
+        mod_name, _, attr = obj.partition(":")
+        obj = getattr(importlib.import_module(mod_name), attr)
+        table[name] = obj
+    return obj

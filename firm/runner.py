@@ -1,0 +1,299 @@
+"""`firm run`: build the Trainer, the LightningModule and the LightningDataModule of an experiment, and fit.
+
+A run writes everything to ``<output_root>/<name>/<timestamp>/``::
+
+    config.yaml          the resolved config (run it again with `firm run config.yaml`)
+    meta.json            command line, git commit, versions, host
+    checkpoints/         last.ckpt (always the newest) and step checkpoints
+    csv/version_N/       metrics.csv (one version per launch: a resumed run adds version_1, ...)
+    tb/version_N/        TensorBoard events
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from firm.config import ConfigError, ExperimentConfig, load_experiment, save_config, to_object, to_yaml
+from firm.registry import resolve
+
+RUN_DIR_ENV = "FIRM_RUN_DIR"  # set by the launching process so that every rank writes to one run directory
+LAST_CKPT = "last.ckpt"
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Raised instead of writing a checkpoint whose weights hold NaN or inf."""
+
+
+def _global_rank_from_env() -> int:
+    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK", 0)) * 1000 + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_rank_zero() -> bool:
+    return _global_rank_from_env() == 0
+
+
+def _checkpoint_io():
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class SafeCheckpointIO(TorchCheckpointIO):
+        """Atomic (write-then-rename) checkpoints that refuse non-finite weights; loads with ``weights_only=True``."""
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            bad = [
+                k
+                for k, v in checkpoint.get("state_dict", {}).items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+            ]
+            if bad:
+                raise NonFiniteWeightsError(
+                    f"refusing to write checkpoint {path}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}"
+                )
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+            if map_location is None:
+                map_location = "cpu"
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeCheckpointIO()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_meta(run_dir: Path, resumed_from: str | None) -> None:
+    import lightning
+
+    meta = {
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": resumed_from,
+        "git_commit": _git_commit(),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+    name = "meta.json" if resumed_from is None else f"meta.resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    (run_dir / name).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    """``<output_root>/<name>/<timestamp>``; shared by every rank of one launch."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    # External launchers (torchrun, SLURM) start ranks independently: name the run after the job so they agree.
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if job and job != "none" and "WORLD_SIZE" in os.environ:
+        stamp = f"job-{job}"
+    run_dir = Path(cfg.output_root) / cfg.name / stamp
+    if is_rank_zero():
+        suffix, base = 1, run_dir
+        while run_dir.exists():  # two launches within one second
+            run_dir = base.with_name(f"{base.name}-{suffix}")
+            suffix += 1
+    return run_dir
+
+
+def find_run_dir(spec: str, cfg: ExperimentConfig | None) -> Path:
+    """The run directory to resume: a path, or ``latest`` (newest run of the experiment)."""
+    if spec != "latest":
+        run_dir = Path(spec)
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume: run directory not found: {run_dir}")
+        return run_dir
+    if cfg is None:
+        raise ConfigError("--resume without a directory needs the experiment YAML to find its latest run")
+    root = Path(cfg.output_root) / cfg.name
+    runs = sorted((p for p in root.glob("*") if (p / "checkpoints" / LAST_CKPT).is_file()), key=lambda p: p.name)
+    if not runs:
+        raise ConfigError(f"--resume: no run of {cfg.name!r} with a checkpoint under {root}")
+    return runs[-1]
+
+
+def build_strategy(tc: Any, module: Any) -> Any:
+    """The Trainer strategy from the config. ``fsdp`` wraps the module's ``fsdp_wrap_modules`` if it declares them."""
+    if tc.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        wrap = getattr(module, "fsdp_wrap_modules", None)
+        kwargs: dict[str, Any] = {"sharding_strategy": tc.fsdp_sharding}
+        if wrap:
+            kwargs["auto_wrap_policy"] = set(wrap)
+            kwargs["activation_checkpointing_policy"] = set(wrap) if getattr(module, "fsdp_checkpoint", False) else None
+        return FSDPStrategy(**kwargs)
+    if tc.strategy == "ddp" and getattr(module, "ddp_find_unused_parameters", False):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=True)
+    return tc.strategy
+
+
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callbacks: list | None = None):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    tc = cfg.trainer
+    progress = tc.enable_progress_bar if tc.enable_progress_bar is not None else sys.stderr.isatty()
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=tc.checkpoint_every_n_steps,
+        monitor="step",
+        mode="max",
+        save_top_k=tc.keep_checkpoints,
+        save_last=True,
+    )
+    callbacks = [ckpt, LearningRateMonitor(logging_interval="step"), *(extra_callbacks or [])]
+    kwargs: dict[str, Any] = {}
+    for key in ("val_check_interval", "limit_train_batches", "limit_val_batches"):
+        if getattr(tc, key) is not None:
+            kwargs[key] = getattr(tc, key)
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_steps=tc.max_steps,
+        max_epochs=tc.max_epochs,
+        accelerator=tc.accelerator,
+        devices=tc.devices,
+        num_nodes=tc.num_nodes,
+        strategy=build_strategy(tc, module),
+        precision=tc.precision,
+        gradient_clip_val=tc.gradient_clip_val,
+        accumulate_grad_batches=tc.accumulate_grad_batches,
+        log_every_n_steps=tc.log_every_n_steps,
+        check_val_every_n_epoch=tc.check_val_every_n_epoch,
+        num_sanity_val_steps=tc.num_sanity_val_steps,
+        enable_progress_bar=progress,
+        deterministic=tc.deterministic,
+        logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tb", default_hp_metric=False)],
+        callbacks=callbacks,
+        plugins=[_checkpoint_io()],
+        **kwargs,
+    )
+
+
+def build_components(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    module_cls = resolve("modules", cfg.module.name)
+    data_cls = resolve("datamodules", cfg.data.name)
+    return module_cls(cfg.module), data_cls(cfg.data)
+
+
+def run(
+    experiment: str | None,
+    overrides: list[str] | None = None,
+    *,
+    dry_run: bool = False,
+    resume: str | None = None,
+) -> Path | None:
+    """Resolve, build and fit an experiment. Returns the run directory (None for a dry run)."""
+    import lightning as L
+
+    _quiet_third_party_warnings()
+    overrides = list(overrides or [])
+    resume_dir: Path | None = None
+    if resume is not None and resume != "latest":
+        resume_dir = find_run_dir(resume, None)
+        saved = resume_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {resume_dir} has no config.yaml (is it a FIRM run directory?)")
+        node = load_experiment(experiment or saved, overrides)
+    else:
+        if experiment is None:
+            raise ConfigError("firm run needs an experiment YAML (or --resume RUN_DIR)")
+        node = load_experiment(experiment, overrides)
+    cfg: ExperimentConfig = to_object(node)
+
+    if dry_run:
+        print(to_yaml(node), end="")
+        return None
+
+    if resume == "latest":
+        resume_dir = find_run_dir("latest", cfg)
+    ckpt_path = None
+    if resume_dir is not None:
+        ckpt_path = resume_dir / "checkpoints" / LAST_CKPT
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path} (the run was stopped before its first one)")
+        run_dir = resume_dir
+    else:
+        run_dir = new_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by Lightning's launcher inherit it
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(node, run_dir / ("config.yaml" if resume_dir is None else "config.resume.yaml"))
+        _write_meta(run_dir, str(ckpt_path) if ckpt_path else None)
+        print(f"[firm] run directory: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
+
+    module, datamodule = build_components(cfg)
+    trainer = build_trainer(cfg, run_dir, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    # Every rank calls it; rank 0 writes.
+    trainer.save_checkpoint(run_dir / "checkpoints" / LAST_CKPT, weights_only=False)
+    if trainer.is_global_zero:
+        print(f"[firm] done after {trainer.global_step} steps. Outputs: {run_dir}")
+        print(f"[firm]   config: {run_dir / 'config.yaml'}  checkpoints: {run_dir / 'checkpoints'}")
+        print(f"[firm]   metrics: {run_dir / 'csv'}  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    return run_dir
+
+
+def _quiet_third_party_warnings() -> None:
+    """Silence deprecation chatter from dependencies that says nothing about the user's run."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def experiments_root() -> Path:
+    """The shipped `experiments/` folder (beside the package in a source checkout)."""
+    return Path(__file__).resolve().parent.parent / "experiments"
+
+
+def list_experiments(root: Path | None = None) -> list[tuple[str, str]]:
+    """(relative path, description) of every shipped experiment YAML."""
+    import yaml
+
+    root = root or experiments_root()
+    rows = []
+    for path in sorted(root.rglob("*.yaml")):
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            data = {}
+        desc = data.get("description", "") if isinstance(data, dict) else ""
+        rows.append((str(path.relative_to(root)), str(desc)))
+    return rows

@@ -1,0 +1,49 @@
+"""Install FIRM: `pip install -e .[dev]` (CPU torch first: `pip install torch==2.13.0`)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+install_requires = [
+    # Pinned loosely: torch is installed first by the Makefile (CPU build); a range here must not pull a CUDA build.
+    "torch>=2.4",
+    "lightning>=2.4",
+    "triton>=3.0; platform_system == 'Linux'",
+    "transformers>=4.57",  # Qwen3-VL
+    "diffusers>=0.35",  # SD3 / Qwen-Image transformers, flow-matching schedulers
+    "peft>=0.17",
+    "torchmetrics>=1.4",
+    "torchdata>=0.10",  # StatefulDataLoader: exact data position on resume
+    "omegaconf>=2.3",
+    "pyyaml>=6",
+    "webdataset>=0.2.100",
+    "safetensors>=0.4",
+    "pillow>=10",
+    "numpy>=1.26",
+    "tensorboard>=2.15",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "httpx>=0.27",  # async OpenAI-compatible critic client
+    "litserve>=0.2.10",  # `firm serve-critic`
+]
+
+extras_require = {
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    "gpu": ["flash-attn>=2.6"],
+}
+
+setup(
+    name="firm",
+    version="0.1.0",
+    description="Faithful image reward modeling and RL for image editing and text-to-image models",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["firm", "firm.*", "kernels", "kernels.*", "datamodules", "datamodules.*"]),
+    install_requires=install_requires,
+    extras_require=extras_require,
+    entry_points={"console_scripts": ["firm=firm.cli:main"]},
+    license="Apache-2.0",
+)

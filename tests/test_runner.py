@@ -1,0 +1,157 @@
+"""The runner end to end: outputs, non-finite guards, SIGKILL + --resume, and DDP with 2 CPU processes."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from firm.runner import NonFiniteWeightsError, _checkpoint_io, run
+
+REPO = Path(__file__).resolve().parent.parent
+TOY = REPO / "experiments" / "demo" / "toy_regression.yaml"
+PROBE = REPO / "tests" / "helpers" / "probe_module.py"
+
+
+def read_metrics(run_dir: Path, version: int) -> list[dict]:
+    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def probe_yaml(tmp_path: Path, **trainer) -> Path:
+    lines = "".join(f"  {k}: {v}\n" for k, v in trainer.items())
+    path = tmp_path / "probe.yaml"
+    path.write_text(
+        f"base: {TOY}\nname: probe\noutput_root: {tmp_path / 'runs'}\nimports: [{PROBE}]\n"
+        f"module: {{name: probe}}\ntrainer:\n  enable_progress_bar: false\n{lines}"
+    )
+    return path
+
+
+def test_run_writes_config_logs_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    run_dir = run(
+        str(TOY),
+        [
+            f"output_root={tmp_path}",
+            "trainer.max_steps=30",
+            "trainer.checkpoint_every_n_steps=10",
+            "trainer.val_check_interval=15",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
+    assert run_dir.parent == tmp_path / "toy_regression"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "meta.json").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 30
+    rows = read_metrics(run_dir, 0)
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses and losses[-1] < losses[0]  # it learns
+    assert any(r.get("val/loss") for r in rows)
+    assert list((run_dir / "tb" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_checkpoint_io_refuses_nan_weights(tmp_path):
+    io = _checkpoint_io()
+    with pytest.raises(NonFiniteWeightsError, match="w"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "x.ckpt")
+    assert not (tmp_path / "x.ckpt").exists()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "ok.ckpt")
+    assert io.load_checkpoint(tmp_path / "ok.ckpt")["global_step"] == 3
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind
+
+
+def test_nan_loss_skips_the_step_and_weights_stay_finite(tmp_path, monkeypatch):
+    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    exp = probe_yaml(tmp_path, max_steps=12, checkpoint_every_n_steps=5)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        run_dir = run(str(exp), ["module.nan_at_step=3"])
+    weights = load_file(str(run_dir / "weights_rank0.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["firm_skipped_nonfinite"] == 1
+    # the skipped batch consumes a batch but not an optimizer step
+    assert ckpt["global_step"] == 12
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, subprocess_env):
+    steps, every = 400, 20
+    exp = probe_yaml(tmp_path, max_steps=steps, checkpoint_every_n_steps=every, val_check_interval=1000)
+    cmd = [sys.executable, "-m", "firm", "run", str(exp)]
+
+    # Uninterrupted reference run.
+    subprocess.run([*cmd, "name=reference"], env=subprocess_env, check=True, capture_output=True, timeout=300)
+    ref_dir = next((tmp_path / "runs" / "reference").iterdir())
+
+    # A run killed with SIGKILL as soon as its first checkpoint exists.
+    proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    last = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs" / "probe").glob("*/checkpoints/last.ckpt"))
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.02)
+    assert last is not None, "no checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    run_dir = last.parent.parent
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < killed_at < steps, "the run finished before it could be killed; make it longer"
+
+    out = subprocess.run(
+        [sys.executable, "-m", "firm", "run", "--resume", str(run_dir)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "resuming from" in out.stdout
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    resumed_steps = [int(r["step"]) for r in read_metrics(run_dir, 1) if r.get("train/loss")]
+    assert min(resumed_steps) >= killed_at  # continued, did not start over
+    # Exact continuation: same data order and RNG state, so the same final weights as the uninterrupted run.
+    a = load_file(str(ref_dir / "weights_rank0.safetensors"))
+    b = load_file(str(run_dir / "weights_rank0.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text(TOY.read_text().replace("${data.in_dim}", "8"))
+    from firm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run(None, resume=str(tmp_path / "r"))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, subprocess_env):
+    exp = probe_yaml(tmp_path, strategy="ddp", devices=2, accelerator="cpu", max_steps=15, val_check_interval=1000)
+    out = subprocess.run(
+        [sys.executable, "-m", "firm", "run", str(exp)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs" / "probe").iterdir())
+    assert len(run_dirs) == 1, "both ranks must share one run directory"
+    w0 = load_file(str(run_dirs[0] / "weights_rank0.safetensors"))
+    w1 = load_file(str(run_dirs[0] / "weights_rank1.safetensors"))
+    init = torch.load(run_dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert init["global_step"] == 15
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert "gloo" in out.stdout + out.stderr or "distributed_backend=gloo" in out.stdout + out.stderr

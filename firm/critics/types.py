@@ -1,0 +1,93 @@
+"""Critic requests, results and the protocol every critic backend implements.
+
+A critic judges images on FIRM's 1..5 rubrics. An *edit* request is judged on Execution (did the requested change
+happen) and Consistency (did anything else change); a *generation* request on Instruction following (against a
+checklist) and Quality. A score that could not be obtained is ``None`` — never a default number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+# Dimension names, as used in results, logs and rewards.
+EXECUTION = "execution"
+CONSISTENCY = "consistency"
+INSTRUCTION = "instruction"
+QUALITY = "quality"
+EDIT_DIMENSIONS = (EXECUTION, CONSISTENCY)
+GEN_DIMENSIONS = (INSTRUCTION, QUALITY)
+
+SCORE_MIN, SCORE_MAX = 1, 5
+
+
+@dataclass
+class EditRequest:
+    """Judge an edit: did ``edited`` carry out ``instruction`` on ``source``, and only that?"""
+
+    source: Image.Image
+    edited: Image.Image
+    instruction: str
+    key: str | None = None  # caller's id, echoed in the result
+    dimensions: tuple[str, ...] = EDIT_DIMENSIONS  # which judgements to make
+
+
+@dataclass
+class GenRequest:
+    """Judge a generated image against its prompt (and an explicit checklist when given)."""
+
+    image: Image.Image
+    prompt: str
+    checklist: list[str] | None = None  # requirements to check; None lets the critic plan one
+    key: str | None = None
+    dimensions: tuple[str, ...] = GEN_DIMENSIONS
+
+
+CriticRequest = EditRequest | GenRequest
+
+
+@dataclass
+class CriticResult:
+    """The critic's answer for one request.
+
+    ``scores`` maps each judged dimension to an int in 1..5, or ``None`` when the critic's output could not be
+    parsed (``errors`` then says why). ``details`` holds sub-scores, e.g. the three quality aspects.
+    """
+
+    scores: dict[str, int | None]
+    reasoning: dict[str, str] = field(default_factory=dict)  # per dimension
+    raw: dict[str, str] = field(default_factory=dict)  # per dimension: the model's raw output
+    errors: dict[str, str] = field(default_factory=dict)  # per dimension: why the score is missing
+    details: dict[str, Any] = field(default_factory=dict)
+    latency_s: float = 0.0  # wall time spent on this request
+    key: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when every judged dimension has a score."""
+        return all(v is not None for v in self.scores.values())
+
+    def missing(self) -> list[str]:
+        return [k for k, v in self.scores.items() if v is None]
+
+
+@runtime_checkable
+class Critic(Protocol):
+    """Anything that scores a batch of requests: local model, HTTP client, rule critic, ..."""
+
+    def score(self, requests: list[CriticRequest]) -> list[CriticResult]:
+        """One result per request, in order. Missing scores are ``None``; transport failures raise."""
+        ...
+
+
+def check_score(value: Any) -> int | None:
+    """``value`` as an int score if it is a whole number in 1..5, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and SCORE_MIN <= value <= SCORE_MAX:
+        return value
+    return None

@@ -21,9 +21,18 @@ DATAMODULES: dict[str, Any] = {
     "synthetic_regression": "datamodules.toy:RegressionDataModule",
 }
 
+# Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as
+# `cls(config)`, implementing `firm.critics.types.Critic`.
+CRITICS: dict[str, Any] = {}
+
+# Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.
+REWARDS: dict[str, Any] = {}
+
 REGISTRIES: dict[str, dict[str, Any]] = {
     "modules": MODULES,
     "datamodules": DATAMODULES,
+    "critics": CRITICS,
+    "rewards": REWARDS,
 }
 
 

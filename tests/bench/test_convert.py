@@ -35,7 +35,8 @@ def released(tmp_path):
     _img(gen / "imgs" / "a.png")
     _img(gen / "imgs" / "b.png")
     _jsonl(gen / "bench_v1.jsonl", [
-        {"id": "a", "image": "imgs/a.png", "prompt": "a red cube", "checklist": "- a cube\n- red", "difficulty": "Hard"},
+        {"id": "a", "image": "imgs/a.png", "prompt": "a red cube", "checklist": "- a cube\n- red",
+         "difficulty": "Hard"},
         {"id": "b", "image": "imgs/b.png", "prompt": "two balls", "difficulty": "easy"},
     ])  # fmt: skip
     _jsonl(gen / "result" / "human_bench_v1.jsonl", [{"id": "a", "score": [3, 4]}, {"id": "b", "score": 5}])

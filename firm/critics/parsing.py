@@ -174,6 +174,10 @@ def _find_key(obj: dict, names: tuple[str, ...]) -> Any:
     return None
 
 
+def _has_key(obj: dict, names: tuple[str, ...]) -> bool:
+    return any(isinstance(k, str) and k.strip().lower() in names for k in obj)
+
+
 def _reasoning_of(obj: dict) -> str:
     v = _find_key(obj, ("reasoning", "reason", "explanation", "analysis", "rationale"))
     return v.strip() if isinstance(v, str) else ""
@@ -211,7 +215,7 @@ def explain_json_score(text: str | None) -> ParseResult:
     body, problem = _strip_thinking(text)
     if problem and not body.strip():
         return _fail(problem)
-    candidates = [(o, s, e) for o, s, e in _json_objects(body) if _find_key(o, _SCORE_KEYS) is not None]
+    candidates = [(o, s, e) for o, s, e in _json_objects(body) if _has_key(o, _SCORE_KEYS)]
     if candidates:
         obj, start, end = candidates[-1]  # the answer comes last (an echoed format example would come first)
         score, why = _coerce_score(_find_key(obj, _SCORE_KEYS))

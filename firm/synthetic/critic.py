@@ -52,6 +52,7 @@ from firm.synthetic.perception import (
     palette_distance,
     perceive,
     shift,
+    split_by_cell,
 )
 from firm.synthetic.scoring import (
     Change,
@@ -64,7 +65,6 @@ from firm.synthetic.scoring import (
     nothing_else_left,
     seen_from_scene,
     significant_changes,
-    split_by_cell,
 )
 from firm.synthetic.tasks import EditTask, GenTask, Task
 from firm.synthetic.world import Scene, WorldConfig, cell_box, render
@@ -136,8 +136,9 @@ class ShapesRuleCritic:
         result.details["edit"] = describe_edit(edit)
         result.details["source_objects"] = [o.describe() for o in ps.objects]
         result.details["edited_objects"] = [o.describe() for o in po.objects]
-        if edit.old is not None and (src.get(edit.old.cell) is None or src[edit.old.cell].key() != (edit.old.colour, edit.old.shape)):
-            result.details["warning"] = f"the source shows {_describe(src.get(edit.old.cell))}, not {edit.old.describe()}"
+        named = src.get(edit.old.cell) if edit.old is not None else None
+        if edit.old is not None and (named is None or named.key() != (edit.old.colour, edit.old.shape)):
+            result.details["warning"] = f"the source shows {_describe(named)}, not {edit.old.describe()}"
         if EXECUTION in dims:
             checks = execution_checks(edit, src, out)
             score, frac = execution_score(checks)
@@ -161,7 +162,8 @@ class ShapesRuleCritic:
             sig = "; ".join(c.text for c in changes) or "none"
             mnr = f"{len(minor)} drift region(s) ({', '.join(f'{n}px' for n in minor)})" if minor else "none"
             extra = " Image almost entirely different." if everything else ""
-            result.reasoning[CONSISTENCY] = f"Unintended significant changes: {sig}. Minor: {mnr}.{extra} Score {score}."
+            why = f"Unintended significant changes: {sig}. Minor: {mnr}.{extra}"
+            result.reasoning[CONSISTENCY] = f"{why} Score {score}."
         return result
 
     def minor_changes(
@@ -222,10 +224,11 @@ class ShapesRuleCritic:
             result.details["quality_aspects"] = aspects
             result.details["quality_measures"] = measures
             parts = ", ".join(f"{k} {v}" for k, v in aspects.items())
+            m = measures
             result.reasoning[QUALITY] = (
-                f"{parts} (stray {measures['stray_fraction']:.1%}, background noise {measures['background_noise']:.1f}, "
-                f"soft edges {measures['soft_edge_ratio']:.2f}/boundary px, colour error {measures['colour_error']:.1f}, "
-                f"shape fit {measures['structure_iou']:.2f}). Quality = min = {score}."
+                f"{parts} (stray {m['stray_fraction']:.1%}, background noise {m['background_noise']:.1f}, "
+                f"soft edges {m['soft_edge_ratio']:.2f}/boundary px, colour error {m['colour_error']:.1f}, "
+                f"shape fit {m['structure_iou']:.2f}). Quality = min = {score}."
             )
         return result
 

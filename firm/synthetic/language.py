@@ -69,7 +69,8 @@ class Edit:
             raise ValueError(f"unknown edit kind {k!r}; known: {', '.join(EDIT_KINDS)}")
         need_old, need_new = k != "add", k != "remove"
         if (o is not None) != need_old or (n is not None) != need_new:
-            raise ValueError(f"{k}: needs old={'an object' if need_old else 'None'}, new={'an object' if need_new else 'None'}")
+            want = f"old={'an object' if need_old else 'None'}, new={'an object' if need_new else 'None'}"
+            raise ValueError(f"{k}: needs {want}")
         if k == "recolour" and not (o.cell == n.cell and o.shape == n.shape and o.colour != n.colour):
             raise ValueError(f"recolour must keep cell and shape and change the colour: {o} -> {n}")
         if k == "move" and not (o.colour == n.colour and o.shape == n.shape and o.cell != n.cell):

@@ -29,11 +29,11 @@ changed; both: four or more significant changes leaving none of the other source
 four minor; 2 otherwise (four or more significant or five or more minor).
 
 **Generation Instruction.** Each prompt object is matched to at most one seen object that agrees with it on at least
-one attribute (the assignment maximising the satisfied items). Checklist items: *present* (matched), *colour*, *shape*, *position* (matched
-and equal), *nothing else* (no unmatched objects). With ``f`` the satisfied fraction and ``p`` the share of
-prompt objects present: 1 if no object is present (irrelevant image); 5 if ``f == 1``; 4 if all objects are present
-and ``f >= 3/4`` (one or two details off); 3 if ``f >= 1/2`` and at least half the objects are present (main
-subjects there, several requirements missing); 2 otherwise (most subjects missing or wrong).
+one attribute (the assignment maximising the satisfied items). Checklist items: *present* (matched), *colour*,
+*shape*, *position* (matched and equal), *nothing else* (no unmatched objects). With ``f`` the satisfied fraction:
+1 if no prompt object is present (irrelevant image); 5 if ``f == 1``; 4 if all objects are present and
+``f >= 3/4`` (one or two details off); 3 if ``f >= 1/2`` and at least half the objects are present (main subjects
+there, several requirements missing); 2 otherwise (most subjects missing or wrong).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from firm.synthetic.language import ChecklistItem, Edit, GenSpec, article, object_phrase
-from firm.synthetic.perception import SeenObject, split_by_cell
+from firm.synthetic.perception import SeenObject
 from firm.synthetic.world import CELL_NAMES, Scene
 
 ATTEMPT_CREDIT = 0.25  # credit for a colour/shape that changed, but not to what was asked
@@ -182,9 +182,8 @@ def significant_changes(
         if o is None:
             changes.append(Change("removed", f"{edit.old.describe()} removed (only its colour was to change)", []))
         elif o.shape != edit.old.shape:
-            changes.append(
-                Change("reshaped", f"{edit.old.describe()} became a {o.shape or 'blob'} (only its colour was to change)", [o])
-            )
+            why = f"{edit.old.describe()} became a {o.shape or 'blob'} (only its colour was to change)"
+            changes.append(Change("reshaped", why, [o]))
     return changes
 
 
@@ -344,7 +343,8 @@ def generation_reasoning(spec: GenSpec, j: GenJudgement) -> str:
         parts.append(f"also present: {'; '.join(o.describe() for o in j.unmatched)}")
     failed = [it.text for it, ok in j.satisfied if not ok]
     n_ok = sum(ok for _, ok in j.satisfied)
-    parts.append(f"{n_ok}/{len(j.satisfied)} checklist items satisfied" + (f" (failed: {'; '.join(failed)})" if failed else ""))
+    tally = f"{n_ok}/{len(j.satisfied)} checklist items satisfied"
+    parts.append(tally + (f" (failed: {'; '.join(failed)})" if failed else ""))
     return ". ".join(parts) + f". Score {j.score}."
 
 

@@ -66,7 +66,8 @@ def _partial(task: EditTask, rng: random.Random, world: WorldConfig) -> Scene:
     if e.kind == "add":
         if rng.random() < 0.5:
             return src.with_object(ShapeObject(e.new.cell, rng.choice(others(e.new.colour)), e.new.shape))
-        return src.with_object(ShapeObject(e.new.cell, e.new.colour, rng.choice([s for s in world.shapes if s != e.new.shape])))
+        shape = rng.choice([s for s in world.shapes if s != e.new.shape])
+        return src.with_object(ShapeObject(e.new.cell, e.new.colour, shape))
     if e.kind == "move":  # copied instead of moved
         return src.with_object(e.new)
     # replace: only one of the attributes changed (or the wrong shape)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -177,7 +177,8 @@ def sample_edit(rng: random.Random, source: Scene, kind: str, world: WorldConfig
     if kind == "remove":
         return Edit(kind, old=old)
     if kind == "recolour":
-        return Edit(kind, old, ShapeObject(old.cell, rng.choice([c for c in world.colours if c != old.colour]), old.shape))
+        colour = rng.choice([c for c in world.colours if c != old.colour])
+        return Edit(kind, old, ShapeObject(old.cell, colour, old.shape))
     if kind == "move":
         if not free:
             raise ValueError("move: the scene is full")
@@ -186,7 +187,7 @@ def sample_edit(rng: random.Random, source: Scene, kind: str, world: WorldConfig
     return Edit(kind, old, ShapeObject(old.cell, rng.choice(world.colours), new_shape))
 
 
-def make_edit_task(seed: int, world: WorldConfig | None = None, kinds: list[str] | tuple[str, ...] | None = None) -> EditTask:
+def make_edit_task(seed: int, world: WorldConfig | None = None, kinds: Sequence[str] | None = None) -> EditTask:
     """The editing task of ``seed``: a random source scene and a random instruction of one of ``kinds``."""
     world = world or WorldConfig()
     kinds = list(kinds or EDIT_KINDS)
@@ -232,7 +233,14 @@ def split_of(task: Task, split: SplitConfig | None = None, world: WorldConfig | 
     return "test" if h < split.test_fraction else "train"
 
 
-def _walk(make, split_name: str | None, split: SplitConfig | None, world: WorldConfig | None, start: int, limit: int | None):
+def _walk(
+    make: Callable[[int], Task],
+    split_name: str | None,
+    split: SplitConfig | None,
+    world: WorldConfig | None,
+    start: int,
+    limit: int | None,
+) -> Iterator[Task]:
     if split_name is not None and split_name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split_name!r}")
     seed, found, misses = start, 0, 0

@@ -23,7 +23,9 @@ DATAMODULES: dict[str, Any] = {
 
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as
 # `cls(config)`, implementing `firm.critics.types.Critic`.
-CRITICS: dict[str, Any] = {}
+CRITICS: dict[str, Any] = {
+    "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
+}
 
 # Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.
 REWARDS: dict[str, Any] = {}

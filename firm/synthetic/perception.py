@@ -47,6 +47,14 @@ class PerceptionSettings:
     max_extent: float = 1.6  # boxes larger than this many expected sides hold no recognisable shape (merged blobs)
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))  # the shapes to tell apart (world.shapes)
 
+    def __post_init__(self) -> None:
+        bad = [s for s in self.shapes if s not in SHAPES]
+        if bad or len(self.shapes) < 2:
+            raise ValueError(f"critic shapes must be >= 2 names from {list(SHAPES)}, got {list(self.shapes)}")
+        for k in ("colour_tolerance", "background_tolerance", "object_scale", "min_area_frac"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"critic {k} must be > 0, got {getattr(self, k)}")
+
 
 @dataclass
 class SeenObject:

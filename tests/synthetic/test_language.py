@@ -111,3 +111,16 @@ def test_edit_validates_its_meaning():
     with pytest.raises(ValueError, match="needs"):
         Edit("add", Obj(0, "red", "circle"), Obj(0, "red", "circle"))
     assert Edit("move", Obj(0, "red", "circle"), Obj(5, "red", "circle")).affected_cells == (0, 5)
+
+
+def test_closed_vocabulary_covers_every_text():
+    from firm.synthetic.language import tokenize, vocabulary
+
+    vocab = set(vocabulary())
+    for t in edit_tasks(limit=300):
+        assert set(tokenize(t.instruction)) <= vocab, t.instruction
+    for t in gen_tasks(limit=300):
+        assert set(tokenize(t.prompt)) <= vocab, t.prompt
+    assert tokenize("A red circle in the Center, and nothing else.") == [
+        "a", "red", "circle", "in", "the", "centre", ",", "and", "nothing", "else"
+    ]  # fmt: skip

@@ -317,10 +317,10 @@ def _nft_bwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.library ops (opaque to torch.compile, so no graph break) and the autograd.Function over them
+# torch.library ops (opaque to torch.compile, so no graph break) and their autograd formula
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op(
-    "firm_kernels::nft_loss_fwd",
+    "firm_kernels::nft_loss",
     mutates_args=(),
     schema="(Tensor v_theta, Tensor v_old, Tensor? v_ref, Tensor x_t, Tensor x0, Tensor t, Tensor r, float beta, "
     "float adv_clip_max) -> Tensor",
@@ -335,7 +335,7 @@ def _(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
 
 
 @torch.library.custom_op(
-    "firm_kernels::nft_loss_bwd",
+    "firm_kernels::nft_loss_backward",
     mutates_args=(),
     schema="(Tensor v_theta, Tensor v_old, Tensor? v_ref, Tensor x_t, Tensor x0, Tensor t, Tensor r, Tensor stats, "
     "Tensor grad_stats, float beta, float adv_clip_max) -> Tensor",
@@ -349,23 +349,24 @@ def _(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta, adv_clip_ma
     return torch.empty_like(v_theta, memory_format=torch.contiguous_format)
 
 
-class NFTLossFunction(torch.autograd.Function):
-    """Fused forward / backward returning the (6, B) per-sample stats; saves the inputs and the B-sized stats."""
+def _setup_context(ctx, inputs, output):
+    v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max = inputs
+    ctx.save_for_backward(v_theta, v_old, v_ref, x_t, x0, t, r, output)  # inputs and the (6, B) stats only
+    ctx.beta, ctx.adv_clip_max = beta, adv_clip_max
 
-    @staticmethod
-    def forward(ctx, v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
-        stats = torch.ops.firm_kernels.nft_loss_fwd(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max)
-        ctx.save_for_backward(v_theta, v_old, v_ref, x_t, x0, t, r, stats)
-        ctx.beta, ctx.adv_clip_max = beta, adv_clip_max
-        return stats
 
-    @staticmethod
-    def backward(ctx, grad_stats):
-        v_theta, v_old, v_ref, x_t, x0, t, r, stats = ctx.saved_tensors
-        grad_v = torch.ops.firm_kernels.nft_loss_bwd(
-            v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, ctx.beta, ctx.adv_clip_max
-        )
-        return grad_v, None, None, None, None, None, None, None, None
+def _backward(ctx, grad_stats):
+    v_theta, v_old, v_ref, x_t, x0, t, r, stats = ctx.saved_tensors
+    grad_v = torch.ops.firm_kernels.nft_loss_backward(
+        v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, ctx.beta, ctx.adv_clip_max
+    )
+    return grad_v, None, None, None, None, None, None, None, None
+
+
+# The autograd formula is attached to the op with torch.library (it builds the autograd.Function for us): Dynamo
+# traces that without graph breaks even when one tensor is passed as two inputs, which a hand-written
+# autograd.Function.apply does not support.
+_nft_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,7 +433,8 @@ def nft_loss(
     device, tt, rr = _validate(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max, kl_beta)
     if not use_triton(device):
         return nft_loss_reference(v_theta, v_old, v_ref, x_t, x0, tt, rr, beta, adv_clip_max, kl_beta)
-    stats = NFTLossFunction.apply(v_theta, v_old, v_ref, x_t, x0, tt, rr, float(beta), float(adv_clip_max))  # (6, B)
+    beta, adv_clip_max = float(beta), float(adv_clip_max)
+    stats = torch.ops.firm_kernels.nft_loss(v_theta, v_old, v_ref, x_t, x0, tt, rr, beta, adv_clip_max)  # (6, B)
     policy, kl = stats[0], stats[1]  # rows 2..5 are detached below, so only these two carry gradient
     loss = policy.mean() + kl_beta * kl.mean()
     return loss, {key: stats[i].detach() for i, key in enumerate(STAT_KEYS)}

@@ -254,10 +254,10 @@ def _step_log_prob_bwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.library ops (opaque to torch.compile, so no graph break) and the autograd.Function over them
+# torch.library ops (opaque to torch.compile, so no graph break) and their autograd formula
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op(
-    "firm_kernels::step_log_prob_fwd",
+    "firm_kernels::step_log_prob",
     mutates_args=(),
     schema="(Tensor sample, Tensor velocity, Tensor prev_sample, Tensor? ref_velocity, Tensor coef_x, "
     "Tensor coef_v, Tensor std) -> (Tensor, Tensor)",
@@ -273,7 +273,7 @@ def _(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std):
 
 
 @torch.library.custom_op(
-    "firm_kernels::step_log_prob_bwd",
+    "firm_kernels::step_log_prob_backward",
     mutates_args=(),
     schema="(Tensor sample, Tensor velocity, Tensor prev_sample, Tensor? ref_velocity, Tensor coef_x, "
     "Tensor coef_v, Tensor std, Tensor grad_log_prob, Tensor grad_sq_dist) -> Tensor",
@@ -287,26 +287,32 @@ def _(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std, grad_lp,
     return torch.empty_like(velocity, memory_format=torch.contiguous_format)
 
 
-class StepLogProbFunction(torch.autograd.Function):
-    """Fused forward / backward; saves only the inputs (no full-size intermediates)."""
+def _setup_context(ctx, inputs, output):
+    sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std = inputs
+    ctx.save_for_backward(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std)  # inputs only
 
-    @staticmethod
-    def forward(ctx, sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std):
-        log_prob, sq_dist = torch.ops.firm_kernels.step_log_prob_fwd(
-            sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std
-        )
-        ctx.save_for_backward(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std)
-        return log_prob, sq_dist
 
-    @staticmethod
-    def backward(ctx, grad_lp, grad_sq):
-        sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std = ctx.saved_tensors
-        grad_lp = torch.zeros_like(std, dtype=torch.float32) if grad_lp is None else grad_lp
-        grad_sq = torch.zeros_like(std, dtype=torch.float32) if grad_sq is None else grad_sq
-        grad_v = torch.ops.firm_kernels.step_log_prob_bwd(
-            sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std, grad_lp, grad_sq
-        )
-        return None, grad_v, None, None, None, None, None
+def _backward(ctx, grad_lp, grad_sq):
+    sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std = ctx.saved_tensors
+    zeros = torch.zeros(std.shape[0], dtype=torch.float32, device=std.device)
+    grad_v = torch.ops.firm_kernels.step_log_prob_backward(
+        sample,
+        velocity,
+        prev_sample,
+        ref_velocity,
+        coef_x,
+        coef_v,
+        std,
+        zeros if grad_lp is None else grad_lp,
+        zeros if grad_sq is None else grad_sq,
+    )
+    return None, grad_v, None, None, None, None, None
+
+
+# The autograd formula is attached to the op with torch.library (it builds the autograd.Function for us): Dynamo
+# traces that without graph breaks even when one tensor is passed as two inputs, which a hand-written
+# autograd.Function.apply does not support.
+_step_log_prob_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,5 +377,5 @@ def step_log_prob(
     device, (cx, cv, s) = _validate(sample, velocity, prev_sample, coef_x, coef_v, std, ref_velocity)
     if not use_triton(device):
         return step_log_prob_reference(sample, velocity, prev_sample, cx, cv, s, ref_velocity)
-    log_prob, sq_dist = StepLogProbFunction.apply(sample, velocity, prev_sample, ref_velocity, cx, cv, s)
+    log_prob, sq_dist = torch.ops.firm_kernels.step_log_prob(sample, velocity, prev_sample, ref_velocity, cx, cv, s)
     return log_prob, (sq_dist if ref_velocity is not None else None)

@@ -1,4 +1,4 @@
-"""Benchmark and profiling harness for the fused ops: ``python -m kernels.bench [--quick] [profile]``.
+"""Benchmark and profiling harness for the fused ops: ``python -m kernels.bench [bench|profile] [options]``.
 
 For each op at realistic shapes it compares three implementations of the same math:
   * ``eager``   -- the pure-torch reference (float32 compute), as a user would write it;

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kernels import bench
-from tests.kernels.utils import interpreter
+from tests.kernels.utils import gpu, interpreter
 
 
 def test_bench_on_cpu_runs_checks_and_writes_results(tmp_path, capsys):
@@ -65,3 +65,12 @@ def test_bench_runs_triton_in_interpreter(tmp_path):
     rows = bench.run_bench(("step_log_prob",), dtype="fp32", out_dir=tmp_path)
     triton_rows = [r for r in rows if r["impl"] == "triton"]
     assert triton_rows and all(r["max_err"] < 1e-5 and r["grad_err"] < 1e-6 for r in triton_rows)
+
+
+@gpu
+def test_bench_times_all_impls_on_cuda(tmp_path):
+    rows = bench.run_bench(("step_log_prob", "group_advantages"), dtype="bf16", quick=True, out_dir=tmp_path)
+    assert {r["impl"] for r in rows} == {"eager", "compile", "triton"}
+    for r in rows:
+        assert r["ms"] > 0 and r["gbps"] > 0 and 0 < r["pct_copy"] and r["peak_mib"] >= 0
+        assert r["max_err"] < 1e-3, r

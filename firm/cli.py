@@ -18,6 +18,7 @@ PROVIDERS: list[str] = [
     "firm.critics.cli",
     "firm.bench.cli",
     "firm.synthetic.cli",
+    "firm.kernels_cli",
 ]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import webdataset as wds
 
-from datamodules.schema import Schema, encode_sample, get_schema
+from datamodules.schema import PNG_COMPRESS_LEVEL, Schema, encode_sample, get_schema
 
 TMP_SUFFIX = ".tmp"
 
@@ -35,6 +35,7 @@ class ShardWriter:
         schema: sample schema name (``edit``, ``generation``, ``rl_prompt``) or a :class:`Schema`.
         image_format: ``png`` (lossless) or ``jpg``.
         jpeg_quality: JPEG quality when ``image_format`` is ``jpg``.
+        png_compress_level: zlib level 0..9 of PNG members (lossless at every level; see schema.PNG_COMPRESS_LEVEL).
         max_count: start a new shard after this many samples.
         max_size: start a new shard once the current one holds this many bytes of member data (a shard ends with
             the sample that crosses the limit, so it can exceed ``max_size`` by at most one sample).
@@ -50,6 +51,7 @@ class ShardWriter:
         *,
         image_format: str = "png",
         jpeg_quality: int = 95,
+        png_compress_level: int = PNG_COMPRESS_LEVEL,
         max_count: int = 10_000,
         max_size: float = 1e9,
         start_index: int = 0,
@@ -66,6 +68,7 @@ class ShardWriter:
         self.schema = get_schema(schema)
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
+        self.png_compress_level = png_compress_level
         self.max_count = max_count
         self.max_size = max_size
         self.on_seal = on_seal
@@ -91,7 +94,7 @@ class ShardWriter:
             SchemaError: the sample does not match the schema (nothing is written).
             ValueError: the key was already written by this writer.
         """
-        record = encode_sample(sample, self.schema, self.image_format, self.jpeg_quality)
+        record = encode_sample(sample, self.schema, self.image_format, self.jpeg_quality, self.png_compress_level)
         key = record["__key__"]
         if self.check_duplicates:
             if key in self._seen:

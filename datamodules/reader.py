@@ -508,3 +508,39 @@ def rl_prompt_dataset(
         return transform(sample) if transform is not None else sample
 
     return ShardDataset(shards, "rl_prompt", config, transform=_t, rank=rank, world_size=world_size)
+
+
+def load_rl_prompt_records(
+    shards: str | Path | list[str | Path],
+    *,
+    task: str | None = None,
+    decode_images: bool = False,
+    on_corrupt: str = "skip",
+) -> list[dict[str, Any]]:
+    """All RL prompts of ``rl_prompt`` shards in memory, in file order, for map-style (index-based) samplers.
+
+    Records look like ``{"key", "prompt", "task", "image", "checklist", "meta"}`` where ``image`` is the source image
+    of an edit prompt (None for generation): still-encoded PNG/JPEG bytes by default (decode an item with
+    :func:`datamodules.schema.decode_image` when it is drawn -- a few hundred KB per 512 px prompt instead of
+    0.8 MB decoded), or a PIL image with ``decode_images=True``.
+
+    Args:
+        task: keep only ``edit`` or ``generation`` prompts (None keeps both).
+    """
+    if task is not None and task not in ("edit", "generation"):
+        raise ValueError(f"task must be 'edit', 'generation' or None, got {task!r}")
+    out = []
+    for s in iter_samples(shards, "rl_prompt", on_corrupt=on_corrupt, decode_images=decode_images):
+        if task is not None and s["task"] != task:
+            continue
+        out.append(
+            {
+                "key": s["key"],
+                "prompt": s["prompt"],
+                "task": s["task"],
+                "image": s["source"],
+                "checklist": s["checklist"],
+                "meta": s["meta"],
+            }
+        )
+    return out

@@ -45,7 +45,8 @@ DIFFERENCE_ASPECTS = (
 # Categories of checklist items (plan-then-score curation).
 CHECKLIST_CATEGORIES = ("main_subject", "attributes_actions", "style_composition", "negative_constraints", "other")
 # Aspects of the Quality judgement of a generated image; the Quality score is their minimum.
-QUALITY_ASPECTS = ("aesthetics", "technical", "structure_texture")
+# Names as firm.critics.parsing reports them (technical quality; structure & texture).
+QUALITY_ASPECTS = ("aesthetics", "technical", "structure")
 # Image file types the reader decodes; nothing else is ever decoded (in particular no pickle).
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 IMAGE_MODES = ("RGB", "RGBA", "L")
@@ -179,6 +180,14 @@ def _check_quality_aspects(v: Any) -> str | None:
         err = _check_score(s)
         if err:
             return f"{k}: {err}"
+    return None
+
+
+def _check_text_list(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        return "expected a list of non-empty strings or null"
     return None
 
 
@@ -322,7 +331,7 @@ GENERATION = Schema(
             _check_quality_aspects,
             False,
             None,
-            "Quality sub-scores {aesthetics, technical, structure_texture}, each 1..5",
+            "Quality sub-scores {aesthetics, technical, structure}, each 1..5",
         ),
         _opt_text("quality_reasoning", "the reasoning for the Quality scores"),
         _provenance(),
@@ -336,6 +345,14 @@ RL_PROMPT = Schema(
         _text("prompt", "the instruction (editing) or prompt (generation)"),
         Field("task", "task", _check_task, True, None, "edit | generation"),
         _image("source", "the image to edit (edit prompts only)", required=False),
+        Field(
+            "checklist",
+            "text_list",
+            _check_text_list,
+            False,
+            None,
+            "requirements a generation critic checks (as GenRequest.checklist); null lets the critic plan",
+        ),
         Field("meta", "mapping", _check_mapping, False, dict, "task data a reward may need (e.g. a shapes scene)"),
     ),
     "an RL prompt (and, for editing, its source image)",

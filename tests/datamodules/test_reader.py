@@ -9,6 +9,7 @@ from datamodules.reader import (
     CorruptShardError,
     ReaderConfig,
     ShardDataset,
+    load_rl_prompt_records,
     make_loader,
     rl_prompt_dataset,
 )
@@ -130,3 +131,17 @@ def test_rl_prompt_reader_filters_by_task(tmp_path):
     got = list(ds)
     assert [s["key"] for s in got] == ["prompt-00000", "prompt-00002", "prompt-00004"]
     assert all(s["source"] is not None and s["task"] == "edit" for s in got)
+
+
+def test_load_rl_prompt_records_in_memory(tmp_path):
+    from datamodules.schema import decode_image
+
+    samples = [rl_prompt_sample(i) for i in range(5)]
+    write_shards(samples, tmp_path / "p", "rl_prompt")
+    recs = load_rl_prompt_records(tmp_path)
+    assert [r["key"] for r in recs] == [s["key"] for s in samples]
+    assert isinstance(recs[0]["image"], bytes) and recs[1]["image"] is None
+    assert decode_image(recs[0]["image"]).tobytes() == samples[0]["source"].tobytes()
+    assert recs[1]["checklist"] == samples[1]["checklist"]
+    gens = load_rl_prompt_records(tmp_path, task="generation", decode_images=True)
+    assert [r["key"] for r in gens] == ["prompt-00001", "prompt-00003"]

@@ -40,7 +40,7 @@ def generation_sample(i: int, size: int = 16) -> dict:
         "instruction": 1 + i % 5,
         "instruction_reasoning": "1. circle: yes\n2. no squares: yes",
         "quality": 3,
-        "quality_aspects": {"aesthetics": 4, "technical": 3, "structure_texture": 5},
+        "quality_aspects": {"aesthetics": 4, "technical": 3, "structure": 5},
         "quality_reasoning": "fine",
         "provenance": {"generator": "test"},
     }
@@ -53,6 +53,7 @@ def rl_prompt_sample(i: int, size: int = 16) -> dict:
         "prompt": f"prompt {i}",
         "task": "edit" if edit else "generation",
         "source": random_image(5000 + i, size) if edit else None,
+        "checklist": None if edit else [f"object {i} is present", "there is nothing else"],
         "meta": {"i": i},
     }
 

@@ -16,8 +16,8 @@ Pipeline of :class:`ShardDataset` (one per rank; its copy in each DataLoader wor
   and counts it (:attr:`ShardDataset.stats`, shared across workers); a shard that ends early (truncated tar) loses the
   sample it was in and the rest of that shard. ``on_corrupt: fail`` raises :class:`CorruptShardError` naming the shard.
 - **Exact resume.** The dataset is ``Stateful`` for torchdata's ``StatefulDataLoader``: each worker's state is
-  ``(epoch, samples yielded)``; the order of an epoch is a pure function of (seed, epoch, rank, worker), so a resumed
-  worker regenerates it and skips what it had already yielded.
+  ``(epoch, records yielded, items yielded of the next record)``; the order of an epoch is a pure function of
+  (seed, epoch, rank, worker), so a resumed worker regenerates it and skips what it had already yielded.
 """
 
 from __future__ import annotations
@@ -72,32 +72,36 @@ class ReaderConfig:
 
 def expand_shards(spec: str | Path | list[str | Path]) -> list[str]:
     """Shard URLs from a spec: a directory (its ``*.tar``), a glob, a brace pattern (``a-{000..009}.tar``), a
-    ``pipe:``/URL, or a list of these. Local patterns that match nothing are an error.
+    ``pipe:``/URL, several of these joined by ``::``, or a list of these. Local patterns that match nothing are an
+    error.
     """
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     out: list[str] = []
-    for s in specs:
-        s = str(s)
-        if "://" in s or s.startswith("pipe:"):
-            out += wds.shardlists.expand_urls(s)
-            continue
-        if os.path.isdir(s):
-            found = sorted(glob.glob(os.path.join(s, "**", "*.tar"), recursive=True))
-            if not found:
-                raise FileNotFoundError(f"no *.tar shards under directory {s}")
-            out += found
-            continue
-        matched: list[str] = []
-        for pattern in wds.shardlists.expand_urls(s):
-            hits = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-            matched += [h for h in hits if os.path.isfile(h)]
-            missing = [h for h in hits if not os.path.isfile(h)]
-            if missing:
-                raise FileNotFoundError(f"shard not found: {missing[0]}")
-        if not matched:
-            raise FileNotFoundError(f"no shards match {s!r}")
-        out += matched
+    for item in specs:
+        for s in str(item).split("::"):
+            if "://" in s or s.startswith("pipe:"):
+                out += wds.shardlists.expand_urls(s)
+            elif os.path.isdir(s):
+                found = sorted(glob.glob(os.path.join(s, "**", "*.tar"), recursive=True))
+                if not found:
+                    raise FileNotFoundError(f"no *.tar shards under directory {s}")
+                out += found
+            else:
+                out += _expand_local(s)
     return out
+
+
+def _expand_local(s: str) -> list[str]:
+    matched: list[str] = []
+    for pattern in wds.shardlists.expand_urls(s):
+        hits = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        missing = [h for h in hits if not os.path.isfile(h)]
+        if missing:
+            raise FileNotFoundError(f"shard not found: {missing[0]}")
+        matched += hits
+    if not matched:
+        raise FileNotFoundError(f"no shards match {s!r}")
+    return matched
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,7 +304,8 @@ class ShardDataset(IterableDataset):
         shards: shard spec (see :func:`expand_shards`) or list of URLs.
         schema: expected schema (None: whatever each sample's json says).
         config: shuffling, splitting and corrupt-member policy.
-        transform: applied to each decoded sample in the worker (e.g. tokenisation); returning None drops it.
+        transform: applied to each decoded sample in the worker (e.g. tokenisation); it returns one item, a list of
+            items (e.g. one training example per judgement), or None to drop the sample.
         rank, world_size: override the distributed rank / world size (default: discovered, see :func:`dist_info`).
         stats: counters to share (a new :class:`ReadStats` by default).
     """
@@ -324,8 +329,9 @@ class ShardDataset(IterableDataset):
         self._rank, self._world_size = rank, world_size
         self.stats = stats or ReadStats()
         self.epoch = 0
-        self._yielded = 0  # samples yielded so far in this epoch (by this worker)
-        self._resume: tuple[int, int] | None = None  # (epoch, samples to skip) set by load_state_dict
+        # position in this epoch (by this worker): (records fully yielded, items yielded of the next record)
+        self._yielded = (0, 0)
+        self._resume: tuple[int, int, int] | None = None  # (epoch, records, items) set by load_state_dict
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order to produce (call before creating the iterator; ShardLoader does it)."""
@@ -333,10 +339,10 @@ class ShardDataset(IterableDataset):
 
     # -- Stateful protocol (torchdata): called inside each worker on its own copy of the dataset
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self._yielded}
+        return {"epoch": self.epoch, "records": self._yielded[0], "items": self._yielded[1]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (int(state["epoch"]), int(state["yielded"]))
+        self._resume = (int(state["epoch"]), int(state["records"]), int(state.get("items", 0)))
 
     # -- splitting
     def plan(self, worker: int | None = None, num_workers: int | None = None) -> tuple[list[str], int, int]:
@@ -377,11 +383,11 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         worker, num_workers = worker_info()
-        skip = 0
+        skip, skip_items = 0, 0
         if self._resume is not None:
-            self.epoch, skip = self._resume
+            self.epoch, skip, skip_items = self._resume
             self._resume = None
-        self._yielded = skip
+        self._yielded = (skip, skip_items)
         rank, _ = dist_info(self._rank, self._world_size)
         urls, stride, offset = self.plan(worker, num_workers)
         suffixes = member_suffixes(self.schema)
@@ -409,13 +415,19 @@ class ShardDataset(IterableDataset):
             sample = _decode(rec, self.schema, policy, stats)
             if sample is None:
                 continue
-            stats.add("samples")
-            if self.transform is not None:
-                sample = self.transform(sample)
-                if sample is None:
+            if n > skip + 1 or not skip_items:
+                stats.add("samples")
+            items = [sample] if self.transform is None else self.transform(sample)
+            if items is None:
+                continue
+            if not isinstance(items, list):
+                items = [items]
+            for j, item in enumerate(items):
+                if n == skip + 1 and j < skip_items:  # resumed inside this record's list of items
                     continue
-            self._yielded = n
-            yield sample
+                # the state says: records before n are done, and j + 1 items of record n
+                self._yielded = (n - 1, j + 1) if j + 1 < len(items) else (n, 0)
+                yield item
 
 
 def list_collate(batch: list[Any]) -> list[Any]:

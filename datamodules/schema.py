@@ -286,6 +286,13 @@ def _rl_prompt_check(sample: dict) -> tuple[str, str] | None:
     return None
 
 
+def _generation_check(sample: dict) -> tuple[str, str] | None:
+    aspects, quality = sample.get("quality_aspects"), sample.get("quality")
+    if aspects and quality is not None and set(aspects) == set(QUALITY_ASPECTS) and quality != min(aspects.values()):
+        return "quality", f"must be the minimum of quality_aspects ({min(aspects.values())}), got {quality}"
+    return None
+
+
 EDIT = Schema(
     "edit",
     (
@@ -337,6 +344,7 @@ GENERATION = Schema(
         _provenance(),
     ),
     "a generated image judged on Instruction following and Quality",
+    extra_check=_generation_check,
 )
 
 RL_PROMPT = Schema(

@@ -125,6 +125,25 @@ def test_stateful_loader_resumes_mid_epoch_exactly(shard_set):
     assert before + after == full, "the resumed epoch continues the very same order"
 
 
+def _pair(sample):
+    return [f"{sample['key']}/a", f"{sample['key']}/b", f"{sample['key']}/c"]
+
+
+def test_resume_inside_a_transform_list(shard_set):
+    root, keys, _ = shard_set
+    cfg = ReaderConfig(shuffle_buffer=4, seed=2)
+    full = [x for b in make_loader(ShardDataset(root, "edit", cfg, transform=_pair), 4, num_workers=2) for x in b]
+    assert len(full) == 3 * len(keys) and len(set(full)) == len(full)
+    loader = make_loader(ShardDataset(root, "edit", cfg, transform=_pair), 4, num_workers=2)
+    it = iter(loader)
+    before = [x for _ in range(5) for x in next(it)]  # 20 items: stops inside a record's list on each worker
+    state = loader.state_dict()
+    del it
+    resumed = make_loader(ShardDataset(root, "edit", cfg, transform=_pair), 4, num_workers=2)
+    resumed.load_state_dict(state)
+    assert before + [x for b in resumed for x in b] == full
+
+
 def test_rl_prompt_reader_filters_by_task(tmp_path):
     write_shards([rl_prompt_sample(i) for i in range(6)], tmp_path / "p", "rl_prompt")
     ds = rl_prompt_dataset(tmp_path, ReaderConfig(shuffle_buffer=0), task="edit")

@@ -39,7 +39,7 @@ def generation_sample(i: int, size: int = 16) -> dict:
         ],
         "instruction": 1 + i % 5,
         "instruction_reasoning": "1. circle: yes\n2. no squares: yes",
-        "quality": 3,
+        "quality": 3,  # min of the aspects
         "quality_aspects": {"aesthetics": 4, "technical": 3, "structure": 5},
         "quality_reasoning": "fine",
         "provenance": {"generator": "test"},

@@ -19,6 +19,7 @@ PROVIDERS: list[str] = [
     "firm.bench.cli",
     "firm.synthetic.cli",
     "firm.kernels_cli",
+    "firm.curation.cli",
 ]
 
 

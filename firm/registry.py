@@ -19,6 +19,7 @@ MODULES: dict[str, Any] = {
 # LightningDataModules.
 DATAMODULES: dict[str, Any] = {
     "synthetic_regression": "datamodules.toy:RegressionDataModule",
+    "critic_sft": "datamodules.critic_sft:CriticSFTDataModule",
 }
 
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as

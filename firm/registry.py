@@ -14,6 +14,7 @@ from typing import Any
 # LightningModules that `firm run` can train.
 MODULES: dict[str, Any] = {
     "toy_regression": "firm.toy:ToyRegressionModule",
+    "critic_sft": "firm.critics.sft:CriticSFTModule",  # critic SFT (answer-only CE, full or LoRA)
 }
 
 # LightningDataModules.

@@ -129,14 +129,29 @@ def prompt_batch(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[dict[str,
     return inputs, starts
 
 
-def read_score(text: str, answer_format: str = "auto") -> int | None:
-    """A 1..5 score from an answer: ``json`` (``{"score": N}``), ``boxed`` (``\\boxed{N}``) or ``auto`` (either)."""
-    from firm.critics.parsing import parse_boxed_score, parse_json_score
+def read_score(text: str, answer_format: str = "auto", judgement: str | None = None) -> int | None:
+    """A 1..5 score from an answer, read with the parser of its format.
+
+    Args:
+        text: the answer.
+        answer_format: ``json`` (``{"score": N}``), ``boxed`` (``\\boxed{N}``) or ``auto``: by ``judgement`` when given
+            (execution / consistency: json, instruction: boxed, quality: the minimum of the three aspect scores),
+            else json then boxed.
+        judgement: which judgement the answer is for (the batch's ``__judgement__``), if known.
+    """
+    from firm.critics.parsing import parse_boxed_score, parse_json_score, parse_quality_scores
 
     if answer_format == "json":
         return parse_json_score(text)
     if answer_format == "boxed":
         return parse_boxed_score(text)
+    if judgement in ("execution", "consistency"):
+        return parse_json_score(text)
+    if judgement == "instruction":
+        return parse_boxed_score(text)
+    if judgement == "quality":
+        aspects = parse_quality_scores(text)
+        return min(aspects.values()) if aspects else None
     score = parse_json_score(text)
     return score if score is not None else parse_boxed_score(text)
 
@@ -240,7 +255,11 @@ class CriticSFTModule(FirmModule):
                 if ".visual." in f".{n}" or n.startswith("visual."):
                     p.requires_grad_(False)
         if c.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         if c.finetune == "lora":
             from peft import LoraConfig, get_peft_model
@@ -253,7 +272,7 @@ class CriticSFTModule(FirmModule):
                 model.enable_input_require_grads()
             model = get_peft_model(model, lora)
         self.tokenizer = AutoTokenizer.from_pretrained(c.model)
-        return model
+        return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -311,6 +330,9 @@ class CriticSFTModule(FirmModule):
         finally:
             self.model.train(was_training)
         new = out[:, inputs["input_ids"].shape[1] :]  # (B, T) generated tokens
+        judgements = batch.get("__judgement__") or [None] * new.shape[0]
+        keys = batch.get("__key__") or [None] * new.shape[0]
+        fmt = self.config.answer_format
         rows = []
         for i in range(new.shape[0]):
             text = tok.decode(new[i], skip_special_tokens=True)
@@ -318,10 +340,12 @@ class CriticSFTModule(FirmModule):
             reference = tok.decode(ref_ids, skip_special_tokens=True)
             rows.append(
                 {
+                    "key": keys[i],
+                    "judgement": judgements[i],
                     "generated": text,
                     "reference": reference,
-                    "score": read_score(text, self.config.answer_format),
-                    "reference_score": read_score(reference, self.config.answer_format),
+                    "score": read_score(text, fmt, judgements[i]),
+                    "reference_score": read_score(reference, fmt, judgements[i]),
                     "prompt_tokens": starts[i],
                 }
             )
@@ -369,7 +393,14 @@ class CriticSFTModule(FirmModule):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr, betas=tuple(c.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "the training data is a stream of unknown length, so the cosine schedule cannot be laid out: set "
+                "trainer.max_steps to the optimizer steps of one epoch (examples / (batch_size * devices * "
+                "accumulate_grad_batches))"
+            )
+        total = max(int(total), 1)
         warmup = int(math.ceil(c.warmup_ratio * total))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup, c.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -191,6 +191,7 @@ def test_train_validate_export_and_serve(tiny_setup, tmp_path, monkeypatch):
     assert not torch.equal(trained[name], initial[name])
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_keeps_only_adapters_and_export_merges(tiny_setup, tmp_path):
     from safetensors.torch import load_file
 

@@ -78,7 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "<output_dir>/<name>/. Relaunching the same command resumes a killed run.",
     )
     p.add_argument("experiment", help="curation YAML (a path, or a name under experiments/)")
-    p.add_argument("overrides", nargs="*", help="overrides such as source.n=100 concurrency.max_in_flight=16")
+    p.add_argument("overrides", nargs="*", help="overrides such as source.count=100 concurrency.max_in_flight=16")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_cmd_curate)
 

@@ -16,7 +16,7 @@ rewriting of instructions and prompts) runnable and checkable end to end without
   technical = min(background, edges), structure = structure (so the minimum is unchanged).
 - *rewrite instruction*: a different edit of the perceived source scene that the edited image does not carry out
   (checked with the rule critic: Execution <= 2 when possible). *Rewrite prompt*: objects of the prompt get
-  another colour and/or shape (one object up to all of them), so that the image fails it (down to a
+  another colour, shape and/or position (one object up to all of them), so that the image fails it (down to a
   randomly drawn Instruction score of 1..3 when possible).
 """
 
@@ -234,12 +234,14 @@ class ShapesRuleTeacher:
         for attempt in range(self.config.rewrite_tries):
             rng = _seeded("rewrite-prompt", r.key, r.fields.get("attempt", 0), attempt)
             objs = list(spec.objects)
-            # alter 1..all objects (colour, shape or both): mild to severe mismatches, so rewrites spread over 1..4
+            # alter 1..all objects (colour, shape, position or all three): mild to severe mismatches
             for i in rng.sample(range(len(objs)), rng.randint(1, len(objs))):
-                o, what = objs[i], rng.choice(("colour", "shape", "both"))
-                colour = rng.choice([c for c in PALETTE if c != o.colour]) if what != "shape" else o.colour
-                shape = rng.choice([s for s in SHAPES if s != o.shape]) if what != "colour" else o.shape
-                objs[i] = ShapeObject(o.cell, colour, shape)
+                o, what = objs[i], rng.choice(("colour", "shape", "position", "all"))
+                colour = rng.choice([c for c in PALETTE if c != o.colour]) if what in ("colour", "all") else o.colour
+                shape = rng.choice([s for s in SHAPES if s != o.shape]) if what in ("shape", "all") else o.shape
+                free = [c for c in range(9) if c not in {x.cell for x in objs}]
+                cell = rng.choice(free) if what in ("position", "all") and free else o.cell
+                objs[i] = ShapeObject(cell, colour, shape)
             text = format_prompt(GenSpec(tuple(objs), spec.exclusive))
             (res,) = self.critic.score([GenRequest(r.images[0], text, None, dimensions=(INSTRUCTION,))])
             score = res.scores.get(INSTRUCTION) or 5
@@ -260,7 +262,7 @@ class ShapesEditSource:
     @dataclass
     class Config:
         name: str = "shapes_edit"
-        n: int = 64  # samples (one per task)
+        count: int = 64  # samples (one per task)
         start: int = 0  # first task seed
         split: str | None = None  # train | test | None (all tasks)
         size: int = 32  # image side in pixels
@@ -283,8 +285,8 @@ class ShapesEditSource:
         bad = [m for m in self.config.modes if m not in EDIT_MODES]
         if bad or not self.config.modes:
             raise ValueError(f"shapes_edit: unknown mode(s) {bad or '(none)'}; known: {', '.join(EDIT_MODES)}")
-        self.total = self.config.n
-        self.source_id = f"shapes_edit(n={self.config.n}, start={self.config.start}, size={self.config.size})"
+        self.total = self.config.count
+        self.source_id = f"shapes_edit(count={self.config.count}, start={self.config.start}, size={self.config.size})"
 
     def __iter__(self) -> Iterator[dict]:
         from firm.synthetic.simulate import simulate_edit
@@ -293,7 +295,7 @@ class ShapesEditSource:
 
         c = self.config
         world = WorldConfig(size=c.size)
-        for task in edit_tasks(c.split, world=world, start=c.start, limit=c.n):
+        for task in edit_tasks(c.split, world=world, start=c.start, limit=c.count):
             rng = _seeded("edit-mode", task.seed)
             mode = rng.choice(c.modes)
             produced = simulate_edit(task, mode, rng, world)
@@ -312,7 +314,7 @@ class ShapesGenSource:
     @dataclass
     class Config:
         name: str = "shapes_gen"
-        n: int = 64  # samples (one per task)
+        count: int = 64  # samples (one per task)
         start: int = 0  # first task seed
         split: str | None = None  # train | test | None
         size: int = 32  # image side in pixels
@@ -327,8 +329,8 @@ class ShapesGenSource:
         bad = [m for m in self.config.modes if m not in GEN_MODES]
         if bad or not self.config.modes:
             raise ValueError(f"shapes_gen: unknown mode(s) {bad or '(none)'}; known: {', '.join(GEN_MODES)}")
-        self.total = self.config.n
-        self.source_id = f"shapes_gen(n={self.config.n}, start={self.config.start}, size={self.config.size})"
+        self.total = self.config.count
+        self.source_id = f"shapes_gen(count={self.config.count}, start={self.config.start}, size={self.config.size})"
 
     def __iter__(self) -> Iterator[dict]:
         from firm.synthetic.simulate import simulate_generation
@@ -337,7 +339,7 @@ class ShapesGenSource:
 
         c = self.config
         world = WorldConfig(size=c.size)
-        for task in gen_tasks(c.split, world=world, start=c.start, limit=c.n):
+        for task in gen_tasks(c.split, world=world, start=c.start, limit=c.count):
             rng = _seeded("gen-mode", task.seed)
             mode = rng.choice(c.modes)
             yield {

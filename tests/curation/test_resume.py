@@ -17,7 +17,7 @@ description: kill / resume test
 output_dir: {out}
 imports: [tests.helpers.curation_teachers]
 pipeline: difference_first
-source: {{name: shapes_edit, n: {n}, size: 32}}
+source: {{name: shapes_edit, count: {n}, size: 32}}
 teachers:
   default: {{name: shapes_rule_killable}}
 concurrency: {{batch_size: 4, max_in_flight: 2}}
@@ -92,10 +92,10 @@ def test_relaunch_with_other_settings_is_refused(tmp_path, python, subprocess_en
     yaml_path.write_text(YAML.format(out=tmp_path / "runs", n=8))
     assert _launch(python, subprocess_env, yaml_path, 0, tmp_path / "log").returncode == 0
     again = subprocess.run(
-        [python, "-m", "firm", "curate", str(yaml_path), "source.n=9", "concurrency.max_in_flight=1"],
+        [python, "-m", "firm", "curate", str(yaml_path), "source.count=9", "concurrency.max_in_flight=1"],
         env=subprocess_env,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert again.returncode == 2 and "differs in: source.n" in again.stderr
+    assert again.returncode == 2 and "differs in: source.count" in again.stderr

@@ -87,6 +87,7 @@ def test_killed_run_resumes_with_each_key_once(tmp_path, python, subprocess_env,
     assert launch["score"]["processed"] == N - len(sealed_scored)
 
 
+@pytest.mark.slow
 def test_relaunch_with_other_settings_is_refused(tmp_path, python, subprocess_env):
     yaml_path = tmp_path / "resume.yaml"
     yaml_path.write_text(YAML.format(out=tmp_path / "runs", n=8))

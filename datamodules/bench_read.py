@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules.reader import ReaderConfig, ShardDataset, make_loader
+from datamodules.schema import PNG_COMPRESS_LEVEL
 from datamodules.writer import ShardWriter
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
     root = Path(args.root)
     marker = root / "done.json"
-    spec = {"samples": args.samples, "size": args.size, "per_shard": args.per_shard}
+    spec = {"samples": args.samples, "size": args.size, "per_shard": args.per_shard, "png_level": PNG_COMPRESS_LEVEL}
     if not marker.is_file() or json.loads(marker.read_text()) != spec:
         for old in root.glob("*.tar"):
             old.unlink()

@@ -1,4 +1,4 @@
-"""Subcommands `firm bench`, `firm bench-convert`, `firm bench-shapes` and `firm export-critic`.
+"""Subcommands `firm bench`, `bench-convert`, `bench-shapes`, `tiny-critic` and `export-critic`.
 
 Heavy libraries are imported inside the handlers so that `firm --help` stays fast.
 """
@@ -62,17 +62,6 @@ def _cmd_tiny_critic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_shapes_sft(args: argparse.Namespace) -> int:
-    from firm.bench.tiny import build_shapes_sft_shards
-
-    shards = build_shapes_sft_shards(
-        args.out, n_edit=args.n_edit, n_gen=args.n_gen, n_val=args.n_val, size=args.size, seed=args.seed
-    )
-    n_train, n_val = len(shards["train"]), len(shards["val"])
-    print(f"[firm bench-shapes-sft] wrote {n_train} train and {n_val} val shards to {args.out}")
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from firm.critics.export import export_critic
 
@@ -124,20 +113,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     p.add_argument("--train-split", action="store_true", help="draw from the training split, not the held-out one")
     p.set_defaults(func=_cmd_shapes)
-
-    p = sub.add_parser(
-        "bench-shapes-sft",
-        help="write critic SFT shards from the shapes world (train split, labelled by the rule critic)",
-        description="Edit and generation samples of the shapes world's train split with simulated outputs of every "
-        "quality, scored and explained by the rule critic, as edit/generation shards for `critic_sft` training.",
-    )
-    p.add_argument("out", help="output folder (train/ and val/ shards)")
-    p.add_argument("--n-edit", type=int, default=2000, help="edit samples (each gives execution + consistency)")
-    p.add_argument("--n-gen", type=int, default=1000, help="generation samples (instruction following)")
-    p.add_argument("--n-val", type=int, default=64, help="validation edit samples (and half as many generation)")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_shapes_sft)
 
     p = sub.add_parser(
         "tiny-critic",

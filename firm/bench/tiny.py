@@ -1,19 +1,14 @@
-"""The CPU proof of the critic-training loop: a tiny Qwen3-VL critic and critic SFT data from the shapes world.
+"""A tiny Qwen3-VL critic for the CPU proof of the critic-training loop (docs/bench.md).
 
-- :func:`build_tiny_critic` writes a ``save_pretrained`` directory with the *real* Qwen3-VL architecture at a tiny
-  size (random weights), a byte-level BPE tokenizer trained on the critic prompts and on shapes-world answers, a
-  Qwen2-VL image processor and a chat template. ``critic_sft`` trains it, ``export-critic`` exports it and the
-  ``local`` critic backend loads it, exactly like Qwen3-VL-8B-Instruct.
-- :func:`build_shapes_sft_shards` writes edit and generation shards (the ``datamodules`` schemas) of simulated
-  shapes-world outputs labelled by the rule critic (score + reasoning) — a teacher-labelled training set from the
-  world's *train* split, disjoint from the held-out benchmark of :mod:`firm.bench.synthetic`.
-
-Nothing here is needed at full scale; it exists so that the whole loop runs, and is tested, on a laptop CPU.
+:func:`build_tiny_critic` writes a ``save_pretrained`` directory with the *real* Qwen3-VL architecture at a tiny
+size (random weights), a byte-level BPE tokenizer trained on the critic prompts and on shapes-world answers, a
+Qwen2-VL image processor and a chat template. ``critic_sft`` trains it (on shards from ``firm curate``),
+``export-critic`` exports it and the ``local`` critic backend loads it, exactly like Qwen3-VL-8B-Instruct.
+Nothing here is needed at full scale; it exists so that the whole loop runs, and is tested, on a CPU.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,79 +160,3 @@ def build_tiny_critic(out: str | Path, config: TinyCriticConfig | None = None, s
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
     return out
-
-
-def _checklist_item(text: str) -> dict[str, str]:
-    if "nothing else" in text:
-        category = "negative_constraints"
-    elif text.endswith("is present") or "is present" in text:
-        category = "main_subject"
-    else:
-        category = "attributes_actions"
-    return {"category": category, "text": text}
-
-
-def shapes_sft_samples(
-    n_edit: int, n_gen: int, *, size: int = 64, seed: int = 0, start: int = 0, degrade_prob: float = 0.25
-) -> tuple[list[dict], list[dict]]:
-    """(edit samples, generation samples) in the ``datamodules`` schemas, labelled by the shapes rule critic.
-
-    Tasks come from the world's *train* split; outputs are simulated with every failure mode, so scores span 1..5.
-    """
-    from firm.synthetic.data import scored_edit_samples, scored_gen_samples
-    from firm.synthetic.world import WorldConfig
-
-    world = WorldConfig(size=size)
-    common = dict(world=world, seed=seed, start=start, degrade_prob=degrade_prob)
-    edits = []
-    for s in scored_edit_samples(n_edit, "train", **common):
-        edits.append(
-            {
-                "key": f"shapes-{s['key']}",
-                "source": s["source"],
-                "edited": s["edited"],
-                "instruction": s["instruction"],
-                "execution": s["scores"].get("execution"),
-                "execution_reasoning": s["reasoning"].get("execution"),
-                "consistency": s["scores"].get("consistency"),
-                "consistency_reasoning": s["reasoning"].get("consistency"),
-                "provenance": {"world": "shapes", "teacher": "shapes_rule", "mode": s["mode"], "seed": seed},
-            }
-        )
-    gens = []
-    for s in scored_gen_samples(n_gen, "train", **common):
-        gens.append(
-            {
-                "key": f"shapes-{s['key']}",
-                "image": s["image"],
-                "prompt": s["prompt"],
-                "checklist": [_checklist_item(t) for t in s["checklist"]],
-                "instruction": s["scores"].get("instruction"),
-                "instruction_reasoning": s["reasoning"].get("instruction"),
-                "quality": None,
-                "provenance": {"world": "shapes", "teacher": "shapes_rule", "mode": s["mode"], "seed": seed},
-            }
-        )
-    return edits, gens
-
-
-def build_shapes_sft_shards(
-    out: str | Path, *, n_edit: int = 2000, n_gen: int = 1000, n_val: int = 64, size: int = 64, seed: int = 0
-) -> dict[str, list[str]]:
-    """Write ``out/train/{edit,gen}-*.tar`` and ``out/val/{edit,gen}-*.tar`` (val: other tasks of the train split).
-
-    Returns:
-        ``{"train": [shard paths], "val": [shard paths]}``.
-    """
-    from datamodules.writer import write_shards
-
-    out = Path(out)
-    shards: dict[str, list[str]] = {}
-    rng = random.Random(seed)
-    for split, n_e, n_g, start in (("train", n_edit, n_gen, 0), ("val", n_val, n_val // 2, 2_000_000)):
-        edits, gens = shapes_sft_samples(n_e, n_g, size=size, seed=rng.randrange(2**31), start=start)
-        (out / split).mkdir(parents=True, exist_ok=True)
-        shards[split] = write_shards(edits, out / split / "edit", "edit", max_count=256) + write_shards(
-            gens, out / split / "gen", "generation", max_count=256
-        )
-    return shards

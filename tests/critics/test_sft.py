@@ -79,21 +79,33 @@ def test_warmup_cosine():
 # With a tiny Qwen3-VL critic and shapes-world SFT shards (built locally, no downloads)
 
 
+def _curate(yaml, out, name, *overrides):
+    from firm.curation.runner import load_curation, run_curation
+
+    common = ["source.split=train", "source.size=32", "progress=false", f"output_dir={out}", "balance.enabled=false"]
+    run_curation(load_curation(f"experiments/curation/{yaml}", [f"name={name}", *common, *overrides]))
+    return out / name / "scored"
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from firm.bench.tiny import TinyCriticConfig, build_shapes_sft_shards, build_tiny_critic
+    """A tiny Qwen3-VL critic and shards curated from the shapes world (the pipelines of `firm curate`)."""
+    from firm.bench.tiny import TinyCriticConfig, build_tiny_critic
 
     root = tmp_path_factory.mktemp("sft")
     small = TinyCriticConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, vision_depth=1, vision_hidden=32,
                              vocab_size=500, corpus_samples=20)  # fmt: skip
     model = build_tiny_critic(root / "tiny-critic", small)
-    build_shapes_sft_shards(root / "shards", n_edit=12, n_gen=6, n_val=4)
-    return model, root / "shards"
+    cur = root / "curation"
+    train = [_curate("shapes_edit_tiny.yaml", cur, "e", "source.count=12"),
+             _curate("shapes_gen_tiny.yaml", cur, "g", "source.count=6", "quality=false")]  # fmt: skip
+    val = [_curate("shapes_edit_tiny.yaml", cur, "ev", "source.count=4", "source.start=900000")]
+    return model, {"train": "::".join(map(str, train)), "val": "::".join(map(str, val))}
 
 
 def _overrides(model, shards, tmp_path, *extra):
     return [
-        f"module.model={model}", f"data.train_shards={shards / 'train'}", f"data.val_shards={shards / 'val'}",
+        f"module.model={model}", f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}",
         f"output_root={tmp_path}", "data.num_workers=0", "data.batch_size=4", *extra,
     ]  # fmt: skip
 
@@ -103,7 +115,7 @@ def _sft_batch(model, shards):
 
     dm = CriticSFTDataModule(
         CriticSFTDataModule.Config(
-            train_shards=str(shards / "train"), processor=str(model), batch_size=3, num_workers=0,
+            train_shards=shards["train"], processor=str(model), batch_size=3, num_workers=0,
             judgements=["execution", "consistency", "instruction"],
         )
     )  # fmt: skip
@@ -180,8 +192,10 @@ def test_train_validate_export_and_serve(tiny_setup, tmp_path, monkeypatch):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "firm_export.json"):
         assert (out / f).is_file(), f
     critic = LocalCritic(LocalCritic.Config(model=str(out), max_new_tokens=4))
-    edits, _ = __import__("firm.bench.tiny", fromlist=["x"]).shapes_sft_samples(1, 0)
-    res = critic.score([EditRequest(edits[0]["source"], edits[0]["edited"], "add a red circle", key="k")])
+    from PIL import Image
+
+    src, out_img = Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), "red")
+    res = critic.score([EditRequest(src, out_img, "add a red circle", key="k")])
     assert res[0].key == "k" and set(res[0].scores) == {"execution", "consistency"}
     # The exported weights are the trained ones, not the initial ones.
     from safetensors.torch import load_file

@@ -197,6 +197,17 @@ def test_train_validate_export_and_serve(tiny_setup, tmp_path, monkeypatch):
     src, out_img = Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), "red")
     res = critic.score([EditRequest(src, out_img, "add a red circle", key="k")])
     assert res[0].key == "k" and set(res[0].scores) == {"execution", "consistency"}
+    # `firm bench` runs the exported critic like any other (a 4-token budget: its answers are unparseable, and counted).
+    from firm.bench.run import load_bench_config, run_bench
+    from firm.bench.synthetic import build_shapes_bench
+
+    bench = build_shapes_bench(tmp_path / "bench", n_per_task=1, size=32)
+    cfg = load_bench_config(
+        None, ["critic.max_new_tokens=4", f"critic.model={out}", f"output_root={tmp_path}", "plot=false"],
+        data=str(bench), critics=["local"],
+    )  # fmt: skip
+    overall = run_bench(cfg, progress=False, echo=False)["critics"]["local"]["metrics"]["groups"]["overall"]
+    assert overall["n_items"] == 3 and overall["n_parsed"] + overall["n_failed"] == 3
     # The exported weights are the trained ones, not the initial ones.
     from safetensors.torch import load_file
 

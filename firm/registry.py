@@ -29,6 +29,7 @@ CRITICS: dict[str, Any] = {
     "local": "firm.critics.local:LocalCritic",
     "http": "firm.critics.http:HTTPCritic",
     "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
+    "constant": "firm.bench.baselines:ConstantCritic",  # prior-only baseline for benchmark tables
 }
 
 # Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.

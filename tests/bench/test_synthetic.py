@@ -40,3 +40,22 @@ def test_rule_critic_matches_ground_truth(shapes_bench, tmp_path):
     overall = report["critics"]["shapes_rule"]["metrics"]["groups"]["overall"]
     assert overall["n_parsed"] == 30
     assert overall["mae"] <= 0.2  # the rule critic reads the same rubrics from pixels
+
+
+def test_constant_critic_baseline(shapes_bench, tmp_path):
+    import json
+
+    cfg = load_bench_config(
+        None, ["critic.execution=3", "critic.consistency=5", "critic.instruction=3", f"output_root={tmp_path}",
+               "plot=false", "bootstrap_samples=0"], data=str(shapes_bench), critics=["constant"],
+    )  # fmt: skip
+    groups = run_bench(cfg, progress=False, echo=False)["critics"]["constant"]["metrics"]["groups"]
+    items = [json.loads(x) for x in (shapes_bench / "items.jsonl").read_text().splitlines()]
+    const = {"edit-execution": 3, "edit-consistency": 5, "generation": 3}
+    expected = sum(abs(const[it["task"]] - it["human_score"]) for it in items) / len(items)
+    assert groups["overall"]["mae"] == pytest.approx(expected)
+    assert groups["edit-execution"]["pearson"] is None  # constant within a task: no correlation
+    with pytest.raises(ValueError, match="scores must be in 1..5"):
+        from firm.bench.baselines import ConstantCritic
+
+        ConstantCritic(ConstantCritic.Config(execution=0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,12 @@ def plot_report(report: dict[str, Any], path: str | Path, *, published: bool = T
     critics = report["critics"]
     groups = present_groups(critics)
     n = len(critics)
-    fig, axes = plt.subplots(1, 1 + n, figsize=(6 + 3.6 * n, 4.2), gridspec_kw={"width_ratios": [2.2] + [1] * n})
-    ax = axes[0]
+    per_row = min(n, 4)
+    rows = 1 + math.ceil(n / per_row)  # MAE bars on top, confusion matrices below, at most 4 per row
+    fig = plt.figure(figsize=(max(9.0, 3.2 * per_row), 4.2 + 3.2 * (rows - 1)))
+    grid = fig.add_gridspec(rows, per_row, height_ratios=[1.3] + [1] * (rows - 1))
+    ax = fig.add_subplot(grid[0, :])
+    cm_axes = [fig.add_subplot(grid[1 + i // per_row, i % per_row]) for i in range(n)]
     x = np.arange(len(groups))
     width = 0.8 / max(n, 1)
     for i, (label, c) in enumerate(critics.items()):
@@ -125,8 +130,8 @@ def plot_report(report: dict[str, Any], path: str | Path, *, published: bool = T
     ax.set_xticks(x, [_HEADERS[g] for g in groups], rotation=25, ha="right")
     ax.set_ylabel("MAE (lower is better)")
     ax.set_title(f"MAE on {report['benchmark']['name']}")
-    ax.legend(fontsize=7)
-    for ax, (label, c) in zip(axes[1:], critics.items()):
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax, (label, c) in zip(cm_axes, critics.items()):
         m = np.asarray(c["metrics"]["confusion"])
         ax.imshow(m, cmap="Blues", origin="lower", extent=(0.5, 5.5, 0.5, 5.5))
         for r in range(5):

@@ -26,7 +26,13 @@ DATAMODULES: dict[str, Any] = {
 CRITICS: dict[str, Any] = {}
 
 # Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.
-REWARDS: dict[str, Any] = {}
+REWARDS: dict[str, Any] = {
+    "cme": "firm.rewards.combiners:CMEReward",
+    "qma": "firm.rewards.combiners:QMAReward",
+    "weighted_sum": "firm.rewards.combiners:WeightedSumReward",
+    "execution_only": "firm.rewards.combiners:ExecutionOnlyReward",
+    "instruction_only": "firm.rewards.combiners:InstructionOnlyReward",
+}
 
 REGISTRIES: dict[str, dict[str, Any]] = {
     "modules": MODULES,

@@ -1,5 +1,6 @@
 """Critics: prompts, output parsing, and backends (local transformers, OpenAI-compatible HTTP, rule-based)."""
 
+from firm.critics.factory import build_component, build_critic
 from firm.critics.types import (
     CONSISTENCY,
     EDIT_DIMENSIONS,
@@ -26,4 +27,6 @@ __all__ = [
     "CriticResult",
     "EditRequest",
     "GenRequest",
+    "build_component",
+    "build_critic",
 ]

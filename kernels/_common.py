@@ -10,6 +10,7 @@ Dispatch rule (see docs/kernels.md):
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -111,3 +112,48 @@ def per_sample(op: str, name: str, x: object, batch: int, device: torch.device) 
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+class LaunchConfig(NamedTuple):
+    block: int  # elements per program per loop iteration
+    chunk: int  # elements of one row reduced by one program (a multiple of block)
+    n_chunks: int  # programs per row
+    num_warps: int
+
+
+# Row reductions over (B, D) latents are bandwidth-bound. A program streams BLOCK elements per iteration with 4
+# warps (8 fp32 per thread: two 16-byte loads per input); rows are cut into chunks so that about 4 programs per SM
+# are in flight even for B=1. These are the usual settings for bandwidth-bound Triton reductions, NOT yet tuned on
+# hardware (no GPU was available while writing them): `python -m kernels.bench` reports % of copy bandwidth, which
+# is the number to watch when changing them.
+GPU_BLOCK = 1024
+GPU_WARPS = 4
+PROGRAMS_PER_SM = 4
+# Under the interpreter each program is a Python loop over numpy blocks: small blocks and several chunks per row
+# exercise the masking and multi-chunk paths while keeping tests fast.
+INTERPRETER_BLOCK = 128
+INTERPRETER_PROGRAMS = 8
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS // PROGRAMS_PER_SM
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def reduction_config(rows: int, d: int, device: torch.device) -> LaunchConfig:
+    """Chunking of a (rows, d) per-row reduction: the launch grid is (n_chunks, rows)."""
+    block = GPU_BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
+    warps = GPU_WARPS if device.type == "cuda" else 1
+    target = PROGRAMS_PER_SM * _num_sms(device)
+    per_program = -(-rows * d // target)  # ceil
+    chunk = min(max(next_pow2(per_program), block), next_pow2(d) if d > block else block)
+    chunk = -(-chunk // block) * block
+    return LaunchConfig(block, chunk, -(-d // chunk), warps)
+
+
+def elementwise_config(d: int, device: torch.device) -> LaunchConfig:
+    """Elementwise pass over (rows, d): grid (cdiv(d, block), rows)."""
+    block = GPU_BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
+    warps = GPU_WARPS if device.type == "cuda" else 1
+    return LaunchConfig(block, block, -(-d // block), warps)

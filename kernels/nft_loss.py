@@ -24,7 +24,18 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import check_float, check_no_grad, check_same_device, per_sample
+from kernels._common import (
+    check_float,
+    check_no_grad,
+    check_same_device,
+    elementwise_config,
+    next_pow2,
+    per_sample,
+    reduction_config,
+    tl,
+    triton,
+    use_triton,
+)
 
 W_MIN = 1e-5  # floor of the adaptive weights w+-, as in DiffusionNFT
 STAT_KEYS = ("policy", "kl", "loss_pos", "loss_neg", "w_pos", "w_neg")
@@ -68,6 +79,299 @@ def nft_loss_reference(
     loss = policy.mean() + kl_beta * kl.mean()
     stats = dict(zip(STAT_KEYS, (x.detach() for x in (policy, kl, loss_pos, loss_neg, w_pos, w_neg))))
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels. Inputs are viewed as (B, D) row-major; grid axis 0 walks chunks of a row, axis 1 the samples.
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _nft_fwd_kernel(
+    VT,
+    VO,
+    VR,
+    XT,
+    X0,
+    T,
+    PART,  # PART: (5, B, n_chunks) fp32 partial sums of e+^2, |e+|, e-^2, |e-|, (vt-vr)^2
+    D,
+    chunk,
+    n_chunks,
+    n_rows,
+    beta,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    b = tl.program_id(1)
+    t = tl.load(T + b)
+    row = b.to(tl.int64) * D
+    s2p = tl.zeros([BLOCK], dtype=tl.float32)
+    s1p = tl.zeros([BLOCK], dtype=tl.float32)
+    s2n = tl.zeros([BLOCK], dtype=tl.float32)
+    s1n = tl.zeros([BLOCK], dtype=tl.float32)
+    skl = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = c * chunk
+    for start in range(0, chunk, BLOCK):
+        offs = lo + start + tl.arange(0, BLOCK)
+        mask = offs < D
+        vt = tl.load(VT + row + offs, mask=mask, other=0.0).to(tl.float32)
+        vo = tl.load(VO + row + offs, mask=mask, other=0.0).to(tl.float32)
+        xt = tl.load(XT + row + offs, mask=mask, other=0.0).to(tl.float32)
+        x0 = tl.load(X0 + row + offs, mask=mask, other=0.0).to(tl.float32)
+        base = xt - x0
+        e_pos = base - t * (beta * vt + (1.0 - beta) * vo)  # 0 where masked
+        e_neg = base - t * ((1.0 + beta) * vo - beta * vt)
+        s2p += e_pos * e_pos
+        s1p += tl.abs(e_pos)
+        s2n += e_neg * e_neg
+        s1n += tl.abs(e_neg)
+        if HAS_REF:
+            vr = tl.load(VR + row + offs, mask=mask, other=0.0).to(tl.float32)
+            dv = vt - vr
+            skl += dv * dv
+    plane = n_rows * n_chunks
+    out = PART + b * n_chunks + c
+    tl.store(out, tl.sum(s2p, axis=0))
+    tl.store(out + plane, tl.sum(s1p, axis=0))
+    tl.store(out + 2 * plane, tl.sum(s2n, axis=0))
+    tl.store(out + 3 * plane, tl.sum(s1n, axis=0))
+    if HAS_REF:
+        tl.store(out + 4 * plane, tl.sum(skl, axis=0))
+
+
+@triton.jit
+def _nft_finalize_kernel(
+    PART,
+    R,
+    STATS,  # STATS: (6, B) = policy, kl, L+, L-, w+, w-
+    n_chunks,
+    n_rows,
+    inv_d,
+    beta,
+    adv_clip_max,
+    w_min,
+    HAS_REF: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    plane = n_rows * n_chunks
+    s2p = tl.zeros([CBLOCK], dtype=tl.float32)
+    s1p = tl.zeros([CBLOCK], dtype=tl.float32)
+    s2n = tl.zeros([CBLOCK], dtype=tl.float32)
+    s1n = tl.zeros([CBLOCK], dtype=tl.float32)
+    skl = tl.zeros([CBLOCK], dtype=tl.float32)
+    for start in range(0, n_chunks, CBLOCK):
+        offs = start + tl.arange(0, CBLOCK)
+        mask = offs < n_chunks
+        ptr = PART + b * n_chunks + offs
+        s2p += tl.load(ptr, mask=mask, other=0.0)
+        s1p += tl.load(ptr + plane, mask=mask, other=0.0)
+        s2n += tl.load(ptr + 2 * plane, mask=mask, other=0.0)
+        s1n += tl.load(ptr + 3 * plane, mask=mask, other=0.0)
+        if HAS_REF:
+            skl += tl.load(ptr + 4 * plane, mask=mask, other=0.0)
+    w_pos = tl.maximum(tl.sum(s1p, axis=0) * inv_d, w_min)
+    w_neg = tl.maximum(tl.sum(s1n, axis=0) * inv_d, w_min)
+    l_pos = tl.sum(s2p, axis=0) * inv_d / w_pos
+    l_neg = tl.sum(s2n, axis=0) * inv_d / w_neg
+    r = tl.load(R + b)
+    policy = (r * l_pos + (1.0 - r) * l_neg) / beta * adv_clip_max
+    kl = tl.sum(skl, axis=0) * inv_d
+    tl.store(STATS + b, policy)
+    tl.store(STATS + n_rows + b, kl)
+    tl.store(STATS + 2 * n_rows + b, l_pos)
+    tl.store(STATS + 3 * n_rows + b, l_neg)
+    tl.store(STATS + 4 * n_rows + b, w_pos)
+    tl.store(STATS + 5 * n_rows + b, w_neg)
+
+
+@triton.jit
+def _nft_bwd_kernel(
+    VT,
+    VO,
+    VR,
+    XT,
+    X0,
+    T,
+    R,
+    STATS,
+    GP,
+    GK,
+    GV,
+    D,
+    n_rows,
+    inv_d,
+    beta,
+    adv_clip_max,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    t = tl.load(T + b)
+    r = tl.load(R + b)
+    w_pos = tl.load(STATS + 4 * n_rows + b)
+    w_neg = tl.load(STATS + 5 * n_rows + b)
+    # d policy / d v_theta = -(2 t adv_clip_max / D) * (r e+ / w+ - (1 - r) e- / w-), times the grad of policy[b]
+    k = -2.0 * t * adv_clip_max * inv_d * tl.load(GP + b)
+    k_pos = k * r / w_pos
+    k_neg = -k * (1.0 - r) / w_neg
+    row = b.to(tl.int64) * D
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    vt = tl.load(VT + row + offs, mask=mask, other=0.0).to(tl.float32)
+    vo = tl.load(VO + row + offs, mask=mask, other=0.0).to(tl.float32)
+    xt = tl.load(XT + row + offs, mask=mask, other=0.0).to(tl.float32)
+    x0 = tl.load(X0 + row + offs, mask=mask, other=0.0).to(tl.float32)
+    base = xt - x0
+    e_pos = base - t * (beta * vt + (1.0 - beta) * vo)
+    e_neg = base - t * ((1.0 + beta) * vo - beta * vt)
+    g = k_pos * e_pos + k_neg * e_neg
+    if HAS_REF:
+        vr = tl.load(VR + row + offs, mask=mask, other=0.0).to(tl.float32)
+        g += (2.0 * inv_d * tl.load(GK + b)) * (vt - vr)
+    tl.store(GV + row + offs, g.to(GV.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).contiguous()  # (B, D); copies only if the input is not contiguous
+
+
+def _coef(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).to(torch.float32).contiguous()  # (B,)
+
+
+def _nft_fwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
+    vt, vo, xt, x0_ = _rows(v_theta), _rows(v_old), _rows(x_t), _rows(x0)
+    vr = _rows(v_ref) if v_ref is not None else vt  # dummy pointer when HAS_REF is False
+    b, d = vt.shape
+    cfg = reduction_config(b, d, vt.device)
+    part = torch.empty(5, b, cfg.n_chunks, dtype=torch.float32, device=vt.device)
+    _nft_fwd_kernel[(cfg.n_chunks, b)](
+        vt,
+        vo,
+        vr,
+        xt,
+        x0_,
+        _coef(t),
+        part,
+        d,
+        cfg.chunk,
+        cfg.n_chunks,
+        b,
+        float(beta),
+        HAS_REF=v_ref is not None,
+        BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )
+    stats = torch.zeros(6, b, dtype=torch.float32, device=vt.device)
+    _nft_finalize_kernel[(b,)](
+        part,
+        _coef(r),
+        stats,
+        cfg.n_chunks,
+        b,
+        1.0 / d,
+        float(beta),
+        float(adv_clip_max),
+        W_MIN,
+        HAS_REF=v_ref is not None,
+        CBLOCK=min(next_pow2(cfg.n_chunks), 1024),
+        num_warps=1,
+    )
+    return stats
+
+
+def _nft_bwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta, adv_clip_max):
+    vt, vo, xt, x0_ = _rows(v_theta), _rows(v_old), _rows(x_t), _rows(x0)
+    vr = _rows(v_ref) if v_ref is not None else vt
+    b, d = vt.shape
+    cfg = elementwise_config(d, vt.device)
+    grad_stats = grad_stats.to(torch.float32).contiguous()  # (6, B); rows 0 (policy) and 1 (kl) are used
+    grad_v = torch.empty_like(vt)  # (B, D) in v_theta's dtype
+    _nft_bwd_kernel[(triton.cdiv(d, cfg.block), b)](
+        vt,
+        vo,
+        vr,
+        xt,
+        x0_,
+        _coef(t),
+        _coef(r),
+        stats.contiguous(),
+        grad_stats[0],
+        grad_stats[1],
+        grad_v,
+        d,
+        b,
+        1.0 / d,
+        float(beta),
+        float(adv_clip_max),
+        HAS_REF=v_ref is not None,
+        BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )
+    return grad_v.view(v_theta.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile, so no graph break) and their autograd formula
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op(
+    "firm_kernels::nft_loss",
+    mutates_args=(),
+    schema="(Tensor v_theta, Tensor v_old, Tensor? v_ref, Tensor x_t, Tensor x0, Tensor t, Tensor r, float beta, "
+    "float adv_clip_max) -> Tensor",
+)
+def _nft_fwd_op(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
+    return _nft_fwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max)
+
+
+@_nft_fwd_op.register_fake
+def _(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
+    return v_theta.new_empty(6, v_theta.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "firm_kernels::nft_loss_backward",
+    mutates_args=(),
+    schema="(Tensor v_theta, Tensor v_old, Tensor? v_ref, Tensor x_t, Tensor x0, Tensor t, Tensor r, Tensor stats, "
+    "Tensor grad_stats, float beta, float adv_clip_max) -> Tensor",
+)
+def _nft_bwd_op(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta, adv_clip_max):
+    return _nft_bwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta, adv_clip_max)
+
+
+@_nft_bwd_op.register_fake
+def _(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta, adv_clip_max):
+    return torch.empty_like(v_theta, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max = inputs
+    ctx.save_for_backward(v_theta, v_old, v_ref, x_t, x0, t, r, output)  # inputs and the (6, B) stats only
+    ctx.beta, ctx.adv_clip_max = beta, adv_clip_max
+
+
+def _backward(ctx, grad_stats):
+    v_theta, v_old, v_ref, x_t, x0, t, r, stats = ctx.saved_tensors
+    grad_v = torch.ops.firm_kernels.nft_loss_backward(
+        v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, ctx.beta, ctx.adv_clip_max
+    )
+    return grad_v, None, None, None, None, None, None, None, None
+
+
+# The autograd formula is attached to the op with torch.library (it builds the autograd.Function for us): Dynamo
+# traces that without graph breaks even when one tensor is passed as two inputs, which a hand-written
+# autograd.Function.apply does not support.
+_nft_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _validate(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max, kl_beta):
@@ -126,5 +430,11 @@ def nft_loss(
         ``v_theta``; ``stats`` maps ``policy``, ``kl``, ``loss_pos`` (L+), ``loss_neg`` (L-), ``w_pos``, ``w_neg`` to
         detached (B,) float32 per-sample values.
     """
-    _, tt, rr = _validate(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max, kl_beta)
-    return nft_loss_reference(v_theta, v_old, v_ref, x_t, x0, tt, rr, beta, adv_clip_max, kl_beta)
+    device, tt, rr = _validate(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max, kl_beta)
+    if not use_triton(device):
+        return nft_loss_reference(v_theta, v_old, v_ref, x_t, x0, tt, rr, beta, adv_clip_max, kl_beta)
+    beta, adv_clip_max = float(beta), float(adv_clip_max)
+    stats = torch.ops.firm_kernels.nft_loss(v_theta, v_old, v_ref, x_t, x0, tt, rr, beta, adv_clip_max)  # (6, B)
+    policy, kl = stats[0], stats[1]  # rows 2..5 are detached below, so only these two carry gradient
+    loss = policy.mean() + kl_beta * kl.mean()
+    return loss, {key: stats[i].detach() for i, key in enumerate(STAT_KEYS)}

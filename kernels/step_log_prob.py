@@ -23,7 +23,18 @@ import math
 
 import torch
 
-from kernels._common import check_float, check_no_grad, check_same_device, per_sample
+from kernels._common import (
+    check_float,
+    check_no_grad,
+    check_same_device,
+    elementwise_config,
+    next_pow2,
+    per_sample,
+    reduction_config,
+    tl,
+    triton,
+    use_triton,
+)
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -53,6 +64,260 @@ def step_log_prob_reference(
     if ref_velocity is not None:
         sq_dist = ((v - ref_velocity.reshape(b, -1).to(compute_dtype)) ** 2).mean(1)
     return log_prob, sq_dist
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels. Inputs are viewed as (B, D) row-major; grid axis 0 walks chunks of a row, axis 1 the samples.
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _slp_fwd_kernel(
+    X,
+    V,
+    XP,
+    VR,
+    CX,
+    CV,
+    PART,  # PART: (2, B, n_chunks) fp32 partial sums
+    D,
+    chunk,
+    n_chunks,
+    n_rows,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    b = tl.program_id(1)
+    cx = tl.load(CX + b)
+    cv = tl.load(CV + b)
+    row = b.to(tl.int64) * D
+    acc_res = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_ref = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = c * chunk
+    for start in range(0, chunk, BLOCK):
+        offs = lo + start + tl.arange(0, BLOCK)
+        mask = offs < D
+        x = tl.load(X + row + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V + row + offs, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(XP + row + offs, mask=mask, other=0.0).to(tl.float32)
+        d = xp - (cx * x + cv * v)  # 0 where masked
+        acc_res += d * d
+        if HAS_REF:
+            vr = tl.load(VR + row + offs, mask=mask, other=0.0).to(tl.float32)
+            dv = v - vr
+            acc_ref += dv * dv
+    tl.store(PART + b * n_chunks + c, tl.sum(acc_res, axis=0))
+    if HAS_REF:
+        tl.store(PART + (n_rows + b) * n_chunks + c, tl.sum(acc_ref, axis=0))
+
+
+@triton.jit
+def _slp_finalize_kernel(
+    PART,
+    S,
+    LP,
+    SQ,
+    n_chunks,
+    n_rows,
+    inv_d,
+    half_log_2pi,
+    HAS_REF: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    acc_res = tl.zeros([CBLOCK], dtype=tl.float32)
+    acc_ref = tl.zeros([CBLOCK], dtype=tl.float32)
+    for start in range(0, n_chunks, CBLOCK):
+        offs = start + tl.arange(0, CBLOCK)
+        mask = offs < n_chunks
+        acc_res += tl.load(PART + b * n_chunks + offs, mask=mask, other=0.0)
+        if HAS_REF:
+            acc_ref += tl.load(PART + (n_rows + b) * n_chunks + offs, mask=mask, other=0.0)
+    s = tl.load(S + b)
+    lp = -tl.sum(acc_res, axis=0) * inv_d / (2.0 * s * s) - tl.log(s) - half_log_2pi
+    tl.store(LP + b, lp)
+    if HAS_REF:
+        tl.store(SQ + b, tl.sum(acc_ref, axis=0) * inv_d)
+
+
+@triton.jit
+def _slp_bwd_kernel(
+    X,
+    V,
+    XP,
+    VR,
+    CX,
+    CV,
+    S,
+    GLP,
+    GSQ,
+    GV,
+    D,
+    inv_d,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    cx = tl.load(CX + b)
+    cv = tl.load(CV + b)
+    s = tl.load(S + b)
+    # d log_prob / d v = coef_v * (prev - mu) / (std^2 D), scaled by the incoming grad of log_prob[b]
+    k_res = tl.load(GLP + b) * cv * inv_d / (s * s)
+    row = b.to(tl.int64) * D
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(X + row + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(V + row + offs, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(XP + row + offs, mask=mask, other=0.0).to(tl.float32)
+    g = k_res * (xp - (cx * x + cv * v))
+    if HAS_REF:
+        vr = tl.load(VR + row + offs, mask=mask, other=0.0).to(tl.float32)
+        g += (2.0 * inv_d * tl.load(GSQ + b)) * (v - vr)
+    tl.store(GV + row + offs, g.to(GV.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).contiguous()  # (B, D); copies only if the input is not contiguous
+
+
+def _coef(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).to(torch.float32).contiguous()  # (B,)
+
+
+def _step_log_prob_fwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std):
+    x, v, xp = _rows(sample), _rows(velocity), _rows(prev_sample)
+    vr = _rows(ref_velocity) if ref_velocity is not None else v  # dummy pointer when HAS_REF is False
+    b, d = x.shape
+    cfg = reduction_config(b, d, x.device)
+    part = torch.empty(2, b, cfg.n_chunks, dtype=torch.float32, device=x.device)
+    _slp_fwd_kernel[(cfg.n_chunks, b)](
+        x,
+        v,
+        xp,
+        vr,
+        _coef(coef_x),
+        _coef(coef_v),
+        part,
+        d,
+        cfg.chunk,
+        cfg.n_chunks,
+        b,
+        HAS_REF=ref_velocity is not None,
+        BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )
+    log_prob = torch.empty(b, dtype=torch.float32, device=x.device)
+    sq_dist = torch.zeros(b, dtype=torch.float32, device=x.device)
+    _slp_finalize_kernel[(b,)](
+        part,
+        _coef(std),
+        log_prob,
+        sq_dist,
+        cfg.n_chunks,
+        b,
+        1.0 / d,
+        _HALF_LOG_2PI,
+        HAS_REF=ref_velocity is not None,
+        CBLOCK=min(next_pow2(cfg.n_chunks), 1024),
+        num_warps=1,
+    )
+    return log_prob, sq_dist
+
+
+def _step_log_prob_bwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std, grad_lp, grad_sq):
+    x, v, xp = _rows(sample), _rows(velocity), _rows(prev_sample)
+    vr = _rows(ref_velocity) if ref_velocity is not None else v
+    b, d = x.shape
+    cfg = elementwise_config(d, x.device)
+    grad_v = torch.empty_like(v)  # (B, D) in velocity's dtype
+    _slp_bwd_kernel[(triton.cdiv(d, cfg.block), b)](
+        x,
+        v,
+        xp,
+        vr,
+        _coef(coef_x),
+        _coef(coef_v),
+        _coef(std),
+        _coef(grad_lp),
+        _coef(grad_sq),
+        grad_v,
+        d,
+        1.0 / d,
+        HAS_REF=ref_velocity is not None,
+        BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )
+    return grad_v.view(velocity.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile, so no graph break) and their autograd formula
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op(
+    "firm_kernels::step_log_prob",
+    mutates_args=(),
+    schema="(Tensor sample, Tensor velocity, Tensor prev_sample, Tensor? ref_velocity, Tensor coef_x, "
+    "Tensor coef_v, Tensor std) -> (Tensor, Tensor)",
+)
+def _step_log_prob_fwd_op(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std):
+    return _step_log_prob_fwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std)
+
+
+@_step_log_prob_fwd_op.register_fake
+def _(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std):
+    b = sample.shape[0]
+    return sample.new_empty(b, dtype=torch.float32), sample.new_empty(b, dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "firm_kernels::step_log_prob_backward",
+    mutates_args=(),
+    schema="(Tensor sample, Tensor velocity, Tensor prev_sample, Tensor? ref_velocity, Tensor coef_x, "
+    "Tensor coef_v, Tensor std, Tensor grad_log_prob, Tensor grad_sq_dist) -> Tensor",
+)
+def _step_log_prob_bwd_op(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std, grad_lp, grad_sq):
+    return _step_log_prob_bwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std, grad_lp, grad_sq)
+
+
+@_step_log_prob_bwd_op.register_fake
+def _(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std, grad_lp, grad_sq):
+    return torch.empty_like(velocity, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std = inputs
+    ctx.save_for_backward(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std)  # inputs only
+
+
+def _backward(ctx, grad_lp, grad_sq):
+    sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std = ctx.saved_tensors
+    zeros = torch.zeros(std.shape[0], dtype=torch.float32, device=std.device)
+    grad_v = torch.ops.firm_kernels.step_log_prob_backward(
+        sample,
+        velocity,
+        prev_sample,
+        ref_velocity,
+        coef_x,
+        coef_v,
+        std,
+        zeros if grad_lp is None else grad_lp,
+        zeros if grad_sq is None else grad_sq,
+    )
+    return None, grad_v, None, None, None, None, None
+
+
+# The autograd formula is attached to the op with torch.library (it builds the autograd.Function for us): Dynamo
+# traces that without graph breaks even when one tensor is passed as two inputs, which a hand-written
+# autograd.Function.apply does not support.
+_step_log_prob_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _validate(sample, velocity, prev_sample, coef_x, coef_v, std, ref_velocity):
@@ -109,5 +374,8 @@ def step_log_prob(
         ``mean((velocity - ref_velocity)^2)`` over non-batch dims, or None when ``ref_velocity`` is None.
         Both are differentiable with respect to ``velocity``. Inputs requiring grad other than ``velocity`` raise.
     """
-    _, (cx, cv, s) = _validate(sample, velocity, prev_sample, coef_x, coef_v, std, ref_velocity)
-    return step_log_prob_reference(sample, velocity, prev_sample, cx, cv, s, ref_velocity)
+    device, (cx, cv, s) = _validate(sample, velocity, prev_sample, coef_x, coef_v, std, ref_velocity)
+    if not use_triton(device):
+        return step_log_prob_reference(sample, velocity, prev_sample, cx, cv, s, ref_velocity)
+    log_prob, sq_dist = torch.ops.firm_kernels.step_log_prob(sample, velocity, prev_sample, ref_velocity, cx, cv, s)
+    return log_prob, (sq_dist if ref_velocity is not None else None)

@@ -26,7 +26,10 @@ DATAMODULES: dict[str, Any] = {
 
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as
 # `cls(config)`, implementing `firm.critics.types.Critic`.
-CRITICS: dict[str, Any] = {}
+CRITICS: dict[str, Any] = {
+    "local": "firm.critics.local:LocalCritic",
+    "http": "firm.critics.http:HTTPCritic",
+}
 
 # Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.
 REWARDS: dict[str, Any] = {

@@ -94,6 +94,7 @@ class _CriticReward:
         *,
         dimensions: Sequence[str] | None = None,
         score_range: tuple[int, int] = (1, 5),
+        use_expected: bool = True,
     ) -> None:
         """
         Args:
@@ -103,6 +104,8 @@ class _CriticReward:
                 components are logged even when the combiner uses fewer (e.g. ``execution_only``). Pass the
                 combiner's ``inputs`` to save critic calls. Must include every input of the combiner.
             score_range: the rubric's lowest and highest score, for normalisation.
+            use_expected: use a critic's expected scores (``details["expected_scores"]``, from the local
+                backend's expected-score mode) instead of its integer scores when present.
         """
         if not callable(getattr(critic, "score", None)):
             raise TypeError(f"critic must have a score(requests) method, got {type(critic).__name__}")
@@ -124,6 +127,7 @@ class _CriticReward:
         if lacking:
             raise ValueError(f"{type(self).__name__}: the combiner needs {lacking}; add them to `dimensions`")
         self.score_range = score_range
+        self.use_expected = use_expected
 
     def __call__(self, requests: Sequence[Any]) -> RewardOutput:
         """Score ``requests`` with the critic and combine; one reward per request, in order."""
@@ -142,13 +146,24 @@ class _CriticReward:
             raise RuntimeError(f"critic returned {len(results)} results for {len(requests)} requests")
         return self.combine_results(results)
 
+    def _value(self, res: CriticResult, dim: str) -> float | None:
+        """The score of ``dim``: the expected score when the critic gave one (and it is used), else the int."""
+        score = check_score(res.scores.get(dim))
+        if score is None:
+            return None
+        if self.use_expected:
+            exp = res.details.get("expected_scores", {}).get(dim) if isinstance(res.details, dict) else None
+            if isinstance(exp, (int, float)) and math.isfinite(exp):
+                return float(exp)
+        return float(score)
+
     def combine_results(self, results: Sequence[CriticResult]) -> RewardOutput:
         """Normalise and combine already computed critic results (e.g. cached or from another process)."""
         lo, hi = self.score_range
         components: dict[str, torch.Tensor] = {}
         missing: dict[str, int] = {}
         for dim in self.dimensions:
-            raw = [check_score(res.scores.get(dim)) for res in results]  # None when absent or out of range
+            raw = [self._value(res, dim) for res in results]  # None when absent or out of range
             missing[dim] = sum(v is None for v in raw)
             vals = torch.tensor([math.nan if v is None else float(v) for v in raw], dtype=torch.float32)
             components[dim] = normalize_score(vals, lo, hi)  # (N,)

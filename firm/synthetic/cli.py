@@ -139,6 +139,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from firm.synthetic.data import export_prompt_records
+    from firm.synthetic.tasks import SplitConfig
+    from firm.synthetic.world import WorldConfig
+
+    split = None if args.split == "all" else args.split
+    path = export_prompt_records(
+        args.out,
+        args.task,
+        args.n,
+        split,
+        world=WorldConfig(size=args.size),
+        split_config=SplitConfig(mode=args.split_mode),
+        start=args.start,
+    )
+    print(f"wrote {args.n} {args.task} prompts ({args.split}) to {path}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shapes", help="the procedural shapes world: preview tasks, benchmark the rule critic")
     ss = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND", required=True)
@@ -151,6 +170,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="first task seed (and seed of the simulated outputs)")
     q.add_argument("--out", default="shapes_preview.png")
     q.set_defaults(func=_cmd_preview)
+
+    q = ss.add_parser("export", help="write a split's tasks as an RL prompt file (prompts.jsonl + source PNGs)")
+    q.add_argument("--task", choices=["edit", "gen"], default="edit")
+    q.add_argument("--n", type=int, required=True, help="number of tasks")
+    q.add_argument("--split", choices=["train", "test", "all"], default="train")
+    q.add_argument("--split-mode", choices=["hash", "combo"], default="hash", help="how tasks are split (SplitConfig)")
+    q.add_argument("--size", type=int, default=32, help="canvas size in pixels")
+    q.add_argument("--start", type=int, default=0, help="first task seed")
+    q.add_argument("--out", required=True, help="output folder")
+    q.set_defaults(func=_cmd_export)
 
     q = ss.add_parser("bench", help="rule-critic throughput and agreement with the ground-truth scorer")
     q.add_argument("--n", type=int, default=200, help="tasks per setting (edit and gen each)")

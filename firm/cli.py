@@ -15,6 +15,7 @@ from firm.config import ConfigError
 # Modules that contribute subcommands (each defines `add_commands(subparsers)`).
 PROVIDERS: list[str] = [
     "firm.cli",
+    "firm.critics.cli",
     "firm.synthetic.cli",
 ]
 

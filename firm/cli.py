@@ -17,6 +17,7 @@ PROVIDERS: list[str] = [
     "firm.cli",
     "firm.critics.cli",
     "firm.policies.cli",
+    "firm.synthetic.cli",
 ]
 
 

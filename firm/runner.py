@@ -158,7 +158,9 @@ def build_strategy(tc: Any, module: Any) -> Any:
     return tc.strategy
 
 
-def build_trainer(cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callbacks: list | None = None):
+def build_trainer(
+    cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callbacks: list | None = None, datamodule: Any = None
+):
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -199,6 +201,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callb
         logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tb", default_hp_metric=False)],
         callbacks=callbacks,
         plugins=[_checkpoint_io()],
+        # a datamodule whose batch sampler already splits the data over ranks sets use_distributed_sampler = False
+        use_distributed_sampler=getattr(datamodule, "use_distributed_sampler", True),
         **kwargs,
     )
 
@@ -258,7 +262,7 @@ def run(
         print(f"[firm] run directory: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
 
     module, datamodule = build_components(cfg)
-    trainer = build_trainer(cfg, run_dir, module)
+    trainer = build_trainer(cfg, run_dir, module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     # Every rank calls it; rank 0 writes.
     trainer.save_checkpoint(run_dir / "checkpoints" / LAST_CKPT, weights_only=False)

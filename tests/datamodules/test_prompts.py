@@ -41,19 +41,26 @@ def test_indivisible_world_batch_is_a_clear_error():
 
 
 def test_dataloader_resumes_at_the_same_batch():
-    dm = PromptDataModule(PromptDataModule.Config(prompts=["a", "b", "c", "d"], group_size=2, batch_size=4))
-    loader = dm.train_dataloader()
+    cfg = PromptDataModule.Config(prompts=[f"p{i}" for i in range(10)], group_size=2, batch_size=4)
+    loader = PromptDataModule(cfg).train_dataloader()
+    assert len(loader) == 5  # 2 prompts per step: an epoch is 5 steps
     it = iter(loader)
     for _ in range(3):
         next(it)
     state = loader.state_dict()
     expected = [next(it) for _ in range(2)]
-    fresh = PromptDataModule(PromptDataModule.Config(prompts=["a", "b", "c", "d"], group_size=2, batch_size=4))
-    loader2 = fresh.train_dataloader()
+    loader2 = PromptDataModule(cfg).train_dataloader()
     loader2.load_state_dict(state)
-    got = [b for _, b in zip(range(2), loader2)]
+    got = list(loader2)
+    assert len(got) == 2
     for e, g in zip(expected, got):
         assert e["prompt"] == g["prompt"] and e["group"].tolist() == g["group"].tolist()
+
+
+def test_epochs_continue_the_stream():
+    smp = GroupBatchSampler(10, 2, 4, 1, 0, seed=0)
+    smp.sampler.set_epoch(1)  # what Lightning calls at the start of epoch 1
+    assert list(smp) == [smp.step_slots(s) for s in range(5, 10)]
 
 
 def test_jsonl_records_with_images(tmp_path):

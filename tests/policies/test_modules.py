@@ -166,6 +166,7 @@ def test_diffusion_nft_trains_a_tiny_editing_model(tmp_path):
     assert (tmp_path / "samples" / "step000003.png").is_file()  # source | output grid
 
 
+@pytest.mark.slow
 def test_first_inner_step_ratio_is_exactly_one(tmp_path, monkeypatch):
     calls = []
     real = modules_mod.kernels.clipped_surrogate
@@ -201,6 +202,7 @@ def test_training_recomputes_the_rollout_log_probs(tmp_path):
     assert rec.rows[-1]["train/logp_rollout_gap"] < 1e-4  # same inputs, same math, same numbers
 
 
+@pytest.mark.slow
 def test_missing_scores_are_excluded_and_counted(tmp_path):
     module = nft(critic=ImageStatsCritic.Config(missing_frac=0.4))
     rec = fit(module, gen_data(), 2, tmp_path)
@@ -218,6 +220,7 @@ def test_missing_scores_are_excluded_and_counted(tmp_path):
     assert out["keep"].tolist() == [True, False, True, True, False, False, False, False]
 
 
+@pytest.mark.slow
 def test_critic_failures_raise_or_count_as_missing(tmp_path):
     # the first RL step's two chunks fail: counted as missing, no update; the second step trains
     module = nft(critic=ImageStatsCritic.Config(fail_first=2), critic_failure="missing")
@@ -236,6 +239,7 @@ def test_critic_failures_raise_or_count_as_missing(tmp_path):
         fit(dead, gen_data(), 1, tmp_path)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch):
     real = modules_mod.kernels.nft_loss
     state = {"n": 0}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -193,7 +194,13 @@ class HTTPTeacher:
 
     def generate(self, requests: Sequence[TeacherRequest]) -> list[str]:
         """Blocking; raises ``CriticEndpointError`` / ``CriticTimeoutError`` when endpoints stay unreachable."""
-        return asyncio.run(self.agenerate(requests))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.agenerate(requests))
+        # called from inside an event loop (a notebook): run the coroutine on a helper thread
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firm-teacher") as pool:
+            return pool.submit(asyncio.run, self.agenerate(requests)).result()
 
 
 def build_teacher(config: Any) -> Teacher:

@@ -16,6 +16,8 @@ from firm.config import ConfigError
 PROVIDERS: list[str] = [
     "firm.cli",
     "firm.kernels_cli",
+    "firm.critics.cli",
+    "firm.synthetic.cli",
 ]
 
 

@@ -23,10 +23,20 @@ DATAMODULES: dict[str, Any] = {
 
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as
 # `cls(config)`, implementing `firm.critics.types.Critic`.
-CRITICS: dict[str, Any] = {}
+CRITICS: dict[str, Any] = {
+    "local": "firm.critics.local:LocalCritic",
+    "http": "firm.critics.http:HTTPCritic",
+    "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
+}
 
 # Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.
-REWARDS: dict[str, Any] = {}
+REWARDS: dict[str, Any] = {
+    "cme": "firm.rewards.combiners:CMEReward",
+    "qma": "firm.rewards.combiners:QMAReward",
+    "weighted_sum": "firm.rewards.combiners:WeightedSumReward",
+    "execution_only": "firm.rewards.combiners:ExecutionOnlyReward",
+    "instruction_only": "firm.rewards.combiners:InstructionOnlyReward",
+}
 
 REGISTRIES: dict[str, dict[str, Any]] = {
     "modules": MODULES,

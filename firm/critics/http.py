@@ -1,0 +1,325 @@
+"""Critic client for OpenAI-compatible chat-completions endpoints (vLLM, SGLang, `firm serve-critic`, ...).
+
+Async and concurrent: every judgement is one ``POST {endpoint}/chat/completions`` with the images as base64 data
+URLs; at most ``max_concurrency`` requests are in flight, spread over several endpoints by picking the one with
+the fewest requests in flight. Each request has a timeout; connection errors, timeouts, HTTP 429 and 5xx are
+retried with exponential backoff (on another endpoint when there is one). When the retry budget is spent the call
+raises :class:`CriticEndpointError` naming the endpoint(s); a request the server rejects (other 4xx) raises
+:class:`CriticRequestError` at once. Answers that cannot be parsed are asked again (sampling at
+``retry_temperature``) up to ``parse_retries`` times, then give a ``None`` score with the reason.
+
+``score()`` is synchronous and works from plain code and from inside a running event loop (it then runs the
+requests on a helper thread); ``ascore()`` is the coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import itertools
+import logging
+import os
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from firm.critics.base import Completion, Job, PromptedCritic, now
+from firm.critics.prompts import PromptConfig, PromptSet
+from firm.critics.types import CriticRequest, CriticResult
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class CriticEndpointError(RuntimeError):
+    """An endpoint could not be reached, timed out, or kept failing after all retries."""
+
+    def __init__(self, message: str, endpoints: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.endpoints = list(endpoints)
+
+
+class CriticTimeoutError(CriticEndpointError):
+    """Every attempt timed out."""
+
+
+class CriticRequestError(RuntimeError):
+    """The endpoint rejected the request (HTTP 4xx other than 408/429): a bug or a misconfiguration, not retried."""
+
+
+def normalize_endpoint(url: str) -> str:
+    """The API base URL (``.../v1``) from ``host:port``, ``http://host:port``, ``.../v1`` or ``.../completions``."""
+    url = url.strip().rstrip("/")
+    if not url:
+        raise ValueError("empty endpoint URL")
+    if "://" not in url:
+        url = "http://" + url
+    if url.endswith("/chat/completions"):
+        url = url[: -len("/chat/completions")]
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"endpoint {url!r} has no host; use e.g. http://127.0.0.1:8000/v1")
+    if parts.path in ("", "/"):
+        url += "/v1"
+    return url
+
+
+def image_data_url(image: Any, fmt: str = "png", quality: int = 95) -> str:
+    """A PIL image as a ``data:image/...;base64,...`` URL."""
+    buf = io.BytesIO()
+    fmt = fmt.lower()
+    if fmt in ("jpg", "jpeg"):
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+        mime = "jpeg"
+    elif fmt == "png":
+        image.save(buf, format="PNG")
+        mime = "png"
+    else:
+        raise ValueError(f"image_format {fmt!r} unknown; use png or jpeg")
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_openai_messages(messages: list[dict], fmt: str = "png", quality: int = 95, cache: dict | None = None) -> list:
+    """Neutral messages (PIL images inline) -> OpenAI chat messages with data-URL images."""
+    cache = {} if cache is None else cache
+    out = []
+    for m in messages:
+        parts = []
+        for c in m["content"]:
+            if c["type"] == "image":
+                key = id(c["image"])
+                if key not in cache:
+                    cache[key] = image_data_url(c["image"], fmt, quality)
+                parts.append({"type": "image_url", "image_url": {"url": cache[key]}})
+            else:
+                parts.append({"type": "text", "text": c["text"]})
+        if m["role"] == "system" and all(p["type"] == "text" for p in parts):
+            out.append({"role": "system", "content": "".join(p["text"] for p in parts)})
+        else:
+            out.append({"role": m["role"], "content": parts})
+    return out
+
+
+class HTTPCritic(PromptedCritic):
+    """A critic served behind one or more OpenAI-compatible ``/v1/chat/completions`` endpoints."""
+
+    @dataclass
+    class Config:
+        name: str = "http"
+        endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])  # API base URLs
+        model: str | None = None  # model name sent with each request; None: the first id listed by GET /models
+        api_key: str | None = None  # sent as "Authorization: Bearer ..."; None: read from $api_key_env if set
+        api_key_env: str = "FIRM_CRITIC_API_KEY"  # environment variable holding the key (keeps it out of YAML)
+        max_concurrency: int = 32  # HTTP requests in flight at once, over all endpoints
+        timeout_s: float = 120.0  # limit for one HTTP request (connect + generate + read)
+        max_retries: int = 3  # retries after a connection error, timeout, HTTP 408/429/5xx
+        backoff_s: float = 0.5  # delay before the first retry; doubles at each retry (+-25% jitter)
+        backoff_max_s: float = 10.0  # cap on one retry delay
+        parse_retries: int = 1  # ask again (sampling) when the answer cannot be parsed, up to this many times
+        temperature: float = 0.0  # first attempt: 0 = greedy
+        retry_temperature: float = 0.7  # temperature of parse retries
+        max_tokens: int = 1024  # generation budget per judgement (reasoning included)
+        image_format: str = "png"  # png (lossless) | jpeg (smaller requests)
+        jpeg_quality: int = 95  # when image_format is jpeg
+        max_image_pixels: int | None = None  # downscale larger images to this many pixels before sending
+        extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request (e.g. top_k for vLLM)
+        prompts: PromptConfig = field(default_factory=PromptConfig)  # template files replacing the built-in ones
+
+    def __init__(self, config: Config | None = None) -> None:
+        config = config or self.Config()
+        super().__init__(PromptSet(config.prompts), config.max_image_pixels)
+        self.config = config
+        if not config.endpoints:
+            raise ValueError("http critic: give at least one endpoint URL in `endpoints:`")
+        self.endpoints = [normalize_endpoint(u) for u in config.endpoints]
+        if config.max_concurrency < 1 or config.max_retries < 0 or config.parse_retries < 0 or config.timeout_s <= 0:
+            raise ValueError(
+                "http critic: need max_concurrency >= 1, max_retries >= 0, parse_retries >= 0 and timeout_s > 0"
+            )
+        self.api_key = config.api_key or os.environ.get(config.api_key_env) or None
+        self.model = config.model
+        self._inflight = dict.fromkeys(self.endpoints, 0)
+        self._rr = itertools.count()
+
+    # ---- transport
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
+        return h
+
+    def _pick(self, avoid: set[str]) -> str:
+        """The endpoint with the fewest requests in flight (round-robin among ties), avoiding failed ones."""
+        pool = [e for e in self.endpoints if e not in avoid] or self.endpoints
+        start = next(self._rr) % len(pool)
+        rotated = pool[start:] + pool[:start]
+        return min(rotated, key=lambda e: self._inflight[e])
+
+    def _delay(self, retry: int) -> float:
+        d = min(self.config.backoff_s * (2**retry), self.config.backoff_max_s)
+        return d * random.uniform(0.75, 1.25)
+
+    async def _request(
+        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, method: str, path: str, body: Any = None
+    ) -> Any:
+        """One API call with retries; returns the decoded JSON body."""
+        tried: list[str] = []
+        last: str = ""
+        timeouts = 0
+        for attempt in range(1 + self.config.max_retries):
+            if attempt:
+                await asyncio.sleep(self._delay(attempt - 1))
+            endpoint = self._pick(set(tried[-1:]) if len(self.endpoints) > 1 else set())
+            tried.append(endpoint)
+            url = endpoint + path
+            async with sem:
+                self._inflight[endpoint] += 1
+                try:
+                    resp = await client.request(method, url, json=body, timeout=self.config.timeout_s)
+                except httpx.TimeoutException:
+                    timeouts += 1
+                    last = f"{url}: no answer within {self.config.timeout_s:g} s"
+                    log.warning("critic endpoint %s timed out (attempt %d)", endpoint, attempt + 1)
+                    continue
+                except httpx.TransportError as e:
+                    last = f"{url}: {type(e).__name__}: {e or 'connection failed'}"
+                    log.warning("critic endpoint %s failed (attempt %d): %s", endpoint, attempt + 1, last)
+                    continue
+                finally:
+                    self._inflight[endpoint] -= 1
+            if resp.status_code in RETRYABLE_STATUS:
+                last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
+                log.warning("critic endpoint %s answered HTTP %d (attempt %d)", endpoint, resp.status_code, attempt + 1)
+                continue
+            if resp.status_code in (401, 403):
+                raise CriticRequestError(
+                    f"{url} refused the request (HTTP {resp.status_code}): check the API key "
+                    f"(config api_key or ${self.config.api_key_env}). Server said: {resp.text[:300]}"
+                )
+            if resp.status_code >= 400:
+                raise CriticRequestError(f"{url} rejected the request: HTTP {resp.status_code}: {resp.text[:500]}")
+            try:
+                return resp.json()
+            except ValueError:
+                raise CriticRequestError(f"{url} answered HTTP {resp.status_code} with non-JSON: {resp.text[:300]}")
+        names = ", ".join(dict.fromkeys(tried))
+        n = 1 + self.config.max_retries
+        if timeouts == n:
+            raise CriticTimeoutError(
+                f"critic endpoint {names}: all {n} attempts timed out after {self.config.timeout_s:g} s each; "
+                "raise timeout_s, lower max_concurrency, or check the server's load",
+                tried,
+            )
+        raise CriticEndpointError(
+            f"critic endpoint {names} failed after {n} attempts (last: {last}); check that the server is running "
+            "and the URL is right (e.g. http://127.0.0.1:8000/v1)",
+            tried,
+        )
+
+    async def _resolve_model(self, client: httpx.AsyncClient, sem: asyncio.Semaphore) -> str:
+        if self.model is None:
+            data = await self._request(client, sem, "GET", "/models")
+            try:
+                self.model = str(data["data"][0]["id"])
+            except (KeyError, IndexError, TypeError):
+                raise CriticRequestError(
+                    f"{self.endpoints[0]}/models lists no model ({str(data)[:200]}); set `model:` in the config"
+                ) from None
+            log.info("critic model: %s", self.model)
+        return self.model
+
+    async def chat(
+        self,
+        client: httpx.AsyncClient,
+        sem: asyncio.Semaphore,
+        messages: list[dict],
+        *,
+        temperature: float,
+    ) -> str:
+        """One chat completion (OpenAI-format ``messages``); returns the answer text ('' when the server gave none)."""
+        body = {
+            "model": await self._resolve_model(client, sem),
+            "messages": messages,
+            "max_tokens": self.config.max_tokens,
+            "temperature": temperature,
+            **self.config.extra_body,
+        }
+        data = await self._request(client, sem, "POST", "/chat/completions", body)
+        try:
+            content = data["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise CriticRequestError(f"unexpected chat-completions answer: {str(data)[:300]}") from None
+        if isinstance(content, list):  # some servers answer in content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return content or ""
+
+    # ---- scoring
+
+    async def _complete_job(
+        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, job: Job, messages: list
+    ) -> Completion:
+        start = now()
+        text, parsed, attempt = None, None, 0
+        for attempt in range(1 + self.config.parse_retries):
+            temperature = self.config.temperature if attempt == 0 else self.config.retry_temperature
+            if attempt:
+                self.stats["parse_retries"] += 1
+            text = await self.chat(client, sem, messages, temperature=temperature)
+            self.stats["generations"] += 1
+            parsed = job.parser(text)
+            if parsed.ok:
+                break
+        return Completion(text, parsed, attempt + 1, start, now())
+
+    async def _complete(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, jobs: list[Job]) -> list[Completion]:
+        cache: dict = {}
+        fmt, q = self.config.image_format, self.config.jpeg_quality
+        # image encoding is CPU work: keep it off the event loop
+        payloads = await asyncio.to_thread(lambda: [to_openai_messages(j.messages, fmt, q, cache) for j in jobs])
+        tasks = [asyncio.ensure_future(self._complete_job(client, sem, j, p)) for j, p in zip(jobs, payloads)]
+        try:
+            out = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        self.stats["jobs"] += len(jobs)
+        return list(out)
+
+    async def ascore(self, requests: Sequence[CriticRequest]) -> list[CriticResult]:
+        """Coroutine version of :meth:`score`."""
+        requests = list(requests)
+        plan_jobs = self.plan_jobs(requests)  # validates the requests
+        limits = httpx.Limits(max_connections=self.config.max_concurrency, max_keepalive_connections=32)
+        sem = asyncio.Semaphore(self.config.max_concurrency)
+        async with httpx.AsyncClient(headers=self._headers(), limits=limits) as client:
+            plans = dict(zip((j.index for j in plan_jobs), await self._complete(client, sem, plan_jobs)))
+            jobs = await asyncio.to_thread(self.judgement_jobs, requests, plans)
+            comps = await self._complete(client, sem, jobs)
+        return self.assemble(requests, jobs, comps, plans)
+
+    def score(self, requests: Sequence[CriticRequest]) -> list[CriticResult]:
+        """Judge every request (blocking). Missing scores are ``None``; unreachable endpoints raise.
+
+        Raises:
+            CriticEndpointError: an endpoint stayed unreachable / failing after ``max_retries`` retries.
+            CriticTimeoutError: every attempt of a request timed out.
+            CriticRequestError: the server rejected a request (e.g. wrong API key or model name).
+        """
+        coro = self.ascore(requests)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        # Called from inside a running event loop (a notebook, an async trainer): run on a helper thread.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firm-critic") as pool:
+            return pool.submit(asyncio.run, coro).result()

@@ -1,0 +1,263 @@
+"""`firm serve-critic`: a local critic behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (LitServe).
+
+Requests are validated before they are queued (malformed JSON, unknown roles, images that are not base64 data
+URLs: HTTP 422 with the reason); images that do not decode give HTTP 400 for that request only. Valid requests are
+batched dynamically (up to ``max_batch_size``, waiting at most ``batch_timeout`` s to fill a batch) and answered by
+one batched ``generate``. ``GET /v1/models`` lists the served name; ``GET /health`` (open without the key) says
+when the model is loaded.
+The server binds 127.0.0.1 unless told otherwise; with an API key it expects ``Authorization: Bearer KEY`` (or
+``X-API-Key: KEY``) on every request.
+
+Only text and ``data:image/...;base64`` image parts are accepted (the server never fetches URLs); ``n`` must be 1
+and streaming is not supported.
+"""
+
+# No `from __future__ import annotations` here: LitServe and FastAPI read the request type from the annotation.
+
+import base64
+import binascii
+import hmac
+import io
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import litserve as ls
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+_DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,(?P<data>.*)$", re.DOTALL)
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _data_url(cls, v: str) -> str:
+        m = _DATA_URL.match(v)
+        if not m:
+            shown = v[:60] + ("..." if len(v) > 60 else "")
+            raise ValueError(f"image_url must be a data:image/<format>;base64,<data> URL, got {shown!r}")
+        try:
+            base64.b64decode(m.group("data"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("image_url data is not valid base64") from None
+        return v
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _has_payload(self) -> "ContentPart":
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs a 'text' field")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs an 'image_url' field")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class ChatCompletionBody(BaseModel):
+    """The subset of the OpenAI chat-completions request a critic needs; other OpenAI fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    n: int = 1
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _supported(self) -> "ChatCompletionBody":
+        if self.n != 1:
+            raise ValueError("n must be 1: this server returns one answer per request")
+        if self.stream:
+            raise ValueError("stream=true is not supported by firm serve-critic")
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must be from the user (or system), not the assistant")
+        return self
+
+
+@dataclass
+class _Invalid:
+    """A request that passed schema validation but cannot be served (e.g. an image that does not decode)."""
+
+    message: str
+
+
+def _decode_image(url: str) -> Image.Image:
+    data = base64.b64decode(_DATA_URL.match(url).group("data"))
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+class CriticAPI(ls.LitAPI):
+    """LitServe API: OpenAI chat-completions in, answers of a :class:`~firm.critics.local.LocalCritic` out."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        served_name: str,
+        api_key: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens: int = 1024,
+        max_images: int = 8,
+        max_batch_size: int = 8,
+        batch_timeout: float = 0.05,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/v1/chat/completions")
+        self.model_dir = model_dir
+        self.served_name = served_name
+        self.api_key = api_key
+        self.device_choice = device
+        self.dtype_choice = dtype
+        self.max_new_tokens = max_new_tokens
+        self.max_images = max_images
+
+    def setup(self, device: str) -> None:
+        from firm.critics.local import LocalCritic
+
+        chosen = self.device_choice if self.device_choice != "auto" else (device or "auto")
+        config = LocalCritic.Config(
+            model=self.model_dir,
+            device=chosen,
+            dtype=self.dtype_choice,
+            batch_size=self.max_batch_size,
+            max_new_tokens=self.max_new_tokens,
+        )
+        self.critic = LocalCritic(config)
+        log.info("critic %s loaded on %s", self.model_dir, self.critic.device)
+
+    def authorize(self, request: Request) -> None:
+        """FastAPI dependency: with an API key set, require it as a Bearer token or an X-API-Key header."""
+        if not self.api_key or request.url.path == "/health":  # liveness checks stay open
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong API key: send 'Authorization: Bearer KEY'")
+
+    def decode_request(self, request: ChatCompletionBody) -> Any:
+        conv, n_images = [], 0
+        for i, m in enumerate(request.messages):
+            parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else []
+            if not isinstance(m.content, str):
+                for j, p in enumerate(m.content):
+                    if p.type == "text":
+                        parts.append({"type": "text", "text": p.text})
+                        continue
+                    n_images += 1
+                    try:
+                        parts.append({"type": "image", "image": _decode_image(p.image_url.url)})
+                    except Exception as e:  # noqa: BLE001 - any decoding failure is the client's bad image
+                        why = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+                        return _Invalid(f"messages[{i}].content[{j}]: image does not decode ({why})")
+            conv.append({"role": m.role, "content": parts})
+        if n_images > self.max_images:
+            return _Invalid(f"{n_images} images in one request; this server accepts at most {self.max_images}")
+        limit = request.max_completion_tokens or request.max_tokens or self.max_new_tokens
+        return {
+            "conversation": conv,
+            "temperature": float(request.temperature or 0.0),
+            "max_new_tokens": min(limit, self.max_new_tokens),
+            "model": request.model or self.served_name,
+        }
+
+    def predict(self, x: Any) -> Any:
+        items = x if self.max_batch_size > 1 else [x]
+        outputs: list[Any] = [it if isinstance(it, _Invalid) else None for it in items]
+        groups: dict[tuple[float, int], list[int]] = {}
+        for i, it in enumerate(items):
+            if not isinstance(it, _Invalid):
+                groups.setdefault((it["temperature"], it["max_new_tokens"]), []).append(i)
+        for (temperature, max_new), idx in groups.items():  # one generate per sampling setting
+            t0 = time.perf_counter()
+            gens = self.critic.generate(
+                [items[i]["conversation"] for i in idx], temperature=temperature, max_new_tokens=max_new
+            )
+            dt = time.perf_counter() - t0
+            for i, g in zip(idx, gens):
+                outputs[i] = {"text": g.text, "completion_tokens": len(g.ids), "model": items[i]["model"], "s": dt}
+        return outputs if self.max_batch_size > 1 else outputs[0]
+
+    def encode_response(self, output: Any) -> Any:
+        if isinstance(output, _Invalid):
+            body = {"error": {"message": output.message, "type": "invalid_request_error", "code": 400}}
+            return JSONResponse(status_code=400, content=body)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": output["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": output["text"]}, "finish_reason": "stop"}
+            ],
+            "usage": {"completion_tokens": output["completion_tokens"]},
+        }
+
+
+def build_server(
+    model_dir: str,
+    *,
+    served_name: str | None = None,
+    api_key: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_new_tokens: int = 1024,
+    max_images: int = 8,
+    max_batch_size: int = 8,
+    batch_timeout: float = 0.05,
+    workers_per_device: int = 1,
+    timeout: float = 600.0,
+) -> ls.LitServer:
+    """A LitServer serving ``model_dir`` at ``/v1/chat/completions`` (plus ``/v1/models`` and ``/health``)."""
+    from pathlib import Path
+
+    from fastapi import Depends
+
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; give a directory written by save_pretrained")
+    name = served_name or path.resolve().name
+    api = CriticAPI(
+        str(path),
+        served_name=name,
+        api_key=api_key,
+        device=device,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        max_images=max_images,
+        max_batch_size=max_batch_size,
+        batch_timeout=batch_timeout,
+    )
+    accelerator = "cpu" if device == "cpu" else "auto"
+    server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers_per_device, timeout=timeout)
+
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "firm"}]}
+
+    server.app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=[Depends(api.authorize)])
+    return server

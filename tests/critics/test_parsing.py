@@ -1,0 +1,188 @@
+"""Parsers on realistic critic outputs: what real VLMs emit, good and malformed."""
+
+import pytest
+
+from firm.critics import (
+    explain_boxed_score,
+    explain_checklist,
+    explain_json_score,
+    explain_quality_scores,
+    parse_boxed_score,
+    parse_checklist,
+    parse_json_score,
+    parse_quality_scores,
+)
+
+# --------------------------------------------------------------------------------------------------------------------
+# JSON scores (edit Execution / Consistency)
+
+GOOD_JSON = [
+    ('{"reasoning": "The sky is now purple as asked.", "score": 5}', 5),
+    ('```json\n{\n  "reasoning": "The hat was added but it floats above the head.",\n  "score": 3\n}\n```', 3),
+    ('Let me compare both images.\n\n{"reasoning": "Only the cup changed.", "score": 4}\n', 4),
+    ('{"reasoning": "ok", "score": "4"}', 4),
+    ('{"reasoning": "ok", "score": [2]}', 2),
+    ('{"reasoning": "ok", "score": 4.0}', 4),
+    ('{"reasoning": "ok", "score": "4/5"}', 4),
+    ("{'reasoning': 'single quotes from a python-minded model', 'score': 2}", 2),
+    ('{"reasoning": "trailing comma", "score": 1,}', 1),
+    ('   \n\t{"Score": 5, "Reasoning": "caps"}  \n', 5),
+    ("<think>The first image shows a dog. Hmm, score 2? No.</think>\n" + '{"reasoning": "fine", "score": 4}', 4),
+    # an echoed format example before the real answer: the last object wins
+    ('Format: {"reasoning": "...", "score": 1}\nAnswer: {"reasoning": "all good", "score": 5}', 5),
+    # broken JSON (unescaped quotes in the reasoning) that still has a readable score
+    ('{"reasoning": "the sign now says "OPEN" as asked", "score": 5}', 5),
+    ("I checked everything.\nFinal Score: 3", 3),
+    ("**Score:** 2", 2),
+    ("The answer is \\boxed{4}", 4),
+]
+
+
+@pytest.mark.parametrize("text,expected", GOOD_JSON)
+def test_parse_json_score_accepts_real_outputs(text, expected):
+    assert parse_json_score(text) == expected
+    res = explain_json_score(text)
+    assert res.ok and res.reason is None
+    start, end = res.spans["score"]
+    assert text[start:end] == str(expected)  # the span points at the digit in the original text
+
+
+BAD_JSON = [
+    ("", "empty"),
+    (None, "empty"),
+    ('{"reasoning": "great edit", "score": 7}', "outside 1..5"),
+    ('{"reasoning": "meh", "score": 0}', "outside 1..5"),
+    ('{"reasoning": "between", "score": 3.5}', "not a whole number"),
+    ('{"reasoning": "two", "score": [3, 4]}', "list of 2"),
+    ('{"reasoning": "no", "score": "high"}', "not a number"),
+    ('{"reasoning": "no", "score": null}', "not a number"),
+    ('{"reasoning": "no", "score": true}', "not a number"),
+    ('{"reasoning": "the edit looks good and I would rate it highly"}', "no JSON object with a 'score'"),
+    ('{"reasoning": "truncated because max_tokens ran out, the edit is', "no JSON object"),
+    ("I would give this a four.", "no JSON object"),
+    ("<think>Let me think about the lighting and the", "unfinished <think>"),
+]
+
+
+@pytest.mark.parametrize("text,why", BAD_JSON)
+def test_parse_json_score_rejects_with_a_reason(text, why):
+    assert parse_json_score(text) is None
+    res = explain_json_score(text)
+    assert not res.ok and why in res.reason
+
+
+def test_json_reasoning_is_extracted():
+    res = explain_json_score('Thinking...\n```json\n{"reasoning": "The cat became a dog.", "score": 5}\n```')
+    assert res.reasoning == "The cat became a dog."
+    res = explain_json_score('The cat became a dog.\n{"score": 5}')
+    assert res.reasoning == "The cat became a dog."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Boxed scores (generation instruction following)
+
+GOOD_BOXED = [
+    ("1. A red cube: satisfied.\n2. On a table: satisfied.\nAll requirements met.\n\\boxed{5}", 5),
+    ("Requirement 1 partly met... \\boxed{ 3 }", 3),
+    ("Overall: \\boxed{\\text{2}}", 2),
+    ("So the score is $\\boxed{4}$.", 4),
+    ("\\boxed{4/5}", 4),
+    ("First I thought \\boxed{2} but on reflection \\boxed{3}", 3),
+    ("boxed{1}", 1),
+    ("1. cat: yes\n2. hat: no\n\nFinal Alignment Rating: 4", 4),
+    ("**Final Rating:** 2", 2),
+    ("<think>\\boxed{1}?</think> Everything is present. \\boxed{5}", 5),
+]
+
+
+@pytest.mark.parametrize("text,expected", GOOD_BOXED)
+def test_parse_boxed_score_accepts_real_outputs(text, expected):
+    assert parse_boxed_score(text) == expected
+    res = explain_boxed_score(text)
+    start, end = res.spans["score"]
+    assert text[start:end] == str(expected)
+
+
+BAD_BOXED = [
+    ("", "empty"),
+    ("\\boxed{6}", "outside 1..5"),
+    ("\\boxed{3.5}", "not a whole number"),
+    ("\\boxed{four}", "not a number"),
+    ("All requirements are satisfied, a great image.", "no \\boxed"),
+    ("Final Rating: 9", "outside 1..5"),
+]
+
+
+@pytest.mark.parametrize("text,why", BAD_BOXED)
+def test_parse_boxed_score_rejects_with_a_reason(text, why):
+    assert parse_boxed_score(text) is None
+    assert why in explain_boxed_score(text).reason
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quality (three aspects, min)
+
+GOOD_QUALITY = [
+    (
+        '{"reasoning": "sharp, pleasant", "aesthetics": 4, "technical_quality": 5, "structure_texture": 3}',
+        {"aesthetics": 4, "technical": 5, "structure": 3},
+    ),
+    (
+        '```json\n{"aesthetic_quality": "4", "technical quality": 4, "structure_and_texture": [2]}\n```',
+        {"aesthetics": 4, "technical": 4, "structure": 2},
+    ),
+    (
+        '{"scores": {"aesthetics": {"score": 5, "reason": "x"}, "technical": {"score": 4}, "structure": {"score": 4}}}',
+        {"aesthetics": 5, "technical": 4, "structure": 4},
+    ),
+    (
+        "The colors are harmonious.\nAesthetics: 4\nTechnical Quality: 3/5\nStructure & Texture: 5",
+        {"aesthetics": 4, "technical": 3, "structure": 5},
+    ),
+    (
+        "- **Aesthetics**: 2\n- **Technical quality**: 2\n- **Structure and texture**: 1",
+        {"aesthetics": 2, "technical": 2, "structure": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize("text,expected", GOOD_QUALITY)
+def test_parse_quality_scores_accepts_real_outputs(text, expected):
+    assert parse_quality_scores(text) == expected
+
+
+def test_quality_spans_point_at_each_aspect_digit():
+    text = '{"reasoning": "ok", "aesthetics": 4, "technical_quality": 5, "structure_texture": 3}'
+    res = explain_quality_scores(text)
+    assert {k: text[s:e] for k, (s, e) in res.spans.items()} == {"aesthetics": "4", "technical": "5", "structure": "3"}
+
+
+BAD_QUALITY = [
+    ('{"aesthetics": 4, "technical_quality": 5}', "missing quality aspect(s): structure"),
+    ('{"aesthetics": 4, "technical_quality": 6, "structure_texture": 3}', "technical: score 6 is outside"),
+    ("Aesthetics: 4\nTechnical: great\nStructure: 3", "missing quality aspect(s): technical"),
+    ("A lovely picture overall.", "no aesthetics"),
+    ("", "empty"),
+]
+
+
+@pytest.mark.parametrize("text,why", BAD_QUALITY)
+def test_parse_quality_scores_rejects_with_a_reason(text, why):
+    assert parse_quality_scores(text) is None
+    assert why in explain_quality_scores(text).reason
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Planner checklists
+
+
+def test_parse_checklist_numbered_bulleted_and_json():
+    assert parse_checklist("1. A red cube\n2) on a wooden table\n3. no people") == [
+        "A red cube",
+        "on a wooden table",
+        "no people",
+    ]
+    assert parse_checklist("Here you go:\n- a cat\n* wearing a **hat**\n") == ["a cat", "wearing a **hat"]
+    assert parse_checklist('```json\n["a cat", "a hat"]\n```') == ["a cat", "a hat"]
+    assert parse_checklist("A cat wearing a hat.") is None
+    assert "no numbered" in explain_checklist("A cat wearing a hat.").reason

@@ -15,7 +15,9 @@ from firm.config import ConfigError
 # Modules that contribute subcommands (each defines `add_commands(subparsers)`).
 PROVIDERS: list[str] = [
     "firm.cli",
+    "firm.kernels_cli",
     "firm.critics.cli",
+    "firm.synthetic.cli",
     "firm.curation.cli",
 ]
 

@@ -27,6 +27,7 @@ DATAMODULES: dict[str, Any] = {
 CRITICS: dict[str, Any] = {
     "local": "firm.critics.local:LocalCritic",
     "http": "firm.critics.http:HTTPCritic",
+    "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
 }
 
 # Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.

@@ -34,15 +34,10 @@ class NonFiniteWeightsError(RuntimeError):
     """Raised instead of writing a checkpoint whose weights hold NaN or inf."""
 
 
-def _global_rank_from_env() -> int:
-    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return int(os.environ.get("NODE_RANK", 0)) * 1000 + int(os.environ.get("LOCAL_RANK", 0))
-
-
 def is_rank_zero() -> bool:
-    return _global_rank_from_env() == 0
+    """True in the process that owns the run directory (before or without torch.distributed)."""
+    rank_vars = ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "LOCAL_RANK", "NODE_RANK")
+    return all(int(os.environ.get(v, 0)) == 0 for v in rank_vars)
 
 
 def _checkpoint_io():

@@ -3,7 +3,8 @@
 Requests are validated before they are queued (malformed JSON, unknown roles, images that are not base64 data
 URLs: HTTP 422 with the reason); images that do not decode give HTTP 400 for that request only. Valid requests are
 batched dynamically (up to ``max_batch_size``, waiting at most ``batch_timeout`` s to fill a batch) and answered by
-one batched ``generate``. ``GET /v1/models`` lists the served name; ``GET /health`` says when the model is loaded.
+one batched ``generate``. ``GET /v1/models`` lists the served name; ``GET /health`` (open without the key) says
+when the model is loaded.
 The server binds 127.0.0.1 unless told otherwise; with an API key it expects ``Authorization: Bearer KEY`` (or
 ``X-API-Key: KEY``) on every request.
 
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import litserve as ls
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class CriticAPI(ls.LitAPI):
 
     def authorize(self, request: Request) -> None:
         """FastAPI dependency: with an API key set, require it as a Bearer token or an X-API-Key header."""
-        if not self.api_key:
+        if not self.api_key or request.url.path == "/health":  # liveness checks stay open
             return
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -172,7 +173,8 @@ class CriticAPI(ls.LitAPI):
                     try:
                         parts.append({"type": "image", "image": _decode_image(p.image_url.url)})
                     except Exception as e:  # noqa: BLE001 - any decoding failure is the client's bad image
-                        return _Invalid(f"messages[{i}].content[{j}]: image does not decode: {type(e).__name__}: {e}")
+                        why = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+                        return _Invalid(f"messages[{i}].content[{j}]: image does not decode ({why})")
             conv.append({"role": m.role, "content": parts})
         if n_images > self.max_images:
             return _Invalid(f"{n_images} images in one request; this server accepts at most {self.max_images}")

@@ -32,7 +32,9 @@ from PIL import Image
 
 from firm.critics.types import (
     CONSISTENCY,
+    EDIT_DIMENSIONS,
     EXECUTION,
+    GEN_DIMENSIONS,
     INSTRUCTION,
     QUALITY,
     CriticRequest,
@@ -104,11 +106,15 @@ class ShapesRuleCritic:
         for req in requests:
             t0 = time.perf_counter()
             if isinstance(req, EditRequest):
-                res = self._score_edit(req)
+                res, known = self._score_edit(req), EDIT_DIMENSIONS
             elif isinstance(req, GenRequest):
-                res = self._score_gen(req)
+                res, known = self._score_gen(req), GEN_DIMENSIONS
             else:
                 raise TypeError(f"ShapesRuleCritic scores EditRequest or GenRequest, got {type(req).__name__}")
+            for dim in req.dimensions:
+                if dim not in known:
+                    res.scores[dim] = None
+                    res.errors[dim] = f"{type(req).__name__} is judged on {', '.join(known)}, not {dim!r}"
             res.key = req.key
             res.latency_s = time.perf_counter() - t0
             results.append(res)

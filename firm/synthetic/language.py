@@ -307,3 +307,21 @@ def parse_checklist(items: list[str], spec: GenSpec) -> list[ChecklistItem]:
             raise ParseError(f"checklist item {raw!r} contradicts the prompt's object {idx + 1} ({object_phrase(o)})")
         out.append(ChecklistItem(kind, idx, raw))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vocabulary (for tiny word-level text encoders)
+
+
+def tokenize(text: str) -> list[str]:
+    """Words and commas of a normalised text: ``"A red circle, and"`` -> ``["a", "red", "circle", ",", "and"]``."""
+    return normalize(text).replace(",", " , ").split()
+
+
+def vocabulary() -> list[str]:
+    """Every token :func:`tokenize` can produce on texts this module writes, sorted (a closed vocabulary)."""
+    words = set(PALETTE) | set(SHAPES) | {",", "a", "an", "the", "and", "nothing", "else"}
+    words |= {"make", "remove", "add", "move", "from", "to", "replace", "with"}
+    for phrase in (*POSITION_PHRASES.values(), *CELL_NAMES):
+        words |= set(phrase.split())
+    return sorted(words)

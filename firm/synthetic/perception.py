@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from firm.synthetic.world import GRID, PALETTE, SHAPES, cell_of, unit_mask
+from firm.synthetic.world import CELL_NAMES, GRID, PALETTE, SHAPES, cell_of, unit_mask
 
 _COLOUR_NAMES = tuple(PALETTE)
 _COLOURS = np.array([PALETTE[c] for c in _COLOUR_NAMES], dtype=np.float32)  # (K, 3)
@@ -47,6 +47,14 @@ class PerceptionSettings:
     max_extent: float = 1.6  # boxes larger than this many expected sides hold no recognisable shape (merged blobs)
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))  # the shapes to tell apart (world.shapes)
 
+    def __post_init__(self) -> None:
+        bad = [s for s in self.shapes if s not in SHAPES]
+        if bad or len(self.shapes) < 2:
+            raise ValueError(f"critic shapes must be >= 2 names from {list(SHAPES)}, got {list(self.shapes)}")
+        for k in ("colour_tolerance", "background_tolerance", "object_scale", "min_area_frac"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"critic {k} must be > 0, got {getattr(self, k)}")
+
 
 @dataclass
 class SeenObject:
@@ -61,8 +69,6 @@ class SeenObject:
     label: int = -1  # component id in Perception.labels
 
     def describe(self) -> str:
-        from firm.synthetic.world import CELL_NAMES
-
         return f"{self.colour or 'unknown-colour'} {self.shape or 'blob'} @{CELL_NAMES[self.cell]}"
 
     def key(self) -> tuple[str | None, str | None]:

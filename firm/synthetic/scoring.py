@@ -28,8 +28,8 @@ changed; both: four or more significant changes leaving none of the other source
 5 if nothing changed; 4 if at most one significant and at most two minor; 3 if at most three significant and at most
 four minor; 2 otherwise (four or more significant or five or more minor).
 
-**Generation Instruction.** Each prompt object is matched to at most one seen object that agrees with it on at least
-one attribute (the assignment maximising the satisfied items). Checklist items: *present* (matched), *colour*,
+**Generation Instruction.** Each prompt object is matched to at most one seen object that agrees with it on colour or
+shape (the assignment maximising the satisfied items). Checklist items: *present* (matched), *colour*,
 *shape*, *position* (matched and equal), *nothing else* (no unmatched objects). With ``f`` the satisfied fraction:
 1 if no prompt object is present (irrelevant image); 5 if ``f == 1``; 4 if all objects are present and
 ``f >= 3/4`` (one or two details off); 3 if ``f >= 1/2`` and at least half the objects are present (main subjects
@@ -266,13 +266,15 @@ def max_weight_assignment(weights: list[list[float]]) -> list[int | None]:
 def match_objects(wanted: tuple, seen: list[SeenObject]) -> list[int | None]:
     """For each wanted object, the index of its matched seen object (or None).
 
-    A pair may match when it agrees on at least one of colour, shape and cell; the assignment maximises the number
-    of checklist items it satisfies (one for presence plus one per agreeing attribute).
+    A pair may match when it agrees on colour or shape (its identity; the right place alone is not enough); the
+    assignment maximises the number of checklist items it satisfies (one for presence plus one per agreeing
+    attribute).
     """
 
     def gain(w, s) -> int:
-        agree = int(w.colour == s.colour) + int(w.shape == s.shape) + int(w.cell == s.cell)
-        return 1 + agree if agree else 0
+        if w.colour != s.colour and w.shape != s.shape:
+            return 0  # a different object in the right place is not the asked one
+        return 1 + int(w.colour == s.colour) + int(w.shape == s.shape) + int(w.cell == s.cell)
 
     return max_weight_assignment([[gain(w, s) for s in seen] for w in wanted])
 

@@ -16,6 +16,9 @@ from PIL import Image
 from firm.synthetic.tasks import EditTask, GenTask
 from firm.synthetic.world import Scene, ShapeObject, WorldConfig, random_object, sample_scene
 
+# perfect: the target; copy: the source (the "lazy editor"); partial: the asked change done wrong in one way;
+# wrong_object: an unasked change instead of the asked one; overedit_1 / overedit_n: the target plus 1 / 2-4 unasked
+# changes; redraw: an unrelated scene; empty: nothing drawn.
 EDIT_MODES = ("perfect", "copy", "partial", "wrong_object", "overedit_1", "overedit_n", "redraw", "empty")
 GEN_MODES = ("perfect", "missing", "wrong_colour", "wrong_shape", "wrong_position", "extra", "random", "empty")
 DEGRADATIONS = ("noise", "blur", "speckle", "colour_shift", "jpeg")
@@ -86,13 +89,13 @@ def simulate_edit(task: EditTask, mode: str, rng: random.Random, world: WorldCon
         return task.source
     if mode == "partial":
         return _partial(task, rng, world)
-    if mode == "wrong_object":  # the same kind of edit applied elsewhere
+    if mode == "wrong_object":
         return random_change(task.source, rng, world, protected=task.edit.affected_cells)
     if mode == "overedit_1":
         return random_change(task.target, rng, world, protected=task.edit.affected_cells)
     if mode == "overedit_n":
         scene = task.target
-        for _ in range(rng.randint(2, 3)):
+        for _ in range(rng.randint(2, 4)):
             scene = random_change(scene, rng, world, protected=task.edit.affected_cells)
         return scene
     if mode == "redraw":

@@ -1,16 +1,17 @@
 """Group-relative advantages (GRPO-style reward normalisation per prompt group).
 
-What is fused: combining K reward components, per-group valid count / mean / std with NaN rewards excluded, the
-(optional) batch std, normalisation, clipping and zeroing of invalid samples, in two small kernels instead of the
-~20 launches of the eager version.
+What is fused: combining K reward components, per-group valid count / mean / std with NaN rewards excluded,
+normalisation, clipping, zeroing of invalid samples and the weighted sum over components, in one kernel launch
+(two for ``scale="batch"``) after the label sort, instead of the many small launches of the eager version.
 
 Design: labels are arbitrary int64 and groups need not be contiguous, so the launcher sorts the labels once
-(``torch.sort``) and turns them into dense ids ``0..G-1`` with segment offsets (``unique_consecutive``). Kernel 1
-runs one program per group over its contiguous sorted segment: a two-pass mean / sum of squared deviations (no
-atomics, so results are deterministic and exact to fp32 rounding) and, for ``scale="group"`` / ``"none"``, it
-writes the advantages of its members right away. For ``scale="batch"`` the batch std is combined from the per-group
-(count, mean, M2) triples (Chan's formula, G-sized torch ops) and kernel 2, one program per group again, writes the
-advantages. The sort is the only O(N log N) step and it also gives ``torch.unique``'s sorted label order.
+(``torch.sort``, stable) and turns them into dense ids ``0..G-1`` with segment offsets (``unique_consecutive``).
+The kernel runs one program per group over its contiguous segment of the sorted order: a two-pass mean / sum of
+squared deviations (no atomics, so results are deterministic, and no E[x^2] - E[x]^2 cancellation), then it writes
+the advantages and dense ids of its members back in input order. For ``scale="batch"`` a first launch writes only
+the per-group statistics, the batch std is combined from the per-group (count, mean, M2) triples (Chan's formula,
+G-sized torch ops), and a second launch writes the advantages. The sort is the only O(N log N) step; it also gives
+``torch.unique``'s sorted label order, so the statistics line up with the reference's.
 
 Limits: forward only (advantages are constants in the RL loss). Rewards may hold NaN (a failed critic: excluded,
 advantage 0) but not +-inf (an error). A group is processed by one program, looping over its members in blocks, so

@@ -112,7 +112,7 @@ def test_triton_interpreter_matches_float64(n, k, scale, aggregate):
 
 @interpreter
 def test_triton_interpreter_large_group_loops_and_no_clip():
-    # 700 members in one group: more than the 256-wide block, so the program loops over its segment
+    # 700 members in one group among groups of 3: the program loops over its segment in many blocks
     ids = torch.cat([torch.zeros(700, dtype=torch.int64), torch.arange(1, 40).repeat_interleave(3)])
     rewards = torch.randn(ids.numel(), generator=torch.Generator().manual_seed(0)) * 3
     adv, st = group_advantages(rewards, ids, clip=None, return_stats=True)

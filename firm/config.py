@@ -265,7 +265,6 @@ def _drop_replaced_components(layers: list[tuple[str, DictConfig]], components: 
     for Flow-GRPO, keeping the settings both share. Keys that belong to neither stay, and are reported as unknown.
     """
     for key, registry in components:
-        parent_key, _, leaf = key.rpartition(".")
         current = None
         for j, (_, layer) in enumerate(layers):
             name = _select(layer, f"{key}.name")

@@ -56,7 +56,10 @@ def test_full_size_experiments_validate_without_loading_weights():
 )
 def test_tiny_experiment_runs_and_exports_a_diffusers_lora(tmp_path, monkeypatch, name, steps, pipeline):
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
-    run_dir = run(str(RL / f"{name}.yaml"), [f"output_root={tmp_path}", f"trainer.max_steps={steps}"])
+    overrides = [f"output_root={tmp_path}", f"trainer.max_steps={steps}"]
+    if name == "tiny_sd3_nft":
+        overrides.append("module.ema_decay=0.5")
+    run_dir = run(str(RL / f"{name}.yaml"), overrides)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == steps and ckpt["firm_rl"]["rl_step"] >= 1
     assert all("lora_" in k for k in ckpt["state_dict"])  # adapters only: no frozen base weights
@@ -93,6 +96,19 @@ def test_tiny_experiment_runs_and_exports_a_diffusers_lora(tmp_path, monkeypatch
     with torch.no_grad():
         theirs = policy.family.forward(pipe.transformer, x, s, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    if name == "tiny_sd3_nft":  # the EMA export differs from the raw weights, the `old` adapter export works too
+        ema = load_file(str(export_lora(run_dir, tmp_path / "ema", ema=True)))
+        raw = load_file(str(out))
+        assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
+        assert load_file(str(export_lora(run_dir, tmp_path / "old", adapter="old"))).keys() == raw.keys()
+    else:
+        with pytest.raises(ValueError, match="no EMA"):
+            export_lora(run_dir, tmp_path / "ema", ema=True)
+
+
+def test_export_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_lora(tmp_path, tmp_path / "out")
 
 
 def probe_yaml(tmp_path: Path, **trainer) -> Path:
@@ -103,7 +119,7 @@ def probe_yaml(tmp_path: Path, **trainer) -> Path:
         f"imports: [{HELPERS / 'stats_critic.py'}, {HELPERS / 'rl_probe.py'}]\n"
         "module:\n  name: probe_nft\n  critic: {name: image_stats}\n  lr: 0.01\n  log_images_every: 0\n"
         "  policy: {resolution: 16}\n  sampler: {num_steps: 3}\n"
-        "data:\n  prompts: [a red circle, a blue square at the top, green triangle, a big yellow circle]\n"
+        "data:\n  prompts: [a red circle, a blue square at the top, green triangle]\n"  # 3 steps per epoch
         f"  batch_size: 4\n  group_size: 4\ntrainer:\n  enable_progress_bar: false\n{lines}"
     )
     return path
@@ -137,7 +153,7 @@ def test_ddp_group_statistics_across_ranks_equal_single_process_statistics(tmp_p
 
 @pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(tmp_path, subprocess_env):
-    steps = 6
+    steps = 4  # killed after the checkpoint at step 2; the resumed steps cross into the second data epoch
     exp = probe_yaml(tmp_path, max_steps=steps, checkpoint_every_n_steps=2)
     cmd = [sys.executable, "-m", "firm", "run", str(exp)]
     subprocess.run([*cmd, "name=reference"], env=subprocess_env, check=True, capture_output=True, timeout=600)

@@ -464,7 +464,7 @@ class FlowRLModule(FirmModule):
             n = self.trainer.strategy.reduce(n, reduce_op="sum")
         return float(n)
 
-    def optimizer_step(self, skipped: bool) -> dict[str, float]:
+    def apply_optimizer_step(self, skipped: bool) -> dict[str, float]:
         """Clip, check and step (or skip) the optimizer; returns the gradient norm."""
         opt = self.optimizers()
         params = self.policy.trainable_parameters()
@@ -712,7 +712,7 @@ class FlowGRPOModule(FlowRLModule):
                             count += 1
                     if skipped:
                         break
-                for k, v in self.optimizer_step(skipped).items():
+                for k, v in self.apply_optimizer_step(skipped).items():
                     sums[k] = sums.get(k, 0.0) + v
         out = {k: v / max(count, 1) for k, v in sums.items() if not k.startswith(("train/grad_norm", "train/skipped"))}
         out.update({k: v for k, v in sums.items() if k.startswith(("train/grad_norm", "train/skipped"))})
@@ -823,7 +823,7 @@ class DiffusionNFTModule(FlowRLModule):
                             count += 1
                     if skipped:
                         break
-                for k, v in self.optimizer_step(skipped).items():
+                for k, v in self.apply_optimizer_step(skipped).items():
                     sums[k] = sums.get(k, 0.0) + v
         out = {k: v / max(count, 1) for k, v in sums.items() if not k.startswith(("train/grad_norm", "train/skipped"))}
         out.update({k: v for k, v in sums.items() if k.startswith(("train/grad_norm", "train/skipped"))})

@@ -4,7 +4,8 @@ Accepted: JSON objects inside code fences or surrounded by prose, single-quoted 
 commas, a score given as an int, a whole float, a string (``"4"``, ``"4/5"``) or a one-element list, ``\\boxed{N}``,
 labelled lines such as ``Final Alignment Rating: 4`` or ``**Score:** 4``, ``<think>...</think>`` blocks before
 the answer, and stray whitespace. Anything else is *not* a score: the parsers return ``None`` and the ``explain_*``
-variants say why. A score outside 1..5 or not a whole number is rejected, never clipped or rounded.
+variants say why. A score outside 1..5 or not a whole number is rejected, never clipped or rounded; so is a score
+on another scale (``4/10``, ``8 out of 10``): only ``/5`` or ``out of 5`` may follow a number.
 
 Each ``explain_*`` result also gives the character span of every score digit in the text, which the local backend
 uses to find the score token for expected-score mode.
@@ -67,6 +68,15 @@ def _fail(reason: str) -> ParseResult:
 # Shared helpers
 
 _NUM = r"[-+]?\d+(?:\.\d+)?"
+# An optional scale after a score: "4/5", "4 / 10", "4 out of 5". Only a scale of 5 is FIRM's.
+_SCALE = rf"(?:\s*(?:/|out\s+of)\s*(?P<den>{_NUM}))?"
+
+
+def _scale_problem(num: str, den: str | None) -> str | None:
+    """Why ``num/den`` is not a 1..5 score (None when no scale is given or it is 5)."""
+    if den is None or float(den) == 5:
+        return None
+    return f"score {num}/{den} is on a scale of {den}, not {SCORE_MIN}..{SCORE_MAX}"
 
 
 def _blank(text: str, start: int, end: int) -> str:
@@ -95,10 +105,13 @@ def _coerce_score(value: Any) -> tuple[int | None, str | None]:
     if isinstance(value, bool) or value is None:
         return None, f"score is {value!r}, not a number"
     if isinstance(value, str):
-        m = re.fullmatch(rf"\s*\**\s*({_NUM})\s*(?:/\s*(?:5|5\.0)|out of 5)?\s*\**\s*\.?\s*", value, re.IGNORECASE)
+        m = re.fullmatch(rf"\s*\**\s*(?P<num>{_NUM}){_SCALE}\s*\**\s*\.?\s*", value, re.IGNORECASE)
         if not m:
             return None, f"score {value!r} is not a number"
-        value = float(m.group(1))
+        problem = _scale_problem(m.group("num"), m.group("den"))
+        if problem:
+            return None, problem
+        value = float(m.group("num"))
     if isinstance(value, float):
         if not value.is_integer():
             return None, f"score {value:g} is not a whole number"
@@ -185,8 +198,7 @@ def _reasoning_of(obj: dict) -> str:
 
 # "Final Alignment Rating: 4", "**Final Score:** 4/5", "Overall rating = 3", "Score: 5"
 _LABELLED = re.compile(
-    rf"(?:final|overall)?[ \t\w]{{0,40}}?(?:rating|score)\s*[*_`]*\s*[:：=]\s*[*_`\"'\[\s]*(?P<num>{_NUM})"
-    r"(?:\s*/\s*5)?",
+    rf"(?:final|overall)?[ \t\w]{{0,40}}?(?:rating|score)\s*[*_`]*\s*[:：=]\s*[*_`\"'\[\s]*(?P<num>{_NUM})" + _SCALE,
     re.IGNORECASE,
 )
 # \boxed{4}, \boxed{ 4 }, \boxed{\text{4}}, \boxed{4/5}, boxed{4}
@@ -198,6 +210,9 @@ def _labelled_score(text: str) -> tuple[int | None, str | None, tuple[int, int] 
     if not matches:
         return None, None, None
     m = matches[-1]
+    problem = _scale_problem(m.group("num"), m.group("den"))
+    if problem:
+        return None, problem, m.span("num")
     score, why = _coerce_score(m.group("num"))
     return score, why, m.span("num")
 
@@ -228,10 +243,13 @@ def explain_json_score(text: str | None) -> ParseResult:
         spans = {"score": (start + m.start(1), start + m.end(1))} if m else {}
         return ParseResult(value=score, reasoning=reasoning, spans=spans)
     # Broken JSON (e.g. an unescaped quote in the reasoning) still often carries a readable "score": N.
-    keyed = list(re.finditer(rf"[\"']score[\"']\s*:\s*[\[\s\"']*(?P<num>{_NUM})", body, re.IGNORECASE))
+    keyed = list(re.finditer(rf"[\"']score[\"']\s*:\s*[\[\s\"']*(?P<num>{_NUM}){_SCALE}", body, re.IGNORECASE))
     if keyed:
         m = keyed[-1]
         score, why = _coerce_score(m.group("num"))
+        problem = _scale_problem(m.group("num"), m.group("den"))
+        if problem:
+            score, why = None, problem
         if score is None:
             return _fail(why or "invalid score")
         return ParseResult(value=score, reasoning=body[: m.start()].strip(), spans={"score": m.span("num")})
@@ -329,7 +347,7 @@ def _aspect_values(obj: dict) -> dict[str, Any]:
 _ASPECT_LINE = re.compile(
     r"(?P<name>aesthetic(?:s|[\s_]+quality)?|technical(?:[\s_]+quality)?"
     r"|structure(?:[\s_]*(?:&|and|/)[\s_]*texture)?|texture)"
-    rf"[\s*_`\"']*(?:\(\s*1\s*-\s*5\s*\)\s*)?[:：=\-]\s*[*_`\"'\s]*(?P<num>{_NUM})(?:\s*/\s*5)?",
+    rf"[\s*_`\"']*(?:\(\s*1\s*-\s*5\s*\)\s*)?[:：=\-]\s*[*_`\"'\s]*(?P<num>{_NUM})" + _SCALE,
     re.IGNORECASE,
 )
 
@@ -354,7 +372,7 @@ def explain_quality_scores(text: str | None) -> ParseResult:
     else:
         for m in _ASPECT_LINE.finditer(body):  # the last mention of each aspect wins
             aspect = _aspect_of(m.group("name"))
-            raw[aspect] = m.group("num")
+            raw[aspect] = m.group("num") if m.group("den") is None else f"{m.group('num')}/{m.group('den')}"
             spans[aspect] = m.span("num")
         if raw:
             reasoning = body[: min(s for s, _ in spans.values())].strip()

@@ -78,6 +78,41 @@ def test_json_reasoning_is_extracted():
     assert res.reasoning == "The cat became a dog."
 
 
+# A score on another scale is not a 1..5 score: "4/10" is a missing score with a reason, never a 4.
+SCALED = [
+    ("Score: 4/10", None),
+    ("Score: 8/10", None),
+    ("Score: 4/5", 4),
+    ("Score: 4 out of 10", None),
+    ("Final Rating: 4 out of 5", 4),
+    ('{"reasoning": "ok", "score": "4/10"}', None),
+    ('{"reasoning": "ok", "score": "3 out of 5"}', 3),
+    ('{"reasoning": "an "unescaped" quote", "score": 8/10}', None),
+    ("\\boxed{4/10}", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", SCALED)
+def test_a_score_on_another_scale_is_rejected(text, expected):
+    parse = explain_boxed_score if "boxed" in text else explain_json_score
+    res = parse(text)
+    assert res.value == expected
+    if expected is None:
+        assert "/10 is on a scale of 10, not 1..5" in res.reason
+    if "Score" in text or "Rating" in text:  # labelled lines are read the same way by both parsers
+        assert explain_boxed_score(text).value == expected
+
+
+def test_quality_aspect_on_another_scale_is_rejected():
+    res = explain_quality_scores("Aesthetics: 8/10\nTechnical quality: 4/5\nStructure: 5")
+    assert res.value is None and "aesthetics: score 8/10 is on a scale of 10" in res.reason
+    assert explain_quality_scores("Aesthetics: 4/5\nTechnical quality: 4 out of 5\nStructure: 5").value == {
+        "aesthetics": 4,
+        "technical": 4,
+        "structure": 5,
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Boxed scores (generation instruction following)
 

@@ -159,14 +159,15 @@ def _build_critic_from_args(args: argparse.Namespace):
             HTTPCritic.Config(
                 endpoints=list(args.endpoint),
                 model=args.model_name,
-                api_key=args.api_key,
+                api_key_env=API_KEY_ENV,
                 max_concurrency=args.concurrency,
                 timeout_s=args.timeout,
                 max_retries=args.retries,
                 parse_retries=args.parse_retries,
                 max_tokens=args.max_tokens,
                 prompts=prompts,
-            )
+            ),
+            api_key=args.api_key,  # None: $FIRM_CRITIC_API_KEY
         )
     return LocalCritic(
         LocalCritic.Config(

@@ -115,8 +115,7 @@ class HTTPCritic(PromptedCritic):
         name: str = "http"
         endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])  # API base URLs
         model: str | None = None  # model name sent with each request; None: the first id listed by GET /models
-        api_key: str | None = None  # sent as "Authorization: Bearer ..."; None: read from $api_key_env if set
-        api_key_env: str = "FIRM_CRITIC_API_KEY"  # environment variable holding the key (keeps it out of YAML)
+        api_key_env: str = "FIRM_CRITIC_API_KEY"  # name of the environment variable holding the API key, if any
         max_concurrency: int = 32  # HTTP requests in flight at once, over all endpoints
         timeout_s: float = 120.0  # limit for one HTTP request (connect + generate + read)
         max_retries: int = 3  # retries after a connection error, timeout, HTTP 408/429/5xx
@@ -132,7 +131,12 @@ class HTTPCritic(PromptedCritic):
         extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request (e.g. top_k for vLLM)
         prompts: PromptConfig = field(default_factory=PromptConfig)  # template files replacing the built-in ones
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, api_key: str | None = None) -> None:
+        """Args:
+        config: endpoints, limits, retries, prompts.
+        api_key: sent as ``Authorization: Bearer ...``; None reads it from ``$<config.api_key_env>``. The key is
+            never a config field, so it never lands in a saved config, a manifest or a run's meta.json.
+        """
         config = config or self.Config()
         super().__init__(PromptSet(config.prompts), config.max_image_pixels)
         self.config = config
@@ -143,7 +147,7 @@ class HTTPCritic(PromptedCritic):
             raise ValueError(
                 "http critic: need max_concurrency >= 1, max_retries >= 0, parse_retries >= 0 and timeout_s > 0"
             )
-        self.api_key = config.api_key or os.environ.get(config.api_key_env) or None
+        self.api_key = api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None) or None
         self.model = config.model
         self._inflight = dict.fromkeys(self.endpoints, 0)
         self._rr = itertools.count()
@@ -202,7 +206,7 @@ class HTTPCritic(PromptedCritic):
             if resp.status_code in (401, 403):
                 raise CriticRequestError(
                     f"{url} refused the request (HTTP {resp.status_code}): check the API key "
-                    f"(config api_key or ${self.config.api_key_env}). Server said: {resp.text[:300]}"
+                    f"(${self.config.api_key_env}, or --api-key on the command line). Server said: {resp.text[:300]}"
                 )
             if resp.status_code >= 400:
                 raise CriticRequestError(f"{url} rejected the request: HTTP {resp.status_code}: {resp.text[:500]}")

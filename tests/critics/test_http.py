@@ -53,9 +53,10 @@ def test_normalize_endpoint():
         normalize_endpoint("")
 
 
-def test_scores_edits_and_generations_over_http():
+def test_scores_edits_and_generations_over_http(monkeypatch):
+    monkeypatch.setenv("FIRM_CRITIC_API_KEY", "sekret")
     with ScriptedServer(_by_prompt, model="firm-edit") as srv:
-        critic = build_critic({"name": "http", "endpoints": [srv.url], "api_key": "sekret"})
+        critic = build_critic({"name": "http", "endpoints": [srv.url]})
         gen_plain = GenRequest(_img(), "two red apples", key="g")
         gen_listed = GenRequest(_img(), "two red apples", checklist=["two apples"], key="h")
         res = critic.score([_edit(), gen_plain, gen_listed])
@@ -186,3 +187,29 @@ def test_config_validation():
         HTTPCritic(HTTPCritic.Config(endpoints=[]))
     with pytest.raises(ValueError, match="max_concurrency >= 1"):
         HTTPCritic(HTTPCritic.Config(max_concurrency=0))
+
+
+def test_the_api_key_comes_from_the_environment_never_from_the_config(monkeypatch, tmp_path):
+    import dataclasses
+
+    from firm.config import save_config
+
+    assert "api_key" not in {f.name for f in dataclasses.fields(HTTPCritic.Config)}
+    with pytest.raises(ValueError, match="api_key"):
+        build_critic({"name": "http", "api_key": "sekret"})  # a key in YAML is refused, not saved
+    monkeypatch.setenv("MY_CRITIC_KEY", "from-env")
+    monkeypatch.delenv("FIRM_CRITIC_API_KEY", raising=False)
+    with ScriptedServer(lambda b: (200, chat_answer('{"score": 3}'))) as srv:
+        critic = build_critic({"name": "http", "endpoints": [srv.url], "model": "m", "api_key_env": "MY_CRITIC_KEY"})
+        critic.score([EditRequest(_img(), _img(), "x", dimensions=("execution",))])
+        assert srv.headers[-1]["Authorization"] == "Bearer from-env"
+        given = HTTPCritic(HTTPCritic.Config(endpoints=[srv.url], model="m"), api_key="given")  # e.g. --api-key
+        given.score([EditRequest(_img(), _img(), "x", dimensions=("execution",))])
+        assert srv.headers[-1]["Authorization"] == "Bearer given"
+        anonymous = _critic(srv.url, model="m")  # $FIRM_CRITIC_API_KEY is unset: no header
+        anonymous.score([EditRequest(_img(), _img(), "x", dimensions=("execution",))])
+        assert "Authorization" not in srv.headers[-1]
+    from omegaconf import OmegaConf
+
+    save_config(OmegaConf.structured(critic.config), tmp_path / "config.yaml")
+    assert "from-env" not in (tmp_path / "config.yaml").read_text()

@@ -79,7 +79,7 @@ def _auth():
 
 
 def test_http_client_scores_a_batch_through_the_served_critic(served):
-    critic = HTTPCritic(HTTPCritic.Config(endpoints=[served], api_key=KEY, max_tokens=8, parse_retries=1))
+    critic = HTTPCritic(HTTPCritic.Config(endpoints=[served], max_tokens=8, parse_retries=1), api_key=KEY)
     reqs = [
         EditRequest(_img((255, 0, 0)), _img((0, 0, 255), (64, 64)), "make it blue", key="e1"),
         EditRequest(_img((0, 255, 0)), _img((0, 255, 0)), "add a hat", key="e2"),

@@ -24,6 +24,9 @@ from firm.critics.types import SCORE_MAX, SCORE_MIN
 __all__ = [
     "QUALITY_ASPECTS",
     "ParseResult",
+    "coerce_score",
+    "find_json",
+    "strip_thinking",
     "explain_boxed_score",
     "explain_checklist",
     "explain_json_score",
@@ -96,12 +99,18 @@ def _strip_thinking(text: str) -> tuple[str, str | None]:
     return text, None
 
 
-def _coerce_score(value: Any) -> tuple[int | None, str | None]:
-    """An int 1..5 from a JSON value (int, whole float, numeric string, one-element list), or (None, why)."""
+def strip_thinking(text: str) -> str:
+    """``text`` with its ``<think>...</think>`` reasoning (and an unfinished ``<think>`` tail) blanked out."""
+    return _strip_thinking(text)[0]
+
+
+def coerce_score(value: Any) -> tuple[int | None, str | None]:
+    """An int 1..5 from a JSON value (int, whole float, numeric string such as ``"4"`` / ``"4/5"``, one-element
+    list), or ``(None, why)``: never clipped, rounded or guessed."""
     if isinstance(value, list):
         if len(value) != 1:
             return None, f"score is a list of {len(value)} items, expected one"
-        return _coerce_score(value[0])
+        return coerce_score(value[0])
     if isinstance(value, bool) or value is None:
         return None, f"score is {value!r}, not a number"
     if isinstance(value, str):
@@ -124,7 +133,9 @@ def _coerce_score(value: Any) -> tuple[int | None, str | None]:
 
 
 def _matching_brace(text: str, start: int) -> int | None:
-    """Index just past the brace closing the one at ``start`` (string-aware), or None."""
+    """Index just past the bracket closing the ``{`` or ``[`` at ``start`` (string-aware), or None."""
+    opener = text[start]
+    closer = "}" if opener == "{" else "]"
     depth, in_str, quote, esc = 0, False, "", False
     for i in range(start, len(text)):
         ch = text[i]
@@ -137,9 +148,9 @@ def _matching_brace(text: str, start: int) -> int | None:
                 in_str = False
         elif ch in "\"'":
             in_str, quote = True, ch
-        elif ch == "{":
+        elif ch == opener:
             depth += 1
-        elif ch == "}":
+        elif ch == closer:
             depth -= 1
             if depth == 0:
                 return i + 1
@@ -147,7 +158,7 @@ def _matching_brace(text: str, start: int) -> int | None:
 
 
 def _lenient_load(snippet: str) -> Any:
-    """Decode a dict written as JSON, JSON with trailing commas, or a Python literal; None if none works."""
+    """Decode a value written as JSON, JSON with trailing commas, or a Python literal; None if none works."""
     for candidate in (snippet, re.sub(r",\s*([}\]])", r"\1", snippet)):
         try:
             return json.loads(candidate)
@@ -160,12 +171,14 @@ def _lenient_load(snippet: str) -> Any:
     return None
 
 
-def _json_objects(text: str) -> list[tuple[dict, int, int]]:
-    """Every top-level dict in ``text`` as (object, start, end), in order of appearance."""
+def _json_values(text: str, kind: type = dict) -> list[tuple[Any, int, int]]:
+    """Every top-level dict (or list, ``kind=list``) in ``text`` as (value, start, end), in order of appearance;
+    brackets inside a value found are not searched again."""
+    opener = "{" if kind is dict else "["
     found, i = [], 0
     decoder = json.JSONDecoder()
     while True:
-        i = text.find("{", i)
+        i = text.find(opener, i)
         if i == -1:
             return found
         try:
@@ -173,11 +186,32 @@ def _json_objects(text: str) -> list[tuple[dict, int, int]]:
         except json.JSONDecodeError:
             end = _matching_brace(text, i)
             obj = _lenient_load(text[i:end]) if end is not None else None
-        if isinstance(obj, dict) and end is not None:
+        if isinstance(obj, kind) and end is not None:
             found.append((obj, i, end))
             i = end
         else:
             i += 1
+
+
+def _json_objects(text: str) -> list[tuple[dict, int, int]]:
+    return _json_values(text, dict)
+
+
+def find_json(text: str | None, kind: type = dict) -> tuple[Any, str | None]:
+    """The last top-level JSON object (``kind=dict``) or list (``kind=list``) in ``text``, or ``(None, why)``.
+
+    Lenient about the wrapping, like the score parsers: code fences, prose around it, ``<think>`` blocks, trailing
+    commas, single quotes. The last value wins (an echoed format example comes before the answer).
+    """
+    if kind not in (dict, list):
+        raise ValueError(f"find_json looks for a dict or a list, not {kind.__name__}")
+    if not text or not text.strip():
+        return None, "empty output"
+    body, problem = _strip_thinking(text)
+    values = _json_values(body, kind)
+    if not values:
+        return None, problem or f"no JSON {'object' if kind is dict else 'list'} found"
+    return values[-1][0], None
 
 
 def _find_key(obj: dict, names: tuple[str, ...]) -> Any:
@@ -213,7 +247,7 @@ def _labelled_score(text: str) -> tuple[int | None, str | None, tuple[int, int] 
     problem = _scale_problem(m.group("num"), m.group("den"))
     if problem:
         return None, problem, m.span("num")
-    score, why = _coerce_score(m.group("num"))
+    score, why = coerce_score(m.group("num"))
     return score, why, m.span("num")
 
 
@@ -233,7 +267,7 @@ def explain_json_score(text: str | None) -> ParseResult:
     candidates = [(o, s, e) for o, s, e in _json_objects(body) if _has_key(o, _SCORE_KEYS)]
     if candidates:
         obj, start, end = candidates[-1]  # the answer comes last (an echoed format example would come first)
-        score, why = _coerce_score(_find_key(obj, _SCORE_KEYS))
+        score, why = coerce_score(_find_key(obj, _SCORE_KEYS))
         if score is None:
             return _fail(why or "invalid score")
         reasoning = _reasoning_of(obj) or body[:start].strip()
@@ -246,7 +280,7 @@ def explain_json_score(text: str | None) -> ParseResult:
     keyed = list(re.finditer(rf"[\"']score[\"']\s*:\s*[\[\s\"']*(?P<num>{_NUM}){_SCALE}", body, re.IGNORECASE))
     if keyed:
         m = keyed[-1]
-        score, why = _coerce_score(m.group("num"))
+        score, why = coerce_score(m.group("num"))
         problem = _scale_problem(m.group("num"), m.group("den"))
         if problem:
             score, why = None, problem
@@ -291,7 +325,7 @@ def explain_boxed_score(text: str | None) -> ParseResult:
         inner = m.group("inner")
         num = re.search(_NUM, inner)
         cleaned = re.sub(r"\\(?:text|textbf|mathbf|mathrm)\s*\{([^{}]*)\}", r"\1", inner)
-        score, why = _coerce_score(cleaned.strip())
+        score, why = coerce_score(cleaned.strip())
         if score is None:
             return _fail(f"\\boxed{{{inner.strip()}}}: {why}")
         start = m.start("inner") + num.start() if num else m.start()
@@ -383,7 +417,7 @@ def explain_quality_scores(text: str | None) -> ParseResult:
         return _fail(f"missing quality aspect(s): {', '.join(missing)}")
     scores: dict[str, int] = {}
     for a in QUALITY_ASPECTS:
-        score, why = _coerce_score(raw[a])
+        score, why = coerce_score(raw[a])
         if score is None:
             return _fail(f"{a}: {why}")
         scores[a] = score

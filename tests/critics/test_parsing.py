@@ -221,3 +221,16 @@ def test_parse_checklist_numbered_bulleted_and_json():
     assert parse_checklist('```json\n["a cat", "a hat"]\n```') == ["a cat", "a hat"]
     assert parse_checklist("A cat wearing a hat.") is None
     assert "no numbered" in explain_checklist("A cat wearing a hat.").reason
+
+
+def test_shared_json_and_score_helpers():
+    """The helpers curation reads teacher answers with (one implementation for critics and curation)."""
+    from firm.critics.parsing import coerce_score, find_json
+
+    assert find_json('Format: {"a": 1}\n```json\n{"a": 2, "b": [1, 2,],}\n```') == ({"a": 2, "b": [1, 2]}, None)
+    assert find_json("<think>[0]</think> Items: ['x', 'y'] then [1, 2]", list) == ([1, 2], None)
+    assert find_json('{"checklist": ["a", "b"]}', list) == (["a", "b"], None)
+    assert find_json("no json here", list) == (None, "no JSON list found")
+    assert find_json("<think>{'a': 1}", dict)[1] == "the output ends inside an unfinished <think> block"
+    assert coerce_score(" 4/5 ") == (4, None) and coerce_score([3]) == (3, None)
+    assert coerce_score("4/10")[0] is None and coerce_score(6)[1] == "score 6 is outside 1..5"

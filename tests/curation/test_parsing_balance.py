@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
+from firm.critics.parsing import find_json
 from firm.curation.balance import BalanceConfig, plan_rewrites, select
 from firm.curation.parsing import (
-    find_json,
     parse_checklist_score,
     parse_difference_report,
     parse_edit_evaluation,

@@ -213,3 +213,31 @@ def test_the_api_key_comes_from_the_environment_never_from_the_config(monkeypatc
 
     save_config(OmegaConf.structured(critic.config), tmp_path / "config.yaml")
     assert "from-env" not in (tmp_path / "config.yaml").read_text()
+
+
+def test_complete_answers_free_form_conversations_from_several_threads():
+    """The public transport the curation teacher uses: images prepared and encoded, answers in order, and one client
+    shared by threads (each with its own event loop) keeps its in-flight counts consistent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def echo(body):
+        parts = body["messages"][0]["content"]
+        text = next(p["text"] for p in parts if p["type"] == "text")
+        png = base64.b64decode(next(p for p in parts if p["type"] == "image_url")["image_url"]["url"].split(",", 1)[1])
+        size = Image.open(io.BytesIO(png)).size
+        return 200, chat_answer(f"{text} {size[0]}x{size[1]} t={body['temperature']}")
+
+    with ScriptedServer(echo, delay_s=0.01) as a, ScriptedServer(echo, delay_s=0.01) as b:
+        critic = _critic(a.url, b.url, model="m", max_concurrency=3, max_image_pixels=64, temperature=0.0)
+        convs = [
+            [{"role": "user", "content": [{"type": "image", "image": _img()}, {"type": "text", "text": f"q{i}"}]}]
+            for i in range(8)
+        ]
+        assert critic.complete(convs[:2], temperature=0.5) == ["q0 9x6 t=0.5", "q1 9x6 t=0.5"]  # 16x12 -> <= 64 px
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: critic.complete(convs[i : i + 2]), range(0, 8, 2)))
+        assert answers == [[f"q{i} 9x6 t=0.0", f"q{i + 1} 9x6 t=0.0"] for i in range(0, 8, 2)]
+        assert critic._inflight == {critic.endpoints[0]: 0, critic.endpoints[1]: 0}
+        assert len(a.bodies) > 0 and len(b.bodies) > 0 and len(a.bodies) + len(b.bodies) == 10
+    assert critic.complete([]) == []

@@ -162,9 +162,9 @@ def build_pipeline(cfg: CurationConfig) -> Pipeline:
 
 
 def build_source(cfg: CurationConfig) -> Any:
-    from firm.critics.factory import build_component
+    from firm.config import build_component
 
-    cls, conf = build_component("curation_sources", cfg.source)
+    cls, conf = build_component("curation_sources", cfg.source, source="source")
     return cls(conf)
 
 

@@ -158,9 +158,9 @@ class HTTPTeacher:
 
 def build_teacher(config: Any) -> Teacher:
     """A teacher from its config (a registered teacher's ``Config`` or a mapping with ``name:``)."""
-    from firm.critics.factory import build_component
+    from firm.config import build_component
 
-    cls, conf = build_component("teachers", config)
+    cls, conf = build_component("teachers", config, source="teacher")
     teacher = cls(conf)
     if not isinstance(teacher, Teacher):
         raise TypeError(f"teacher {conf.name!r} ({cls.__name__}) does not implement generate() and teacher_id")

@@ -37,7 +37,7 @@ def _edits(n=10):
 def test_teachers_satisfy_the_protocol():
     assert isinstance(ShapesRuleTeacher(), Teacher) and isinstance(JunkTeacher(), Teacher)
     assert isinstance(build_teacher({"name": "shapes_rule"}), ShapesRuleTeacher)
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ValueError, match="teacher: unknown key 'temperature'"):
         build_teacher({"name": "shapes_rule", "temperature": 0.5})
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from firm.config import ConfigError
 from firm.registry import resolve
 from firm.rewards import build_combiner, cme, normalize_score, qma, weighted_sum
 
@@ -105,8 +106,10 @@ def test_registered_combiners_are_callable_on_component_dicts():
 
 
 def test_combiner_configs_validate():
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="reward: unknown key 'alpha'"):
         build_combiner({"name": "cme", "alpha": 1.0})
+    with pytest.raises(ConfigError, match="reward: invalid value for 'w1'"):
+        build_combiner({"name": "cme", "w1": "heavy"})
     with pytest.raises(ValueError, match="weights must be"):
         build_combiner({"name": "qma", "w1": -1.0})
     ws = resolve("rewards", "weighted_sum")

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from firm.critics.types import SCORE_MAX, SCORE_MIN
+from datamodules.schema import QUALITY_ASPECTS, SCORE_MAX, SCORE_MIN
 
 __all__ = [
     "QUALITY_ASPECTS",
@@ -37,8 +37,8 @@ __all__ = [
     "parse_quality_scores",
 ]
 
-# The three aspects of the generation Quality judgement; the Quality score is their minimum.
-QUALITY_ASPECTS = ("aesthetics", "technical", "structure")
+# QUALITY_ASPECTS (defined in datamodules.schema, re-exported here): the three aspects of the generation Quality
+# judgement, as the parsers report them; the Quality score is their minimum.
 
 
 @dataclass

@@ -234,3 +234,15 @@ def test_shared_json_and_score_helpers():
     assert find_json("<think>{'a': 1}", dict)[1] == "the output ends inside an unfinished <think> block"
     assert coerce_score(" 4/5 ") == (4, None) and coerce_score([3]) == (3, None)
     assert coerce_score("4/10")[0] is None and coerce_score(6)[1] == "score 6 is outside 1..5"
+
+
+def test_score_range_and_quality_aspects_have_one_definition():
+    import datamodules.schema as schema
+    import firm.critics as critics
+    import firm.critics.types as types
+
+    assert critics.QUALITY_ASPECTS is schema.QUALITY_ASPECTS
+    assert (types.SCORE_MIN, types.SCORE_MAX) == (schema.SCORE_MIN, schema.SCORE_MAX) == (1, 5)
+    assert set(parse_quality_scores('{"aesthetics": 4, "technical_quality": 3, "structure_texture": 5}')) == set(
+        schema.QUALITY_ASPECTS
+    )

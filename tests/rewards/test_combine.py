@@ -115,3 +115,16 @@ def test_combiner_configs_validate():
     ws = resolve("rewards", "weighted_sum")
     c = ws(ws.Config(weights={"instruction": 1.0, "quality": 1.0}))
     assert c.inputs == ("instruction", "quality")
+
+
+def test_combiners_have_a_readable_repr():
+    from firm.rewards.combiners import Combiner
+
+    class Halves(Combiner):  # a combiner without a Config
+        inputs = ("execution",)
+
+        def combine(self, execution):
+            return execution / 2
+
+    assert repr(Halves()) == "Halves()"
+    assert repr(build_combiner({"name": "cme", "w1": 0.7})) == "CMEReward(CMEReward.Config(name='cme', w1=0.7, w2=0.4))"

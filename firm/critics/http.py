@@ -136,10 +136,12 @@ class HTTPCritic(PromptedCritic):
         prompts: PromptConfig = field(default_factory=PromptConfig)  # template files replacing the built-in ones
 
     def __init__(self, config: Config | None = None, *, api_key: str | None = None) -> None:
-        """Args:
-        config: endpoints, limits, retries, prompts.
-        api_key: sent as ``Authorization: Bearer ...``; None reads it from ``$<config.api_key_env>``. The key is
-            never a config field, so it never lands in a saved config, a manifest or a run's meta.json.
+        """A client for ``config.endpoints``.
+
+        Args:
+            config: endpoints, limits, retries, prompts.
+            api_key: sent as ``Authorization: Bearer ...``; None reads it from ``$<config.api_key_env>``. The key
+                is never a config field, so it never lands in a saved config, a manifest or a run's meta.json.
         """
         config = config or self.Config()
         super().__init__(PromptSet(config.prompts), config.max_image_pixels)

@@ -33,6 +33,7 @@ from firm.registry import REGISTRIES, resolve
 __all__ = [
     "MISSING",
     "ConfigError",
+    "build_component",
     "ExperimentConfig",
     "TrainerConfig",
     "component_field",
@@ -354,6 +355,59 @@ def load_experiment(
     except OmegaConfBaseException as e:
         raise ConfigError(_format_omegaconf_error(e, top)) from None
     return cfg
+
+
+def build_component(registry: str, config: Any, *, source: str | None = None) -> tuple[type, Any]:
+    """``(class, its Config instance)`` for a component of ``registry`` given in code rather than in a YAML file.
+
+    ``config`` is the component's ``Config`` instance, a mapping (or DictConfig) with a ``name:`` key, or just the
+    name. A mapping is validated exactly as the same section of an experiment YAML would be (the component's
+    ``Config`` becomes the schema of a structured merge), so unknown keys, wrong types and missing values raise the
+    same :class:`ConfigError` messages.
+
+    Example: ``build_component("rewards", {"name": "cme", "w1": 0.7, "w2": 0.3})``.
+
+    Args:
+        registry: a key of :data:`firm.registry.REGISTRIES` (``critics``, ``rewards``, ``teachers``, ...).
+        config: see above.
+        source: what to call the config in error messages (default: ``<registry> component``).
+
+    Raises:
+        ConfigError: unknown name (with the known ones and the closest match), unknown key, wrong type, missing value.
+    """
+    where = source or f"{registry} component"
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        try:
+            return resolve(registry, str(config.name)), config
+        except KeyError as e:
+            raise ConfigError(f"{where}: 'name': {e.args[0]}") from None
+    if isinstance(config, str):
+        config = {"name": config}
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, dict) or "name" not in config:
+        raise ConfigError(f"{where}: expected a Config dataclass or a mapping with a `name:` key, got {config!r}")
+    try:
+        node = OmegaConf.create(config)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        comp = resolve(registry, str(node.name))
+    except KeyError as e:
+        raise ConfigError(f"{where}: 'name': {e.args[0]}") from None
+    conf_cls = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
+    if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
+        raise ConfigError(f"component {node.name!r} of registry {registry!r} has no `Config` dataclass")
+    schema = _build_schema(conf_cls, node, "", [(where, node)], where)  # the same schema a YAML section gets
+    schema.name = str(node.name)
+    try:
+        cfg = OmegaConf.merge(schema, node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_format_omegaconf_error(e, where)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{where}: missing required value(s) {', '.join(repr(m) for m in missing)}")
+    return comp, OmegaConf.to_object(cfg)
 
 
 def to_object(cfg: DictConfig) -> Any:

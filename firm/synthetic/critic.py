@@ -72,7 +72,7 @@ from firm.synthetic.tasks import EditTask, GenTask, Task
 from firm.synthetic.world import Scene, WorldConfig, cell_box, render
 
 # Quality thresholds: value at or below each entry gives 5, 4, 3, 2 (above the last: 1). Chosen so that clean renders
-# (crisp or anti-aliased) score 5 and each degradation in tests/synthetic/test_quality.py lowers the right aspect.
+# (crisp or anti-aliased) score 5 and each degradation in tests/synthetic/test_critic_gen.py lowers the right aspect.
 STRAY_FRACTION = (0.002, 0.01, 0.03, 0.08)  # share of canvas pixels that are junk (outside objects and their edges)
 BACKGROUND_NOISE = (6.0, 12.0, 20.0, 30.0)  # mean RGB distance of background pixels from the background colour
 SOFT_EDGE_RATIO = (1.3, 2.2, 3.2, 4.5)  # soft pixels near objects per object boundary pixel

@@ -48,3 +48,28 @@ def test_yaml_typos_fail_loudly(tmp_path):
     (tmp_path / "bad2.yaml").write_text("critic: {name: htp}\n")
     with pytest.raises(ConfigError, match="Did you mean 'http'"):
         load_experiment(tmp_path / "bad2.yaml", schema=RewardSection)
+
+
+def test_components_built_in_code_are_validated_like_yaml(tmp_path):
+    """build_component (firm.config) gives the same errors for a mapping as load_experiment for the YAML section."""
+    from firm.config import build_component
+    from firm.critics.factory import build_component as reexported
+
+    assert reexported is build_component
+    cls, conf = build_component("critics", {"name": "http", "timeout_s": "30", "prompts": {"planner": None}})
+    assert cls is HTTPCritic and conf.timeout_s == 30.0 and conf.prompts.planner is None  # typed, nested Config
+    assert build_component("rewards", "qma")[1].w2 == 0.6
+    (tmp_path / "bad.yaml").write_text("critic: {name: http, timeout: 30}\n")
+    with pytest.raises(ConfigError) as from_yaml:
+        load_experiment(tmp_path / "bad.yaml", schema=RewardSection)
+    with pytest.raises(ConfigError) as from_code:
+        build_critic({"name": "http", "timeout": 30})
+    assert "unknown key 'critic.timeout'" in str(from_yaml.value) and "unknown key 'timeout'" in str(from_code.value)
+    with pytest.raises(ConfigError, match="invalid value for 'max_retries'"):
+        build_critic({"name": "http", "max_retries": "many"})
+    with pytest.raises(ConfigError, match=r"unknown key 'prompts.edit_executio'.*Did you mean"):
+        build_critic({"name": "http", "prompts": {"edit_executio": "x.txt"}})
+    with pytest.raises(ConfigError, match="Did you mean 'http'"):
+        build_critic({"name": "htp"})
+    with pytest.raises(ConfigError, match="mapping with a `name:` key"):
+        build_critic({"endpoints": []})

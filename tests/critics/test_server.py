@@ -33,6 +33,7 @@ def served(tiny_vlm, tmp_path_factory):
     env.pop("FIRM_CRITIC_API_KEY", None)
     cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", str(tiny_vlm), "--port", str(port)]
     cmd += ["--api-key", KEY, "--max-batch-size", "4", "--batch-timeout", "0.05", "--max-new-tokens", "8"]
+    cmd += ["--max-image-pixels", "4096", "--max-request-mb", "1"]  # small limits, to test them
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -78,7 +79,7 @@ def _auth():
 
 
 def test_http_client_scores_a_batch_through_the_served_critic(served):
-    critic = HTTPCritic(HTTPCritic.Config(endpoints=[served], api_key=KEY, max_tokens=8, parse_retries=1))
+    critic = HTTPCritic(HTTPCritic.Config(endpoints=[served], max_tokens=8, parse_retries=1), api_key=KEY)
     reqs = [
         EditRequest(_img((255, 0, 0)), _img((0, 0, 255), (64, 64)), "make it blue", key="e1"),
         EditRequest(_img((0, 255, 0)), _img((0, 255, 0)), "add a hat", key="e2"),
@@ -126,6 +127,19 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
     ok = httpx.post(url, json=_chat_body(good_image), headers=_auth(), timeout=60)
     assert ok.status_code == 200
     assert isinstance(ok.json()["choices"][0]["message"]["content"], str)
+
+
+def test_oversized_images_and_bodies_get_413_and_the_server_keeps_serving(served):
+    url = served + "/chat/completions"
+    big = _chat_body(image_data_url(_img((1, 2, 3), (80, 60))))  # 4800 pixels > --max-image-pixels 4096
+    r = httpx.post(url, json=big, headers=_auth(), timeout=60)
+    assert r.status_code == 413, r.text[:300]
+    assert "image is 80x60 = 4800 pixels; this server accepts at most 4096" in r.json()["error"]["message"]
+    huge = _chat_body(image_data_url(_img((1, 2, 3))), text="x" * (2 * 2**20))  # a 2 MiB body > 1 MiB
+    r = httpx.post(url, json=huge, headers=_auth(), timeout=60)
+    assert r.status_code == 413 and "too large" in r.text.lower()
+    ok = httpx.post(url, json=_chat_body(image_data_url(_img((1, 2, 3), (64, 64)))), headers=_auth(), timeout=60)
+    assert ok.status_code == 200
 
 
 def test_a_bad_request_in_a_batch_does_not_fail_its_neighbours(served):

@@ -184,8 +184,18 @@ def _source_of(layers: list[tuple[str, DictConfig]], dotted: str, default: str) 
     return default
 
 
-def _build_schema(cls: type, raw: Any, prefix: str, layers: list[tuple[str, DictConfig]], top: str) -> DictConfig:
-    """A structured OmegaConf node for dataclass ``cls``, with component fields filled by registry lookups."""
+def _build_schema(
+    cls: type,
+    raw: Any,
+    prefix: str,
+    layers: list[tuple[str, DictConfig]],
+    top: str,
+    components: list[str] | None = None,
+) -> DictConfig:
+    """A structured OmegaConf node for dataclass ``cls``, with component fields filled by registry lookups.
+
+    The dotted keys of the component sections found are appended to ``components`` (when given).
+    """
     node = OmegaConf.structured(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -195,7 +205,7 @@ def _build_schema(cls: type, raw: Any, prefix: str, layers: list[tuple[str, Dict
         if registry is None:
             ftype = hints.get(f.name)
             if dataclasses.is_dataclass(ftype) and _has_component_fields(ftype):
-                node[f.name] = _build_schema(ftype, sub_raw, key + ".", layers, top)
+                node[f.name] = _build_schema(ftype, sub_raw, key + ".", layers, top, components)
             continue
         if sub_raw is None:
             if f.metadata.get("optional"):
@@ -220,7 +230,9 @@ def _build_schema(cls: type, raw: Any, prefix: str, layers: list[tuple[str, Dict
         conf_cls = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
         if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
             raise ConfigError(f"component {comp_name!r} of registry {registry!r} has no `Config` dataclass")
-        node[f.name] = _build_schema(conf_cls, sub_raw, key + ".", layers, top)
+        if components is not None:
+            components.append(key)
+        node[f.name] = _build_schema(conf_cls, sub_raw, key + ".", layers, top, components)
         node[f.name]["name"] = str(comp_name)
     return node
 
@@ -234,6 +246,26 @@ def _has_component_fields(cls: type) -> bool:
         if dataclasses.is_dataclass(ftype) and _has_component_fields(ftype):
             return True
     return False
+
+
+def _drop_replaced_components(layers: list[tuple[str, DictConfig]], components: list[str]) -> None:
+    """A layer that switches a component section to another ``name:`` replaces that section of earlier layers.
+
+    Without this, a tiny variant could not inherit a full experiment and swap, say, an HTTP critic for a rule
+    critic: the base's HTTP settings would be unknown keys of the rule critic.
+    """
+    for key in components:
+        parent_key, _, leaf = key.rpartition(".")
+        current = None
+        for j, (_, layer) in enumerate(layers):
+            name = _select(layer, f"{key}.name")
+            if name is not None and current is not None and str(name) != current:
+                for _, earlier in layers[:j]:
+                    parent = _select(earlier, parent_key) if parent_key else earlier
+                    if isinstance(parent, DictConfig) and leaf in parent:
+                        del parent[leaf]
+            if name is not None:
+                current = str(name)
 
 
 def _import_extensions(imports: Any, source: str) -> None:
@@ -292,7 +324,9 @@ def load_experiment(
     except OmegaConfBaseException as e:
         raise ConfigError(f"{top}: {e}") from None
     _import_extensions(raw.get("imports"), _source_of(layers, "imports", top))
-    cfg = _build_schema(schema, raw, "", layers, top)
+    components: list[str] = []
+    cfg = _build_schema(schema, raw, "", layers, top, components)
+    _drop_replaced_components(layers, components)
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)

@@ -14,11 +14,14 @@ from typing import Any
 # LightningModules that `firm run` can train.
 MODULES: dict[str, Any] = {
     "toy_regression": "firm.toy:ToyRegressionModule",
+    "flow_grpo": "firm.policies.modules:FlowGRPOModule",
+    "diffusion_nft": "firm.policies.modules:DiffusionNFTModule",
 }
 
 # LightningDataModules.
 DATAMODULES: dict[str, Any] = {
     "synthetic_regression": "datamodules.toy:RegressionDataModule",
+    "prompts": "datamodules.prompts:PromptDataModule",
 }
 
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as

@@ -89,7 +89,7 @@ class TinyConfig:
     latent_channels: int = 4  # latent channels with a VAE (pixel latents have 3)
     vae: str = "pixel"  # pixel (latents are RGB in [-1, 1]) | tiny (a small random VAE of the family's class)
     pixel_patch: int = 1  # vae=pixel: space-to-depth factor of the pixel latents (2: 4x fewer tokens, exact)
-    source_conditioning: str = "sequence"  # qwen: source tokens appended to the sequence (as Qwen-Image-Edit) | channels
+    source_conditioning: str = "sequence"  # qwen: source tokens appended to the sequence (Qwen-Image-Edit) | channels
     text_dim: int = 32  # hash text encoder width (the transformer's joint_attention_dim)
     text_layers: int = 1  # hash text encoder layers
     vocab_size: int = 1024  # hash buckets of the text encoder

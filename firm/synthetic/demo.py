@@ -236,6 +236,7 @@ def compare(base: Any, trained: Any) -> dict[str, Any]:
         "per_seed": {"base": sb["per_seed"], "trained": st["per_seed"]},
         "seed_std": {"base": sb["seed_std"], "trained": st["seed_std"]},
         "missing_frac": {"base": sb["missing_frac"], "trained": st["missing_frac"]},
+        **({"lazy_frac": {"base": sb["lazy_frac"], "trained": st["lazy_frac"]}} if "lazy_frac" in sb else {}),
     }
 
 
@@ -278,7 +279,8 @@ def write_report(out: Path, rep: ShapesReport, module: Any, trained: Any) -> Pat
         )
     }
     if rep.curve:
-        points[f"held-out {headline} during training (seed {c.seeds[0]}, {min(c.curve_tasks, len(rep.tasks))} tasks)"] = (
+        n_curve = min(c.curve_tasks, len(rep.tasks))
+        points[f"held-out {headline} during training (seed {c.seeds[0]}, {n_curve} tasks)"] = (
             [p[0] for p in rep.curve],
             [p[1] for p in rep.curve],
             None,
@@ -312,7 +314,7 @@ def _reward_name(reward: Any) -> str:
 
 
 def _markdown(s: dict[str, Any], rep: ShapesReport, module: Any, dims: list[str], headline: str) -> str:
-    c, mc = rep.config, module.config
+    mc = module.config
     b, t = s["base"], s["trained"]
     sb, st = s["seed_std"]["base"], s["seed_std"]["trained"]
     rows = "\n".join(
@@ -325,9 +327,9 @@ def _markdown(s: dict[str, Any], rep: ShapesReport, module: Any, dims: list[str]
     )
     paired = ", ".join(f"{d:+.3f}" for d in s["paired_improvement_per_seed"])
     tm = s["timing_s"]
-    return f"""# Shapes-world RL demo: {mc.name} on {rep.task}, trained on {s['trained_on']}
+    return f"""# Shapes-world RL demo: {mc.name} on {rep.task}, trained on {s["trained_on"]}
 
-Held-out: {s['n_tasks']} tasks of the `test` split (never seen in pretraining or RL), evaluation seeds {s['seeds']}.
+Held-out: {s["n_tasks"]} tasks of the `test` split (never seen in pretraining or RL), evaluation seeds {s["seeds"]}.
 Scores are the rule critic's, normalised to [0, 1]; `reward` is {headline.upper()} (the headline reward, whatever
 the run trained on). Values are means over tasks and seeds, ± the std (ddof 1) of the per-seed means.
 
@@ -335,11 +337,11 @@ the run trained on). Values are means over tasks and seeds, ± the std (ddof 1) 
 |---|---:|---:|---:|
 {rows}
 
-Improvement of the held-out {headline.upper()}: **{s['improvement']:+.3f}**; seed spread: **{s['seed_spread']:.3f}**
-({s['improvement_over_spread']:.1f}x). The trained model {verdict}.
+Improvement of the held-out {headline.upper()}: **{s["improvement"]:+.3f}**; seed spread: **{s["seed_spread"]:.3f}**
+({s["improvement_over_spread"]:.1f}x). The trained model {verdict}.
 Per-seed paired improvement (same initial noise for both models): {paired}.
 
-*Seed spread*: {s['seed_spread_definition']}.
+*Seed spread*: {s["seed_spread_definition"]}.
 
 ![reward and components](curves.png)
 
@@ -350,11 +352,11 @@ critic's scores (E = execution, C = consistency, I = instruction, Q = quality; 1
 
 ## Run
 
-- algorithm `{mc.name}`, reward `{s['trained_on']}`, {s['rl_steps']} RL steps, group size {_group_size(module)},
+- algorithm `{mc.name}`, reward `{s["trained_on"]}`, {s["rl_steps"]} RL steps, group size {_group_size(module)},
   {mc.sampler.num_steps} sampling steps, LoRA rank {mc.policy.lora.rank}, lr {mc.lr}
 - policy `{mc.policy.pretrained}` ({mc.policy.family})
-- time: base evaluation {tm.get('eval_base_s', 0):.0f} s, RL {tm.get('train_s', 0):.0f} s, trained evaluation
-  {tm.get('eval_trained_s', 0):.0f} s (report callback total {tm.get('total_s', 0):.0f} s)
+- time: base evaluation {tm.get("eval_base_s", 0):.0f} s, RL {tm.get("train_s", 0):.0f} s, trained evaluation
+  {tm.get("eval_trained_s", 0):.0f} s (report callback total {tm.get("total_s", 0):.0f} s)
 - files: `summary.json` (all numbers, per-seed values), `curves.png`, `grid.png`; the run's metrics are in `../csv/`
 """
 

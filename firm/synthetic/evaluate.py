@@ -145,7 +145,15 @@ class EvalResult:
         out["n_tasks"] = len(self.keys)
         out["seeds"] = list(self.seeds)
         out["missing_frac"] = float(np.isnan(self.reward).mean())
+        if self.task == "edit":
+            out["lazy_frac"] = self.lazy_fraction()
         return out
+
+    def lazy_fraction(self) -> float:
+        """Editing: share of outputs that look like the lazy editor (execution <= 0.25, consistency >= 0.75)."""
+        e, c = self.components[EXECUTION], self.components[CONSISTENCY]
+        ok = ~(np.isnan(e) | np.isnan(c))
+        return float(((e <= 0.25) & (c >= 0.75) & ok).sum() / max(int(ok.sum()), 1))
 
 
 def _nanmean(x: np.ndarray) -> float:

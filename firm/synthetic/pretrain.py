@@ -131,7 +131,8 @@ def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "source": torch.stack([s["source"] for s in samples]),
             "prompt": [s["instruction"] for s in samples],
         }
-    return {"target": torch.stack([s["image"] for s in samples]), "source": None, "prompt": [s["prompt"] for s in samples]}
+    target = torch.stack([s["image"] for s in samples])
+    return {"target": target, "source": None, "prompt": [s["prompt"] for s in samples]}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class PretrainConfig:
     text_dropout: float = 0.1  # share of prompts replaced by the empty prompt (enables classifier-free guidance)
     ema_decay: float = 0.995  # EMA of the weights (what is exported); 0 exports the raw weights
     export_dir: str | None = None  # also write the final model here (e.g. firm/synthetic/checkpoints/shapes_edit)
+    export_dtype: str = "float16"  # dtype of the exported weights (float16 halves the committed files; loads as fp32)
     world: WorldConfig = field(default_factory=WorldConfig)  # for held-out evaluation (YAML: ${data.world})
     split: SplitConfig = field(default_factory=SplitConfig)  # for held-out evaluation (YAML: ${data.split})
     eval_every: int = 0  # evaluate on held-out tasks every N steps (0: only at the end)
@@ -282,8 +284,14 @@ class ShapesPretrainModule(FirmModule):
     # ---------------------------------------------------------------------------------------------------- export
 
     def export(self, directory: str | Path) -> Path:
-        """Write the EMA weights (raw weights before the first step) as a diffusers-layout checkpoint."""
+        """Write the EMA weights (raw weights before the first step) as a diffusers-layout checkpoint, in
+        ``export_dtype``."""
         d = Path(directory)
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            self.config.export_dtype
+        )
+        if dtype is None:
+            raise ValueError(f"module.export_dtype must be float32, float16 or bfloat16: {self.config.export_dtype}")
         params = self.trainable()
         backup = {n: p.detach().clone() for n, p in params.items()}
         try:
@@ -291,6 +299,8 @@ class ShapesPretrainModule(FirmModule):
                 with torch.no_grad():
                     for n, p in params.items():
                         p.copy_(self.ema[n])
+            self.transformer.to(dtype)
+            self.text_encoder.to(dtype)
             tmp = d.with_name(f".{d.name}.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -307,6 +317,9 @@ class ShapesPretrainModule(FirmModule):
                 shutil.rmtree(d)
             tmp.rename(d)
         finally:
+            self.transformer.to(torch.float32)
+            self.text_encoder.to(torch.float32)
+            params = self.trainable()  # .to() keeps the Parameter objects, but look them up again to be safe
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(backup[n])
@@ -337,7 +350,9 @@ class ShapesPretrainModule(FirmModule):
         else:
             tasks = list(gen_tasks("test", world=c.world, split_config=c.split, limit=c.eval_tasks))
         policy = self.load_policy(model_dir)
-        critic = ShapesRuleCritic(ShapesRuleCritic.Config(shapes=list(c.world.shapes), object_scale=c.world.shape_scale))
+        critic = ShapesRuleCritic(
+            ShapesRuleCritic.Config(shapes=list(c.world.shapes), object_scale=c.world.shape_scale)
+        )
         res = evaluate_policy(
             policy,
             tasks,

@@ -29,6 +29,19 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 TASKS = ("gen", "edit")
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` as given when it exists, else relative to the repository root (so shipped experiments that name
+    ``experiments/rl/data/...`` run from any directory of a source checkout)."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
 def load_prompt_records(path: str | Path, *, task: str = "gen") -> list[dict[str, Any]]:
     """Read a JSONL prompt file; checks each record and resolves image paths relative to the file.
 
@@ -36,7 +49,7 @@ def load_prompt_records(path: str | Path, *, task: str = "gen") -> list[dict[str
         FileNotFoundError: the file or a referenced image does not exist.
         ValueError: a line is not a JSON object with a non-empty ``prompt`` (and an ``image`` for editing).
     """
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     records = []
@@ -116,8 +129,23 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _EpochSetter:
+    """What Lightning calls ``set_epoch`` on (``batch_sampler.sampler``): forwards the epoch to the batch sampler."""
+
+    def __init__(self, owner: GroupBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.epoch = epoch
+
+
 class GroupBatchSampler:
-    """Infinite batch sampler: per step, ``M`` prompts × ``G`` copies spread over ``num_replicas`` ranks.
+    """Batch sampler: per step, ``M`` prompts × ``G`` copies spread over ``num_replicas`` ranks.
+
+    An epoch is :attr:`steps_per_epoch` steps (every prompt drawn about once); epoch ``e`` yields the steps
+    ``[e * L, (e + 1) * L)`` of one endless seeded stream, so epochs continue the stream instead of repeating it.
+    Having a length matters: Lightning does not pre-fetch from loaders with a length, so the loader's saved position
+    is exactly the number of consumed batches and a resumed run continues with the right batch.
 
     Args:
         num_prompts: size of the prompt set.
@@ -158,6 +186,8 @@ class GroupBatchSampler:
         self.num_replicas, self.rank, self.seed, self.shuffle = num_replicas, rank, seed, shuffle
         self.prompts_per_step = total // group_size
         self._perm_cache: dict[int, torch.Tensor] = {}
+        self.epoch = 0
+        self.sampler = _EpochSetter(self)  # Lightning calls batch_sampler.sampler.set_epoch(epoch)
 
     def _epoch_perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perm_cache:
@@ -182,11 +212,16 @@ class GroupBatchSampler:
         lo = self.rank * self.batch_size
         return slots[lo : lo + self.batch_size]
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step = 0
-        while True:
+        first = self.epoch * self.steps_per_epoch
+        for step in range(first, first + self.steps_per_epoch):
             yield self.step_slots(step)
-            step += 1
 
     @property
     def steps_per_epoch(self) -> int:
@@ -195,7 +230,13 @@ class GroupBatchSampler:
 
 
 class PromptDataModule(L.LightningDataModule):
-    """RL prompt batches of ``batch_size`` samples per rank, in groups of ``group_size`` copies of a prompt."""
+    """RL prompt batches of ``batch_size`` samples per rank, in groups of ``group_size`` copies of a prompt.
+
+    The batch sampler places samples on ranks itself, so the Trainer must not inject a ``DistributedSampler``:
+    ``use_distributed_sampler = False`` tells `firm run` (and should be passed to a hand-made ``Trainer``).
+    """
+
+    use_distributed_sampler = False
 
     @dataclass
     class Config:

@@ -190,11 +190,11 @@ def _build_schema(
     prefix: str,
     layers: list[tuple[str, DictConfig]],
     top: str,
-    components: list[str] | None = None,
+    components: list[tuple[str, str]] | None = None,
 ) -> DictConfig:
     """A structured OmegaConf node for dataclass ``cls``, with component fields filled by registry lookups.
 
-    The dotted keys of the component sections found are appended to ``components`` (when given).
+    The (dotted key, registry) of the component sections found are appended to ``components`` (when given).
     """
     node = OmegaConf.structured(cls)
     hints = typing.get_type_hints(cls)
@@ -231,7 +231,7 @@ def _build_schema(
         if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
             raise ConfigError(f"component {comp_name!r} of registry {registry!r} has no `Config` dataclass")
         if components is not None:
-            components.append(key)
+            components.append((key, registry))
         node[f.name] = _build_schema(conf_cls, sub_raw, key + ".", layers, top, components)
         node[f.name]["name"] = str(comp_name)
     return node
@@ -248,22 +248,35 @@ def _has_component_fields(cls: type) -> bool:
     return False
 
 
-def _drop_replaced_components(layers: list[tuple[str, DictConfig]], components: list[str]) -> None:
-    """A layer that switches a component section to another ``name:`` replaces that section of earlier layers.
+def _config_fields(registry: str, name: str) -> set[str] | None:
+    try:
+        comp = resolve(registry, name)
+    except KeyError:
+        return None
+    conf = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
+    return {f.name for f in dataclasses.fields(conf)} if conf is not None and dataclasses.is_dataclass(conf) else None
 
-    Without this, a tiny variant could not inherit a full experiment and swap, say, an HTTP critic for a rule
-    critic: the base's HTTP settings would be unknown keys of the rule critic.
+
+def _drop_replaced_components(layers: list[tuple[str, DictConfig]], components: list[tuple[str, str]]) -> None:
+    """A layer that switches a component section to another ``name:`` drops, from earlier layers, the settings that
+    belong to the previous component only.
+
+    So a derived experiment can inherit a full one and swap, say, an HTTP critic for a rule critic, or DiffusionNFT
+    for Flow-GRPO, keeping the settings both share. Keys that belong to neither stay, and are reported as unknown.
     """
-    for key in components:
-        parent_key, _, leaf = key.rpartition(".")
+    for key, registry in components:
         current = None
         for j, (_, layer) in enumerate(layers):
             name = _select(layer, f"{key}.name")
             if name is not None and current is not None and str(name) != current:
+                old_fields = _config_fields(registry, current) or set()
+                new_fields = _config_fields(registry, str(name)) or set()
+                stale = old_fields - new_fields
                 for _, earlier in layers[:j]:
-                    parent = _select(earlier, parent_key) if parent_key else earlier
-                    if isinstance(parent, DictConfig) and leaf in parent:
-                        del parent[leaf]
+                    section = _select(earlier, key)
+                    if isinstance(section, DictConfig):
+                        for k in [k for k in section if k in stale]:
+                            del section[k]
             if name is not None:
                 current = str(name)
 
@@ -324,7 +337,7 @@ def load_experiment(
     except OmegaConfBaseException as e:
         raise ConfigError(f"{top}: {e}") from None
     _import_extensions(raw.get("imports"), _source_of(layers, "imports", top))
-    components: list[str] = []
+    components: list[tuple[str, str]] = []
     cfg = _build_schema(schema, raw, "", layers, top, components)
     _drop_replaced_components(layers, components)
     for source, layer in layers:

@@ -24,6 +24,7 @@ MODULES: dict[str, Any] = {
 # LightningDataModules.
 DATAMODULES: dict[str, Any] = {
     "synthetic_regression": "datamodules.toy:RegressionDataModule",
+    "critic_sft": "datamodules.critic_sft:CriticSFTDataModule",
     "prompts": "datamodules.prompts:PromptDataModule",
     "shapes_pairs": "firm.synthetic.pretrain:ShapesPairsDataModule",  # rendered shapes-world training pairs
     "shapes_prompts": "firm.synthetic.demo:ShapesPromptDataModule",  # shapes-world RL prompts (exported once)
@@ -46,11 +47,27 @@ REWARDS: dict[str, Any] = {
     "instruction_only": "firm.rewards.combiners:InstructionOnlyReward",
 }
 
+# Curation teachers (firm.curation.teachers.Teacher): class with a nested Config, built as `cls(config)`.
+TEACHERS: dict[str, Any] = {
+    "local": "firm.curation.teachers:LocalTeacher",
+    "http": "firm.curation.teachers:HTTPTeacher",
+    "shapes_rule": "firm.curation.shapes:ShapesRuleTeacher",
+}
+
+# Inputs of curation runs: iterables of samples, class with a nested Config.
+CURATION_SOURCES: dict[str, Any] = {
+    "shards": "firm.curation.sources:ShardsSource",
+    "shapes_edit": "firm.curation.shapes:ShapesEditSource",
+    "shapes_gen": "firm.curation.shapes:ShapesGenSource",
+}
+
 REGISTRIES: dict[str, dict[str, Any]] = {
     "modules": MODULES,
     "datamodules": DATAMODULES,
     "critics": CRITICS,
     "rewards": REWARDS,
+    "teachers": TEACHERS,
+    "curation_sources": CURATION_SOURCES,
 }
 
 

@@ -105,6 +105,7 @@ class RLConfig:
     ema_decay: float | None = None  # keep an EMA of the LoRA weights with this decay (null: none); exportable
     log_images_every: int = 0  # write a grid of samples every N RL steps (0: never); TensorBoard + PNG
     log_images_max: int = 16  # samples in the grid
+    max_idle_rl_steps: int = 10  # stop with an error after this many RL steps in a row without an optimizer step
     seed: int = 0  # seeds initial noise, SDE noise, windows and timestep subsets (with the RL step and rank)
 
 
@@ -146,6 +147,9 @@ class FlowRLModule(FirmModule):
 
     def __init__(self, config: RLConfig) -> None:
         super().__init__()
+        # Frozen encoders stay in eval mode on purpose, and manual optimisation checkpoints after the step.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         self.config = c = config
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave out the frozen base weights
@@ -157,7 +161,7 @@ class FlowRLModule(FirmModule):
             raise ValueError(f"module.adv_scale must be one of {ADV_SCALES}, got {c.adv_scale!r}")
         if not 0 < c.timestep_fraction <= 1:
             raise ValueError(f"module.timestep_fraction must be in (0, 1], got {c.timestep_fraction}")
-        for key in ("rollout_chunk", "inner_epochs", "critic_queue", "critic_threads"):
+        for key in ("rollout_chunk", "inner_epochs", "critic_queue", "critic_threads", "max_idle_rl_steps"):
             if getattr(c, key) < 1:
                 raise ValueError(f"module.{key} must be >= 1, got {getattr(c, key)}")
         if c.task == "edit" and c.policy.family == "sd3":
@@ -170,6 +174,7 @@ class FlowRLModule(FirmModule):
         self.ema: dict[str, torch.Tensor] | None = None
         self._fresh = True  # no optimizer step since the last rollout: the policy *is* the sampling policy
         self._scorer: OverlappedScorer | None = None
+        self._idle_rl_steps = 0
 
     # ---------------------------------------------------------------------------------------------------- Lightning
 
@@ -359,8 +364,18 @@ class FlowRLModule(FirmModule):
         adv = self.advantages(roll.reward.rewards, batch["group"])
         self._fresh = True
         t_upd = time.perf_counter()
+        steps_before = self.global_step
         metrics = self.update(batch, roll, adv) if adv["global_keep"] > 0 else {"train/skipped_no_valid": 1.0}
         update_s = time.perf_counter() - t_upd
+        # trainer.max_steps counts optimizer steps: RL steps without one (no valid reward, non-finite losses) do not
+        # advance the run, so a critic that never answers must stop it rather than spin forever.
+        self._idle_rl_steps = 0 if self.global_step > steps_before else self._idle_rl_steps + 1
+        if self._idle_rl_steps >= self.config.max_idle_rl_steps:
+            raise RuntimeError(
+                f"{self._idle_rl_steps} RL steps in a row made no optimizer step (missing fraction of the last one: "
+                f"{1 - adv['global_keep'] / max(adv['all_rewards'].numel(), 1):.2f}); is the critic answering? "
+                "Raise module.max_idle_rl_steps to wait longer"
+            )
         self.rl_step += 1
         self.after_update()
         metrics.update(self.rollout_metrics(roll, adv))
@@ -449,7 +464,7 @@ class FlowRLModule(FirmModule):
             n = self.trainer.strategy.reduce(n, reduce_op="sum")
         return float(n)
 
-    def optimizer_step(self, skipped: bool) -> dict[str, float]:
+    def apply_optimizer_step(self, skipped: bool) -> dict[str, float]:
         """Clip, check and step (or skip) the optimizer; returns the gradient norm."""
         opt = self.optimizers()
         params = self.policy.trainable_parameters()
@@ -697,7 +712,7 @@ class FlowGRPOModule(FlowRLModule):
                             count += 1
                     if skipped:
                         break
-                for k, v in self.optimizer_step(skipped).items():
+                for k, v in self.apply_optimizer_step(skipped).items():
                     sums[k] = sums.get(k, 0.0) + v
         out = {k: v / max(count, 1) for k, v in sums.items() if not k.startswith(("train/grad_norm", "train/skipped"))}
         out.update({k: v for k, v in sums.items() if k.startswith(("train/grad_norm", "train/skipped"))})
@@ -808,7 +823,7 @@ class DiffusionNFTModule(FlowRLModule):
                             count += 1
                     if skipped:
                         break
-                for k, v in self.optimizer_step(skipped).items():
+                for k, v in self.apply_optimizer_step(skipped).items():
                     sums[k] = sums.get(k, 0.0) + v
         out = {k: v / max(count, 1) for k, v in sums.items() if not k.startswith(("train/grad_norm", "train/skipped"))}
         out.update({k: v for k, v in sums.items() if k.startswith(("train/grad_norm", "train/skipped"))})

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -588,6 +589,13 @@ class FlowPolicy(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- structure
 
+    def train(self, mode: bool = True) -> FlowPolicy:
+        """Only the transformer (its adapters' dropout) follows ``mode``; encoders and the VAE stay in eval mode."""
+        super().train(mode)
+        self.text_encoder.eval()
+        self.codec.eval()
+        return self
+
     def _check_channels(self) -> None:
         tc = self.transformer.config
         want = self.codec.channels * (4 if self.family is QwenEditFamily else 1)
@@ -613,7 +621,8 @@ class FlowPolicy(nn.Module):
         peft_config = LoraConfig(
             r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, init_lora_weights=init
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # two adapters is what we want
             torch.manual_seed(self.config.init_seed + 1)
             self.transformer.add_adapter(peft_config, adapter_name=TRAIN_ADAPTER)
             if old_adapter:

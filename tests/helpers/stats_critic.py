@@ -2,7 +2,7 @@
 
 Generation: Instruction = how red the image is, Quality = how close its mean brightness is to mid-grey
 (both amplified, so that the nearly-grey images of tiny random policies still get different scores).
-Editing: Execution = how much the edit changed the source, Consistency = how little it changed it.
+Editing: Execution and Consistency are fractional parts of the amplified mean change (arbitrary but varied).
 Each maps to an integer 1..5. ``missing_frac`` makes that fraction of requests (chosen by a hash of the image, so
 reproducible) come back with every score missing, as an unparseable critic answer would.
 """
@@ -42,6 +42,7 @@ class ImageStatsCritic:
         name: str = "image_stats"
         missing_frac: float = 0.0  # fraction of requests whose scores are all missing (by image hash)
         fail: bool = False  # raise on every call (a dead endpoint)
+        fail_first: int = 0  # raise on the first N calls only (a flaky endpoint)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
@@ -55,7 +56,7 @@ class ImageStatsCritic:
 
     def score(self, requests):
         self.calls += 1
-        if self.config.fail:
+        if self.config.fail or self.calls <= self.config.fail_first:
             raise ConnectionError("test critic: endpoint unreachable")
         out = []
         for r in requests:
@@ -63,7 +64,8 @@ class ImageStatsCritic:
                 img = r.edited
                 a, s = _arr(r.edited), _arr(r.source, r.edited.size)
                 diff = float(np.abs(a - s).mean())
-                scores = {EXECUTION: _score(diff * 4), CONSISTENCY: _score(1.5 - diff * 4)}
+                # fractional parts of the amplified change: deterministic, and different for nearly equal images
+                scores = {EXECUTION: _score((diff * 97.0) % 1.0), CONSISTENCY: _score((diff * 61.0 + 0.5) % 1.0)}
             elif isinstance(r, GenRequest):
                 img = r.image
                 a = _arr(r.image)

@@ -1,0 +1,329 @@
+"""Critic SFT data: curated edit / generation shards -> chat-formatted, tokenised examples with answer-only labels.
+
+Each sample yields one training example per judgement it carries a label for (edit: Execution and Consistency;
+generation: Instruction and Quality), because the critic makes each judgement in its own conversation. An example
+is the critic's prompt (the images and the judgement's template) followed by the critic's answer; labels are -100
+everywhere except on the answer's tokens (and the end-of-turn token that closes it), so the loss teaches the answer
+only.
+
+**Rendering is injected.** This module imports nothing from ``firm``: what the prompt says and how the answer is
+written belong to the critic. The DataModule takes a *renderer*, a callable ``render(sample, dimension) ->
+(messages, answer) | None`` (None: no usable label). Give it as an object (``CriticSFTDataModule(config,
+render=...)``) or in the config as an import string ``"package.module:Factory"`` called with
+``renderer_options`` (default: ``firm.curation.sft:CriticSFTRenderer``, which uses the critic's own prompt
+templates and answer formats). ``messages`` use the neutral chat format of the critics: ``[{"role": ...,
+"content": [{"type": "image", "image": PIL.Image} | {"type": "text", "text": ...}]}]``.
+
+**Tokenisation** uses the critic checkpoint's processor (``processor:`` a directory written by
+``save_pretrained``): the prompt goes through the chat template with the generation prompt appended, exactly as at
+inference, and its image placeholders are expanded by the processor; the answer is the text the chat template writes
+for the assistant turn, up to and including its end-of-turn token, tokenised on its own and appended.
+
+Batches are what a Qwen-VL-style ``...ForConditionalGeneration.forward`` takes: ``input_ids``, ``attention_mask``,
+``labels`` (B, T), right-padded; ``pixel_values`` (all images' patches concatenated) and ``image_grid_thw``
+(images, 3); ``mm_token_type_ids`` (B, T) when the processor makes them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+
+from datamodules.reader import ReaderConfig, ShardDataset, make_loader
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+EDIT_JUDGEMENTS = ("execution", "consistency")
+GEN_JUDGEMENTS = ("instruction", "quality")
+
+Renderer = Callable[[dict, str], "tuple[list[dict], str] | None"]
+
+
+def resolve_callable(spec: str) -> Any:
+    """The object named by ``"package.module:attr"``."""
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError(f"expected 'package.module:Attr', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {spec!r}: {type(e).__name__}: {e}") from None
+
+
+def _prepare_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if max_pixels and image.width * image.height > max_pixels:
+        scale = math.sqrt(max_pixels / (image.width * image.height))
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.BICUBIC)
+    return image
+
+
+class ChatExampleEncoder:
+    """Tokenises (messages, answer) pairs with a vision-language checkpoint's processor; labels only the answer.
+
+    Args:
+        path: checkpoint directory (tokenizer with chat template, image processor; ``save_pretrained`` layout).
+        max_length: examples longer than this many tokens are dropped (truncating would cut images or the answer).
+        max_image_pixels: downscale larger images (keeping the aspect ratio) before encoding.
+    """
+
+    def __init__(self, path: str, max_length: int = 4096, max_image_pixels: int | None = None) -> None:
+        self.path = str(path)
+        self.max_length = max_length
+        self.max_image_pixels = max_image_pixels
+        self._loaded = False
+
+    # Loaded lazily, so that the encoder pickles cheaply into DataLoader workers (each loads its own copy).
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "max_length": self.max_length, "max_image_pixels": self.max_image_pixels}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        self.processor = None
+        try:
+            proc = AutoProcessor.from_pretrained(self.path)
+            if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+                self.processor = proc
+        except (ImportError, ValueError, OSError, TypeError, AttributeError, KeyError) as e:
+            # e.g. Qwen-VL processors need torchvision for their video half; images alone do not.
+            log.info("AutoProcessor unavailable for %s (%s); using tokenizer + image processor", self.path, e)
+        if self.processor is not None:
+            self.tokenizer = self.processor.tokenizer
+            self.image_processor = self.processor.image_processor
+            self._template_owner: Any = self.processor
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.image_processor = AutoImageProcessor.from_pretrained(self.path)
+            self._template_owner = self.tokenizer
+        if not getattr(self._template_owner, "chat_template", None):
+            raise ValueError(f"{self.path}: the checkpoint has no chat template")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
+        self.eos_token = self.tokenizer.eos_token
+        self._loaded = True
+
+    @property
+    def pad_token_id(self) -> int:
+        self._load()
+        return int(self.tokenizer.pad_token_id)
+
+    def _split(self, messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
+        out, images = [], []
+        for m in messages:
+            content = m["content"]
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            parts = []
+            for c in content:
+                if c["type"] == "image":
+                    images.append(_prepare_image(c["image"], self.max_image_pixels))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append({"type": "text", "text": c["text"]})
+            out.append({"role": m["role"], "content": parts})
+        return out, images
+
+    def answer_text(self, messages: list[dict], answer: str) -> tuple[str, str]:
+        """``(prompt text, answer text)``: the chat template's rendering of the prompt (with the generation prompt)
+        and of the assistant turn that follows it, cut after the end-of-turn token."""
+        self._load()
+        msgs, _ = self._split(messages)
+        render = self._template_owner.apply_chat_template
+        prompt = render(msgs, tokenize=False, add_generation_prompt=True)
+        full = render([*msgs, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+        if full.startswith(prompt) and answer in full[len(prompt) :]:
+            tail = full[len(prompt) :]
+            end = tail.find(self.eos_token, tail.index(answer) + len(answer)) if self.eos_token else -1
+            tail = tail[: end + len(self.eos_token)] if end != -1 else tail
+        else:  # a template that rewrites earlier turns when an answer follows: fall back to answer + end token
+            tail = answer + (self.eos_token or "")
+        return prompt, tail
+
+    def _encode_prompt(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        if self.processor is not None:
+            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+            return {k: v for k, v in enc.items()}
+        feats: dict[str, torch.Tensor] = {}
+        if images:
+            feats = dict(self.image_processor(images=images, return_tensors="pt"))
+            merge = getattr(self.image_processor, "merge_size", 1) ** 2
+            counts = (feats["image_grid_thw"].prod(-1) // merge).tolist()  # placeholder tokens per image
+            pieces = text.split(self.image_token)
+            if len(pieces) - 1 != len(images):
+                raise ValueError(f"chat template wrote {len(pieces) - 1} image placeholders for {len(images)} images")
+            text = pieces[0] + "".join(self.image_token * n + p for n, p in zip(counts, pieces[1:]))
+        enc = dict(self.tokenizer([text], return_tensors="pt", add_special_tokens=False))
+        if images:  # token modality (0 text, 1 image) for Qwen-VL's multimodal RoPE
+            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            enc["mm_token_type_ids"] = (enc["input_ids"] == image_id).long()
+        return {**enc, **feats}
+
+    def encode(self, messages: list[dict], answer: str) -> dict[str, torch.Tensor] | None:
+        """One example: ``input_ids``, ``attention_mask``, ``labels`` (T,), plus image tensors; None if too long."""
+        self._load()
+        _, images = self._split(messages)
+        prompt, tail = self.answer_text(messages, answer)
+        enc = self._encode_prompt(prompt, images)
+        prompt_ids = enc.pop("input_ids")[0]  # (P,)
+        enc.pop("attention_mask", None)
+        answer_ids = torch.tensor(self.tokenizer(tail, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (A,)
+        n = prompt_ids.numel() + answer_ids.numel()
+        if n > self.max_length:
+            return None
+        out = {
+            "input_ids": torch.cat([prompt_ids, answer_ids]),  # (P + A,)
+            "attention_mask": torch.ones(n, dtype=torch.long),
+            "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
+        }
+        for k, v in enc.items():
+            if k in ("mm_token_type_ids", "token_type_ids"):  # per token: answer tokens are text (0)
+                out[k] = torch.cat([v[0], torch.zeros_like(answer_ids)])
+            else:  # image tensors: pixel_values (patches, D), image_grid_thw (images, 3)
+                out[k] = v
+        return out
+
+
+PER_TOKEN = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
+
+
+def collate_examples(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad per-token tensors to (B, T_max); concatenate image tensors along their first dim."""
+    if not examples:
+        raise ValueError("empty batch")
+    t = max(e["input_ids"].numel() for e in examples)
+    pad_value = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
+    batch: dict[str, Any] = {}
+    for k in examples[0]:
+        if k.startswith("__"):
+            batch[k] = [e[k] for e in examples]
+        elif k in PER_TOKEN:
+            out = torch.full((len(examples), t), pad_value.get(k, 0), dtype=examples[0][k].dtype)  # (B, T)
+            for i, e in enumerate(examples):
+                out[i, : e[k].numel()] = e[k]
+            batch[k] = out
+        else:
+            batch[k] = torch.cat([e[k] for e in examples], dim=0)
+    return batch
+
+
+class ExampleBuilder:
+    """Sample -> list of tokenised examples (one per judgement with a label); runs in the DataLoader workers."""
+
+    def __init__(self, render: Renderer, encoder: ChatExampleEncoder, dimensions: tuple[str, ...]) -> None:
+        self.render = render
+        self.encoder = encoder
+        self.dimensions = dimensions
+        self.dropped_too_long = 0  # in this process
+
+    def __call__(self, sample: dict) -> list[dict] | None:
+        judgements = EDIT_JUDGEMENTS if sample.get("__schema__") == "edit" else GEN_JUDGEMENTS
+        out = []
+        for dim in judgements:
+            if dim not in self.dimensions:
+                continue
+            rendered = self.render(sample, dim)
+            if rendered is None:
+                continue
+            messages, answer = rendered
+            ex = self.encoder.encode(messages, answer)
+            if ex is None:
+                self.dropped_too_long += 1
+                log.warning(
+                    "dropping %s/%s: longer than max_length=%d tokens", sample["key"], dim, self.encoder.max_length
+                )
+                continue
+            ex["__key__"] = sample["key"]
+            ex["__judgement__"] = dim
+            out.append(ex)
+        return out or None
+
+
+class CriticSFTDataModule(L.LightningDataModule):
+    """Streams curated shards as tokenised critic SFT examples (answer-only labels), split across ranks/workers.
+
+    Args:
+        config: see :class:`CriticSFTDataModule.Config`.
+        render: the renderer object (overrides ``config.renderer``).
+    """
+
+    @dataclass
+    class Config:
+        name: str = "critic_sft"
+        train_shards: str = "???"  # edit and/or generation shards: a folder, glob, brace pattern or list (a::b)
+        val_shards: str | None = None  # validation shards (None: no validation loader)
+        processor: str = "???"  # critic checkpoint directory whose tokenizer/image processor/chat template to use
+        renderer: str = "firm.curation.sft:CriticSFTRenderer"  # "module:Factory" building render(sample, judgement)
+        renderer_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+        judgements: list[str] = field(
+            default_factory=lambda: ["execution", "consistency", "instruction", "quality"]
+        )  # which judgements become examples
+        max_length: int = 4096  # drop examples longer than this many tokens (counted in the log)
+        max_image_pixels: int | None = None  # downscale larger images before the processor
+        batch_size: int = 4  # examples per device batch
+        num_workers: int = 2  # DataLoader worker processes (each tokenises its share)
+        reader: ReaderConfig = field(default_factory=ReaderConfig)  # shuffle buffer, split, corrupt policy
+
+    def __init__(self, config: Config, render: Renderer | None = None) -> None:
+        super().__init__()
+        self.config = config
+        bad = [j for j in config.judgements if j not in EDIT_JUDGEMENTS + GEN_JUDGEMENTS]
+        if bad or not config.judgements:
+            raise ValueError(
+                f"critic_sft: unknown judgement(s) {bad or '(none)'}; choose from {EDIT_JUDGEMENTS + GEN_JUDGEMENTS}"
+            )
+        self._render = render
+        self.encoder = ChatExampleEncoder(config.processor, config.max_length, config.max_image_pixels)
+        self.train_set: ShardDataset | None = None
+        self.val_set: ShardDataset | None = None
+
+    def renderer(self) -> Renderer:
+        if self._render is None:
+            factory = resolve_callable(self.config.renderer)
+            self._render = factory(**dict(self.config.renderer_options))
+        return self._render
+
+    def builder(self) -> ExampleBuilder:
+        return ExampleBuilder(self.renderer(), self.encoder, tuple(self.config.judgements))
+
+    def _dataset(self, shards: str, shuffle: bool) -> ShardDataset:
+        reader = self.config.reader
+        if not shuffle:
+            reader = ReaderConfig(**{**reader.__dict__, "shuffle_buffer": 0, "shuffle_shards": False})
+        return ShardDataset(shards, None, reader, transform=self.builder())
+
+    def setup(self, stage: str | None = None) -> None:
+        for what in ("train_shards", "processor"):
+            if getattr(self.config, what) in (None, "", "???"):
+                raise ValueError(f"critic_sft: set data.{what}")
+        self.train_set = self._dataset(self.config.train_shards, shuffle=True)
+        if self.config.val_shards:
+            self.val_set = self._dataset(self.config.val_shards, shuffle=False)
+
+    def _loader(self, dataset: ShardDataset) -> Any:
+        collate = functools.partial(collate_examples, pad_token_id=self.encoder.pad_token_id)
+        return make_loader(dataset, self.config.batch_size, num_workers=self.config.num_workers, collate_fn=collate)
+
+    def train_dataloader(self) -> Any:
+        assert self.train_set is not None, "call setup() first"
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> Any:
+        return self._loader(self.val_set) if self.val_set is not None else []

@@ -1,0 +1,108 @@
+"""Critic SFT examples: a curated sample + a judgement -> (the critic's prompt, the answer the critic should give).
+
+:class:`CriticSFTRenderer` is the ``renderer`` that :class:`datamodules.critic_sft.CriticSFTDataModule` uses by
+default (the datamodule imports nothing from ``firm``; it resolves the renderer from its config string). The prompt
+is exactly what a FIRM critic backend sends for that judgement (:class:`firm.critics.prompts.PromptSet`, with the
+same template overrides), and the answer is written in the format that prompt asks for and that
+:mod:`firm.critics.parsing` reads back:
+
+==============  ================================  ====================================================
+judgement       template                          answer
+==============  ================================  ====================================================
+execution       edit_execution (source, edited)   ``{"reasoning": "...", "score": N}``
+consistency     edit_consistency (source, edited) ``{"reasoning": "...", "score": N}``
+instruction     gen_instruction (image)           item-by-item reasoning, then ``\\boxed{N}``
+quality         gen_quality (image)               ``{"reasoning": ..., "aesthetics": a, "technical_quality": t,
+                                                  "structure_texture": s}``
+==============  ================================  ====================================================
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from firm.critics.prompts import PromptConfig, PromptSet
+from firm.critics.types import CONSISTENCY, EXECUTION, INSTRUCTION, QUALITY
+
+DIMENSIONS = (EXECUTION, CONSISTENCY, INSTRUCTION, QUALITY)
+_EDIT = {EXECUTION: "edit_execution", CONSISTENCY: "edit_consistency"}
+
+
+def checklist_texts(checklist: list | None) -> list[str] | None:
+    """Checklist items as plain strings (a generation sample stores ``[{category, text}]``)."""
+    if checklist is None:
+        return None
+    return [c["text"] if isinstance(c, dict) else str(c) for c in checklist]
+
+
+def format_answer(dimension: str, score: int, reasoning: str, aspects: dict[str, int] | None = None) -> str:
+    """The critic's answer for one judgement, in the format its prompt asks for."""
+    reasoning = (reasoning or "").strip()
+    if dimension in _EDIT:
+        return json.dumps({"reasoning": reasoning, "score": int(score)}, ensure_ascii=False)
+    if dimension == INSTRUCTION:
+        return f"{reasoning}\n\n\\boxed{{{int(score)}}}" if reasoning else f"\\boxed{{{int(score)}}}"
+    if dimension == QUALITY:
+        if not aspects or set(aspects) != {"aesthetics", "technical", "structure"}:
+            raise ValueError(f"a quality answer needs the three aspect scores, got {aspects!r}")
+        return json.dumps(
+            {
+                "reasoning": reasoning,
+                "aesthetics": int(aspects["aesthetics"]),
+                "technical_quality": int(aspects["technical"]),
+                "structure_texture": int(aspects["structure"]),
+            },
+            ensure_ascii=False,
+        )
+    raise ValueError(f"unknown judgement {dimension!r}; known: {', '.join(DIMENSIONS)}")
+
+
+class CriticSFTRenderer:
+    """``render(sample, dimension) -> (messages, answer)`` or None when the sample has no usable label for it.
+
+    Args:
+        prompts: template overrides (paths), as in a critic backend's ``prompts:`` section, so the critic is
+            trained on exactly the prompts it will be served with.
+        require_reasoning: skip judgements whose reasoning is empty (a bare score teaches the critic to answer
+            without reasons).
+    """
+
+    def __init__(self, prompts: dict[str, Any] | PromptConfig | None = None, require_reasoning: bool = True) -> None:
+        if isinstance(prompts, dict):
+            prompts = PromptConfig(**prompts)
+        self.prompt_set = PromptSet(prompts)
+        self.require_reasoning = require_reasoning
+
+    def __call__(self, sample: dict, dimension: str) -> tuple[list[dict], str] | None:
+        schema = sample.get("__schema__") or ("edit" if "edited" in sample else "generation")
+        if dimension in _EDIT:
+            if schema != "edit":
+                return None
+            score, reasoning = sample.get(dimension), sample.get(f"{dimension}_reasoning") or ""
+            if score is None or (self.require_reasoning and not reasoning.strip()):
+                return None
+            msgs = self.prompt_set.messages(
+                _EDIT[dimension], [sample["source"], sample["edited"]], instruction=sample["instruction"]
+            )
+            return msgs, format_answer(dimension, score, reasoning)
+        if dimension not in (INSTRUCTION, QUALITY):
+            raise ValueError(f"unknown judgement {dimension!r}; known: {', '.join(DIMENSIONS)}")
+        if schema != "generation":
+            return None
+        score, reasoning = sample.get(dimension), sample.get(f"{dimension}_reasoning") or ""
+        if score is None or (self.require_reasoning and not reasoning.strip()):
+            return None
+        if dimension == INSTRUCTION:
+            checklist = checklist_texts(sample.get("checklist"))
+            if not checklist:
+                return None  # the instruction prompt judges against an explicit checklist
+            msgs = self.prompt_set.messages(
+                "gen_instruction", [sample["image"]], prompt=sample["prompt"], checklist=checklist
+            )
+            return msgs, format_answer(INSTRUCTION, score, reasoning)
+        aspects = sample.get("quality_aspects")
+        if not aspects:
+            return None
+        msgs = self.prompt_set.messages("gen_quality", [sample["image"]], prompt=sample["prompt"])
+        return msgs, format_answer(QUALITY, score, reasoning, aspects)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -67,6 +68,14 @@ def shapes_tiny_config(**changes: Any) -> TinyConfig:
     }
     base.update(changes)
     return TinyConfig(**base)
+
+
+def _command_line() -> str:
+    """How this process was started, as a user would type it (``firm run ...`` rather than a path to __main__)."""
+    argv = list(sys.argv)
+    if argv and (argv[0].endswith("__main__.py") or Path(argv[0]).name == "firm"):
+        argv[0] = "firm"
+    return " ".join(argv)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -381,7 +390,8 @@ class ShapesPretrainModule(FirmModule):
                 "world": asdict(c.world),
                 "split": asdict(c.split),
                 "init_seed": c.init_seed,
-                "command": " ".join(sys.argv),
+                "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),  # the experiment seed (set by the runner)
+                "command": _command_line(),
             }
             (model_dir / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
             if c.export_dir:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import warnings
 from collections import OrderedDict
@@ -88,6 +89,8 @@ class TinyConfig:
     head_dim: int = 16  # width per head (qwen: must equal the sum of the RoPE axes, see rope_axes)
     latent_channels: int = 4  # latent channels with a VAE (pixel latents have 3)
     vae: str = "pixel"  # pixel (latents are RGB in [-1, 1]) | tiny (a small random VAE of the family's class)
+    pixel_patch: int = 1  # vae=pixel: space-to-depth factor of the pixel latents (2: 4x fewer tokens, exact)
+    source_conditioning: str = "sequence"  # qwen: source tokens appended to the sequence (Qwen-Image-Edit) | channels
     text_dim: int = 32  # hash text encoder width (the transformer's joint_attention_dim)
     text_layers: int = 1  # hash text encoder layers
     vocab_size: int = 1024  # hash buckets of the text encoder
@@ -122,16 +125,55 @@ class PolicyConfig:
 
 
 class PixelCodec(nn.Module):
-    """Pixel-space latents: ``latent = 2 * image - 1`` (no VAE). For tiny policies."""
+    """Pixel-space latents: ``latent = 2 * image - 1`` (no VAE). For tiny policies.
 
-    scale_factor = 1
-    channels = 3
+    With ``patch > 1`` the latent is the space-to-depth rearrangement of the pixels (``pixel_unshuffle``): an exact,
+    parameter-free "VAE" with ``scale_factor = patch`` and ``3 * patch**2`` channels, so that a tiny transformer sees
+    ``patch**2`` times fewer tokens (the shapes world uses ``patch: 2``: 32x32 images, 8x8 tokens of 4x4 pixels).
+    It saves as ``vae/config.json`` (``{"class": "PixelCodec", "patch": p}``) so checkpoints load with it.
+    """
+
+    def __init__(self, patch: int = 1) -> None:
+        super().__init__()
+        if patch < 1:
+            raise ValueError(f"PixelCodec: patch must be >= 1, got {patch}")
+        self.patch = patch
+        self.scale_factor = patch
+        self.channels = 3 * patch * patch
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return images * 2.0 - 1.0
+        x = images * 2.0 - 1.0  # (B, 3, H, W)
+        return nn.functional.pixel_unshuffle(x, self.patch) if self.patch > 1 else x  # (B, 3 p^2, H/p, W/p)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        x = latents.float()
+        if self.patch > 1:
+            x = nn.functional.pixel_shuffle(x, self.patch)  # (B, 3, H, W)
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps({"class": "PixelCodec", "patch": self.patch}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> PixelCodec:
+        conf = _pixel_codec_config(Path(directory))
+        if conf is None:
+            raise ValueError(f"{directory}/config.json does not describe a PixelCodec")
+        return cls(int(conf.get("patch", 1)))
+
+
+def _pixel_codec_config(directory: Path) -> dict | None:
+    """The saved PixelCodec settings in ``directory`` (a checkpoint's ``vae/``), or None when it holds a real VAE."""
+    cfg = directory / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        conf = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    return conf if conf.get("class") == "PixelCodec" else None
 
 
 class SD3VAECodec(nn.Module):
@@ -294,9 +336,11 @@ class QwenEditFamily:
     def tiny_transformer(t: TinyConfig, latent_size: int, channels: int) -> nn.Module:
         if sum(t.rope_axes) != t.head_dim:
             raise ValueError(f"tiny.rope_axes {t.rope_axes} must sum to tiny.head_dim={t.head_dim} for qwen")
+        if t.source_conditioning not in ("sequence", "channels"):
+            raise ValueError(f"tiny.source_conditioning must be sequence or channels, got {t.source_conditioning!r}")
         return QwenEditFamily.transformer_class()(
             patch_size=2,
-            in_channels=channels * 4,
+            in_channels=channels * 4 * (2 if t.source_conditioning == "channels" else 1),
             out_channels=channels,
             num_layers=t.num_layers,
             attention_head_dim=t.head_dim,
@@ -324,7 +368,14 @@ class QwenEditFamily:
         tokens = pack_latents(x)  # (B, N, 4C)
         n = tokens.shape[1]
         shapes = [(1, h // 2, w // 2)]
-        if cond.image_latents is not None:
+        if transformer.config.in_channels == 2 * tokens.shape[-1]:
+            # Channel conditioning (tiny CPU editors, InstructPix2Pix-style): each target token carries the source
+            # token of the same position, so copying is easy to learn and the sequence stays half as long.
+            if cond.image_latents is None:
+                raise ValueError("this editing transformer takes the source image along channels: give image_latents")
+            src = pack_latents(cond.image_latents.to(x.dtype))  # (B, N, 4C)
+            tokens = torch.cat([tokens, src], dim=-1)  # (B, N, 8C)
+        elif cond.image_latents is not None:
             src = cond.image_latents.to(x.dtype)
             tokens = torch.cat([tokens, pack_latents(src)], dim=1)  # (B, N + N_src, 4C)
             shapes.append((1, src.shape[2] // 2, src.shape[3] // 2))
@@ -371,7 +422,7 @@ def build_tiny_components(config: PolicyConfig) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
         if t.vae == "pixel":
-            codec: nn.Module = PixelCodec()
+            codec: nn.Module = PixelCodec(t.pixel_patch)
         else:
             codec = fam.codec(fam.tiny_vae(t.latent_channels))
         if config.resolution % (codec.scale_factor * 2):
@@ -408,6 +459,8 @@ def save_components(components: dict[str, Any], directory: str | Path) -> Path:
     codec = components["codec"]
     if hasattr(codec, "vae"):
         codec.vae.save_pretrained(d / "vae")
+    elif isinstance(codec, PixelCodec) and codec.patch > 1:
+        codec.save_pretrained(d / "vae")
     components["text_encoder"].save_pretrained(d / "text_encoder")
     return d
 
@@ -438,7 +491,9 @@ def load_components(config: PolicyConfig) -> dict[str, Any]:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=config.shift)
     if config.vae not in ("auto", "pixel"):
         raise ValueError(f"policy.vae must be auto or pixel, got {config.vae!r}")
-    if config.vae == "auto" and (root / "vae").is_dir():
+    if (root / "vae").is_dir() and _pixel_codec_config(root / "vae") is not None:
+        codec = PixelCodec.from_pretrained(root / "vae")  # a parameter-free pixel codec (tiny policies)
+    elif config.vae == "auto" and (root / "vae").is_dir():
         codec = fam.codec(fam.vae_class().from_pretrained(root, subfolder="vae", torch_dtype=dtype))
     else:
         codec = PixelCodec()
@@ -544,7 +599,7 @@ class FlowPolicy(nn.Module):
     def _check_channels(self) -> None:
         tc = self.transformer.config
         want = self.codec.channels * (4 if self.family is QwenEditFamily else 1)
-        if tc.in_channels != want:
+        if tc.in_channels != want and not (self.family is QwenEditFamily and tc.in_channels == 2 * want):
             raise ValueError(
                 f"the transformer takes {tc.in_channels} input channels but the latent codec gives "
                 f"{self.codec.channels} ({type(self.codec).__name__}); check policy.vae / the checkpoint's vae/"

@@ -19,6 +19,7 @@ PROVIDERS: list[str] = [
     "firm.critics.cli",
     "firm.policies.cli",
     "firm.synthetic.cli",
+    "firm.bench.cli",
     "firm.curation.cli",
 ]
 

@@ -19,6 +19,7 @@ MODULES: dict[str, Any] = {
     "shapes_pretrain": "firm.synthetic.pretrain:ShapesPretrainModule",  # tiny base models of the shapes world
     "shapes_diffusion_nft": "firm.synthetic.demo:ShapesDiffusionNFT",  # DiffusionNFT + shapes held-out report
     "shapes_flow_grpo": "firm.synthetic.demo:ShapesFlowGRPO",  # Flow-GRPO + shapes held-out report
+    "critic_sft": "firm.critics.sft:CriticSFTModule",  # critic SFT (answer-only CE, full or LoRA)
 }
 
 # LightningDataModules.
@@ -36,6 +37,7 @@ CRITICS: dict[str, Any] = {
     "local": "firm.critics.local:LocalCritic",
     "http": "firm.critics.http:HTTPCritic",
     "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
+    "constant": "firm.bench.baselines:ConstantCritic",  # prior-only baseline for benchmark tables
 }
 
 # Reward combiners (CME, QMA, baselines): class with a nested Config, built as `cls(config)`.

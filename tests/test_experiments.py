@@ -9,9 +9,12 @@ from firm.config import load_experiment, to_object
 from firm.registry import REGISTRIES, resolve
 from firm.runner import experiments_root, list_experiments
 
-# experiments/curation/ holds `firm curate` configs, validated by tests/curation/test_experiments.py.
+# experiments/curation/ holds `firm curate` configs (validated by tests/curation/test_experiments.py) and
+# experiments/bench/ `firm bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/).
 SHIPPED = sorted(
-    p for p in experiments_root().rglob("*.yaml") if p.relative_to(experiments_root()).parts[0] != "curation"
+    p
+    for p in experiments_root().rglob("*.yaml")
+    if p.relative_to(experiments_root()).parts[0] not in ("curation", "bench")
 )
 
 

@@ -1,0 +1,138 @@
+"""Subcommands `firm bench`, `bench-convert`, `bench-shapes`, `tiny-critic` and `export-critic`.
+
+Heavy libraries are imported inside the handlers so that `firm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from firm.bench.evaluate import BenchEvaluationError
+    from firm.bench.run import load_bench_config, run_bench
+    from firm.cli import _find_experiment
+    from firm.config import ConfigError
+
+    experiment, overrides = args.experiment, list(args.overrides)
+    if experiment is not None and "=" in experiment and not experiment.endswith((".yaml", ".yml")):
+        overrides.insert(0, experiment)
+        experiment = None
+    if experiment is None and args.data is None:
+        raise ConfigError("firm bench needs an experiment YAML, or --data DIR --critic NAME")
+    if args.fresh:
+        overrides.append("fresh=true")
+    cfg = load_bench_config(
+        _find_experiment(experiment) if experiment else None, overrides, data=args.data, critics=args.critic
+    )
+    try:
+        run_bench(cfg, progress=None)
+    except BenchEvaluationError as e:
+        print(f"firm bench: {e}")
+        return 1
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from firm.bench.convert import convert_firm_bench
+
+    fields = dict(kv.split("=", 1) for kv in args.field)
+    out = convert_firm_bench(
+        args.out, edit_dir=args.edit_dir, gen_dir=args.gen_dir, field_map=fields, link_images=not args.copy_images
+    )
+    print(f"[firm bench-convert] wrote {out}; evaluate with `firm bench --data {out} --critic NAME`")
+    return 0
+
+
+def _cmd_shapes(args: argparse.Namespace) -> int:
+    from firm.bench.synthetic import build_shapes_bench
+
+    out = build_shapes_bench(
+        args.out, n_per_task=args.n_per_task, seed=args.seed, size=args.size, held_out=not args.train_split
+    )
+    print(f"[firm bench-shapes] wrote {out}")
+    return 0
+
+
+def _cmd_tiny_critic(args: argparse.Namespace) -> int:
+    from firm.bench.tiny import TinyCriticConfig, build_tiny_critic
+
+    out = build_tiny_critic(args.out, TinyCriticConfig(image_size=args.image_size), seed=args.seed)
+    print(f"[firm tiny-critic] wrote {out} (random weights; train it with experiments/critic/tiny_*_cpu.yaml)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from firm.critics.export import export_critic
+
+    out = export_critic(args.run_dir, args.out_dir, checkpoint=args.checkpoint, merge_lora=not args.keep_lora)
+    print(f"[firm export-critic] wrote {out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="evaluate critics on FIRM-Bench (or any benchmark directory)",
+        description="Score every benchmark item with each critic (cached, resumable), then print MAE per task and "
+        "split, correlations and parse failures; writes results.json, table.md and bench.png. "
+        "Either `firm bench EXP.yaml [key=value ...]` or `firm bench --data DIR --critic NAME [critic.key=value]`.",
+    )
+    p.add_argument("experiment", nargs="?", help="bench YAML (a path, or a name under experiments/)")
+    p.add_argument("overrides", nargs="*", help="overrides such as limit=20 critic.model=/path batch_size=4")
+    p.add_argument("--data", help="benchmark directory (items.jsonl + images)")
+    p.add_argument("--critic", action="append", metavar="NAME", help="critic registry name (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="ignore cached answers and score everything again")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "bench-convert",
+        help="convert the released FIRM-Bench files into the local benchmark layout",
+        description="Read FIRM-Bench-Edit/ and FIRM-Bench-Gen/ as downloaded from the FIRM-Bench dataset "
+        "(bench_v1.jsonl + result/human_bench_v1.jsonl + images) and write items.jsonl. See docs/bench.md for the "
+        "assumed field names and how to override them.",
+    )
+    p.add_argument("out", help="output benchmark directory")
+    p.add_argument("--edit-dir", help="the FIRM-Bench-Edit folder")
+    p.add_argument("--gen-dir", help="the FIRM-Bench-Gen folder")
+    p.add_argument(
+        "--field", action="append", default=[], metavar="ROLE=KEY", help="use KEY of the source files for ROLE"
+    )
+    p.add_argument("--copy-images", action="store_true", help="copy images instead of symlinking them")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "bench-shapes",
+        help="build a small synthetic benchmark from the procedural shapes world",
+        description="Edit and generation items from the shapes world, scored by the ground-truth rubric "
+        "(not by humans). Runs on CPU in seconds.",
+    )
+    p.add_argument("out", help="output benchmark directory")
+    p.add_argument("--n-per-task", type=int, default=40, help="items per task (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--train-split", action="store_true", help="draw from the training split, not the held-out one")
+    p.set_defaults(func=_cmd_shapes)
+
+    p = sub.add_parser(
+        "tiny-critic",
+        help="write a tiny random Qwen3-VL critic (tokenizer, image processor, chat template) for CPU runs",
+        description="The real Qwen3-VL architecture at a tiny size with a BPE tokenizer trained on the critic "
+        "prompts and shapes-world answers: what the CPU critic-training experiments fine-tune.",
+    )
+    p.add_argument("out", help="output directory (save_pretrained layout)")
+    p.add_argument("--image-size", type=int, default=64, help="largest image side the processor keeps (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny_critic)
+
+    p = sub.add_parser(
+        "export-critic",
+        help="export a trained critic run as a save_pretrained model + processor directory",
+        description="Load the run's last checkpoint into the critic model (merging LoRA adapters) and write a "
+        "directory that the local critic backend (and vLLM) load with from_pretrained.",
+    )
+    p.add_argument("run_dir", help="a `firm run` directory of a critic_sft experiment")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.ckpt)")
+    p.add_argument("--keep-lora", action="store_true", help="write the LoRA adapter separately instead of merging")
+    p.set_defaults(func=_cmd_export)

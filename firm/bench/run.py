@@ -1,0 +1,266 @@
+"""`firm bench`: evaluate one or more critics on a benchmark directory and write the report.
+
+Outputs go to ``<output_root>/<name>/`` (a stable directory, so that running the same command again resumes)::
+
+    cache/<critic_id>.jsonl      every raw critic answer, keyed by item id (the resume point)
+    predictions/<label>.jsonl    per item: task, split, reference score, predicted score, error
+    results.json                 metrics per critic and group, evaluation stats, host, published rows
+    table.md                     the markdown tables printed at the end
+    bench.png                    per-group MAE bars and confusion matrices
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from firm.config import ConfigError, parse_overrides
+
+
+@dataclass
+class BenchConfig:
+    """A benchmark evaluation: which data, which critics, how to run them."""
+
+    name: str = MISSING  # results go to <output_root>/<name>/ (rerunning the same name resumes from its cache)
+    description: str = ""  # one line shown by `firm list`
+    data: str = MISSING  # benchmark directory (items.jsonl + images; see docs/bench.md)
+    output_root: str = "runs/bench"  # root folder of benchmark results
+    imports: list[str] = field(default_factory=list)  # modules or .py files that register extra critics
+    critics: dict[str, Any] = field(default_factory=dict)  # label -> {name: <critics registry key>, **its Config}
+    tasks: list[str] = field(default_factory=list)  # evaluate only these tasks (empty: all)
+    limit: int | None = None  # at most this many items per task (quick looks)
+    batch_size: int = 8  # requests per critic.score() call
+    concurrency: int = 1  # critic.score() calls in flight (1 for an in-process GPU model; more for HTTP)
+    bootstrap_samples: int = 1000  # resamples for the MAE confidence intervals (0: none)
+    ci_level: float = 0.95  # confidence level of the intervals
+    seed: int = 0  # seed of the bootstrap
+    fresh: bool = False  # ignore cached answers and score everything again
+    published: bool = True  # show the published FIRM-Bench rows in the table and plot
+    plot: bool = True  # write bench.png
+
+
+def _merge(layers: list[tuple[str, DictConfig]]) -> DictConfig:
+    cfg = OmegaConf.structured(BenchConfig)
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(f"{source}: invalid or unknown key '{key}': {str(e).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required value(s) {', '.join(missing)}: set them in the YAML or as key=value")
+    return cfg
+
+
+def load_bench_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    data: str | None = None,
+    critics: list[str] | None = None,
+) -> DictConfig:
+    """Resolve a bench config: dataclass defaults <- YAML (with `base:`) <- ``--data/--critic`` <- key=value.
+
+    With ``critics`` (registry names from ``--critic``), overrides ``critic.KEY=VALUE`` apply to the single critic
+    given (``critic.NAME.KEY=VALUE`` picks one of several).
+    """
+    from firm.config import _load_chain  # the same `base:` inheritance as `firm run`
+
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        layers += _load_chain(Path(path))
+    cli: dict[str, Any] = {}
+    if data is not None:
+        cli["data"] = data
+        cli["name"] = Path(data).resolve().name
+    overrides = list(overrides or [])
+    if critics:
+        cli["critics"] = {c: {"name": c} for c in critics}
+        rewritten = []
+        for ov in overrides:
+            if ov.startswith("critic."):
+                key = ov[len("critic.") :]
+                first = key.split(".", 1)[0].split("=", 1)[0]
+                if len(critics) == 1 and first not in critics:
+                    key = f"{critics[0]}.{key}"
+                ov = f"critics.{key}"
+            rewritten.append(ov)
+        overrides = rewritten
+        if path is not None:
+            # `--critic` replaces the YAML's critics rather than adding to them.
+            for _, layer in layers:
+                layer.pop("critics", None)
+    if cli:
+        layers.append(("command line (--data/--critic)", OmegaConf.create(cli)))
+    layers += parse_overrides(overrides)
+    cfg = _merge(layers)
+    if not cfg.critics:
+        raise ConfigError("no critic to evaluate: add a `critics:` section or pass --critic NAME")
+    from firm.config import _import_extensions
+
+    _import_extensions(cfg.imports, str(path or "bench config"))
+    for label, section in cfg.critics.items():  # fail now, not after the first critic has run
+        build_critic_config(_critic_label_ok(str(label)), section)
+    return cfg
+
+
+def _critic_label_ok(label: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", label):
+        raise ConfigError(f"critic label {label!r}: use letters, digits, '_', '-' or '.' (it names cache files)")
+    return label
+
+
+def build_critic_config(label: str, section: Any) -> Any:
+    """The critic's ``Config`` dataclass, type-checked; errors name ``critics.<label>.<key>``."""
+    from firm.registry import resolve
+
+    if not isinstance(section, DictConfig | dict) or "name" not in section:
+        raise ConfigError(f"critics.{label}: expected a mapping with a `name:` (a critics registry key)")
+    try:
+        cls = resolve("critics", str(section["name"]))
+    except KeyError as e:
+        raise ConfigError(f"critics.{label}.name: {e.args[0]}") from None
+    schema = OmegaConf.structured(cls.Config)
+    try:
+        merged = OmegaConf.merge(schema, section)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"critics.{label}: invalid or unknown key '{key}': {str(e).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"critics.{label}: missing required value(s) {', '.join(missing)}")
+    return OmegaConf.to_object(merged)
+
+
+def critic_id(label: str, conf: Any) -> str:
+    """Cache key of a critic: its label plus a hash of its resolved config."""
+    blob = json.dumps(dataclasses.asdict(conf), sort_keys=True, default=str)
+    return f"{label}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    from firm.runner import _git_commit
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'cpu'})"
+    return {
+        "host": socket.gethostname(),
+        "device": device,
+        "torch": torch.__version__,
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = True) -> dict[str, Any]:
+    """Evaluate every critic of ``cfg`` and write the report. Returns the ``results.json`` content.
+
+    Raises:
+        ConfigError: bad configuration or benchmark directory.
+        BenchEvaluationError: some batches failed (everything else is cached; rerun to resume).
+    """
+    from firm.bench.data import BenchmarkError, load_benchmark
+    from firm.bench.evaluate import evaluate
+    from firm.bench.metrics import compute_metrics
+    from firm.bench.report import PUBLISHED, PUBLISHED_SOURCE, markdown_tables, plot_report
+    from firm.config import _import_extensions
+    from firm.critics.factory import build_critic
+
+    c: BenchConfig = OmegaConf.to_object(cfg)
+    _import_extensions(c.imports, "bench config")
+    try:
+        bench = load_benchmark(c.data).select(c.tasks or None, c.limit)
+    except BenchmarkError as e:
+        raise ConfigError(str(e)) from None
+    out = Path(c.output_root) / c.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if echo:
+        print(f"[firm bench] {bench.name}: {len(bench.items)} items {bench.task_counts()} -> {out}")
+
+    confs = {_critic_label_ok(label): build_critic_config(label, sec) for label, sec in c.critics.items()}
+    results: dict[str, Any] = {}
+    for label, conf in confs.items():
+        cid = critic_id(label, conf)
+        critic = build_critic(conf)
+        try:
+            preds, stats = evaluate(
+                bench.items,
+                critic,
+                critic_id=cid,
+                cache_path=out / "cache" / f"{cid}.jsonl",
+                batch_size=c.batch_size,
+                concurrency=c.concurrency,
+                fresh=c.fresh,
+                progress=progress,
+            )
+        finally:
+            close = getattr(critic, "close", None)
+            if callable(close):
+                close()
+        metrics = compute_metrics(
+            bench.items, preds, bootstrap_samples=c.bootstrap_samples, level=c.ci_level, seed=c.seed
+        )
+        (out / "predictions").mkdir(exist_ok=True)
+        with open(out / "predictions" / f"{label}.jsonl", "w", encoding="utf-8") as f:
+            for it in bench.items:
+                p = preds[it.id]
+                rec = {"id": it.id, "task": it.task, "split": it.split, "reference": it.human_score}
+                rec.update(predicted=p.score, error=p.error, raw=p.raw[:2000])
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        failures = [
+            {"id": it.id, "error": preds[it.id].error, "raw": preds[it.id].raw[:300]}
+            for it in bench.items
+            if preds[it.id].score is None
+        ]
+        results[label] = {
+            "critic_id": cid,
+            "config": json.loads(json.dumps(dataclasses.asdict(conf), default=str)),
+            "metrics": metrics,
+            "evaluation": {**dataclasses.asdict(stats), "items_per_s": stats.items_per_s},
+            "failure_examples": failures[:10],
+        }
+        if echo:
+            ov = metrics["groups"]["overall"]
+            mae = "—" if ov["mae"] is None else f"{ov['mae']:.3f}"
+            print(
+                f"[firm bench] {label}: overall MAE {mae} over {ov['n_parsed']}/{ov['n_items']} parsed "
+                f"({stats.n_cached} cached, {stats.n_computed} scored in {stats.wall_s:.1f}s)"
+            )
+    report = {
+        "benchmark": {
+            "name": bench.name,
+            "path": str(bench.root),
+            "description": bench.description,
+            "score_source": bench.score_source,
+            "n_items": len(bench.items),
+            "groups": bench.task_counts(),
+        },
+        "environment": _environment(),
+        "critics": results,
+        "published": {"source": PUBLISHED_SOURCE, "rows": PUBLISHED} if c.published else None,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_tables(report, published=c.published)
+    (out / "table.md").write_text(table)
+    if c.plot:
+        plot_report(report, out / "bench.png", published=c.published)
+    if echo:
+        print()
+        print(table)
+        print(f"[firm bench] wrote {out / 'results.json'}, {out / 'table.md'}" + (", bench.png" if c.plot else ""))
+    return report

@@ -1,0 +1,103 @@
+"""`firm export-critic RUN_DIR OUT_DIR`: a trained critic run -> a ``save_pretrained`` directory.
+
+The output holds the model weights (safetensors), ``config.json``, ``generation_config.json``, the tokenizer with its
+chat template and the image processor: what the local critic backend (``critics: {name: local, model: OUT_DIR}``)
+and vLLM load. LoRA adapters are merged into the base weights unless ``merge_lora=False``, in which case the adapter
+is written with peft's ``save_pretrained`` next to the processor (load it on top of the base model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from firm.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def save_processor(source: str | Path, out: Path) -> None:
+    """Copy the processor files (tokenizer + chat template + image processor) of ``source`` into ``out``."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        AutoProcessor.from_pretrained(source).save_pretrained(out)
+        return
+    except (ImportError, ValueError, OSError, TypeError, AttributeError, KeyError) as e:
+        # e.g. Qwen-VL video processors need torchvision; the critic backend falls back to these two parts too.
+        log.info("AutoProcessor unavailable for %s (%s); saving tokenizer and image processor", source, e)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    AutoImageProcessor.from_pretrained(source).save_pretrained(out)
+
+
+def export_critic(
+    run_dir: str | Path, out_dir: str | Path, *, checkpoint: str | Path | None = None, merge_lora: bool = True
+) -> Path:
+    """Write the critic of a ``critic_sft`` run as a ``save_pretrained`` directory.
+
+    Args:
+        run_dir: the run directory (holds ``config.yaml`` and ``checkpoints/last.ckpt``).
+        out_dir: where to write the model.
+        checkpoint: a specific checkpoint file instead of ``last.ckpt``.
+        merge_lora: merge LoRA adapters into the weights (a plain model any loader can read).
+
+    Raises:
+        ConfigError: the run is not a critic_sft run, or its checkpoint is missing or does not fit the model.
+        ValueError: the weights hold NaN or inf (nothing is written).
+    """
+    from firm.config import load_experiment, to_object
+    from firm.critics.sft import CriticSFTModule
+    from firm.runner import LAST_CKPT
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml (is it a `firm run` directory?)")
+    cfg = to_object(load_experiment(cfg_path))
+    if cfg.module.name != "critic_sft":
+        raise ConfigError(f"{run_dir}: module is {cfg.module.name!r}, not a critic_sft run")
+    ckpt_path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / LAST_CKPT
+    if not ckpt_path.is_file():
+        raise ConfigError(f"checkpoint not found: {ckpt_path}")
+
+    conf = cfg.module
+    conf.gradient_checkpointing = False
+    module = CriticSFTModule(conf)
+    module.model = module.build_model(torch.device("cpu"))
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    result = module.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"{ckpt_path}: {len(result.unexpected_keys)} weights do not fit the model, "
+                          f"e.g. {result.unexpected_keys[:3]}")  # fmt: skip
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    expected = set(module.state_dict()) if conf.finetune == "full" else trainable
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConfigError(f"{ckpt_path}: {len(missing)} weights missing from the checkpoint, e.g. {missing[:3]}")
+
+    model = module.model
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"refusing to export: non-finite weights in {len(bad)} tensors, e.g. {bad[:3]}")
+    out.mkdir(parents=True, exist_ok=True)
+    if conf.finetune == "lora" and merge_lora:
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    save_processor(conf.model, out)
+    meta = {
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_dir": str(run_dir.resolve()),
+        "checkpoint": str(ckpt_path.resolve()),
+        "global_step": ckpt.get("global_step"),
+        "base_model": conf.model,
+        "finetune": conf.finetune,
+        "lora_merged": conf.finetune == "lora" and merge_lora,
+    }
+    (out / "firm_export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out

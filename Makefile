@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-DEMO   ?= experiments/demo/toy_regression.yaml
+DEMO   ?= experiments/demo/shapes_edit_cme.yaml
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint format clean

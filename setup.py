@@ -42,6 +42,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["firm", "firm.*", "kernels", "kernels.*", "datamodules", "datamodules.*"]),
+    # The shapes world's tiny pretrained base models (a few MB of safetensors + configs) ship with the package.
+    package_data={"firm.synthetic": ["checkpoints/README.md", "checkpoints/*/*.json", "checkpoints/*/*/*"]},
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["firm=firm.cli:main"]},

@@ -29,15 +29,14 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
 
+from datamodules.chat import ChatProcessor
 from datamodules.reader import ReaderConfig, ShardDataset, make_loader
 
 log = logging.getLogger(__name__)
@@ -60,17 +59,11 @@ def resolve_callable(spec: str) -> Any:
         raise ValueError(f"cannot import {spec!r}: {type(e).__name__}: {e}") from None
 
 
-def _prepare_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if max_pixels and image.width * image.height > max_pixels:
-        scale = math.sqrt(max_pixels / (image.width * image.height))
-        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.BICUBIC)
-    return image
-
-
 class ChatExampleEncoder:
     """Tokenises (messages, answer) pairs with a vision-language checkpoint's processor; labels only the answer.
+
+    The prompt is encoded by :class:`datamodules.chat.ChatProcessor`, the very code the local critic encodes its
+    prompts with at inference, so training and inference prompts are the same tokens.
 
     Args:
         path: checkpoint directory (tokenizer with chat template, image processor; ``save_pretrained`` layout).
@@ -94,30 +87,12 @@ class ChatExampleEncoder:
     def _load(self) -> None:
         if self._loaded:
             return
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-        self.processor = None
-        try:
-            proc = AutoProcessor.from_pretrained(self.path)
-            if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
-                self.processor = proc
-        except (ImportError, ValueError, OSError, TypeError, AttributeError, KeyError) as e:
-            # e.g. Qwen-VL processors need torchvision for their video half; images alone do not.
-            log.info("AutoProcessor unavailable for %s (%s); using tokenizer + image processor", self.path, e)
-        if self.processor is not None:
-            self.tokenizer = self.processor.tokenizer
-            self.image_processor = self.processor.image_processor
-            self._template_owner: Any = self.processor
-        else:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.image_processor = AutoImageProcessor.from_pretrained(self.path)
-            self._template_owner = self.tokenizer
-        if not getattr(self._template_owner, "chat_template", None):
-            raise ValueError(f"{self.path}: the checkpoint has no chat template")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
-        self.eos_token = self.tokenizer.eos_token
+        self.chat = ChatProcessor(self.path, self.max_image_pixels)
+        self.processor = self.chat.processor
+        self.tokenizer = self.chat.tokenizer
+        self.image_processor = self.chat.image_processor
+        self.image_token = self.chat.image_token
+        self.eos_token = self.chat.eos_token
         self._loaded = True
 
     @property
@@ -125,30 +100,15 @@ class ChatExampleEncoder:
         self._load()
         return int(self.tokenizer.pad_token_id)
 
-    def _split(self, messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
-        out, images = [], []
-        for m in messages:
-            content = m["content"]
-            if isinstance(content, str):
-                content = [{"type": "text", "text": content}]
-            parts = []
-            for c in content:
-                if c["type"] == "image":
-                    images.append(_prepare_image(c["image"], self.max_image_pixels))
-                    parts.append({"type": "image"})
-                else:
-                    parts.append({"type": "text", "text": c["text"]})
-            out.append({"role": m["role"], "content": parts})
-        return out, images
-
     def answer_text(self, messages: list[dict], answer: str) -> tuple[str, str]:
         """``(prompt text, answer text)``: the chat template's rendering of the prompt (with the generation prompt)
         and of the assistant turn that follows it, cut after the end-of-turn token."""
         self._load()
-        msgs, _ = self._split(messages)
-        render = self._template_owner.apply_chat_template
-        prompt = render(msgs, tokenize=False, add_generation_prompt=True)
-        full = render([*msgs, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+        msgs, _ = self.chat.split(messages)
+        prompt = self.chat.render(msgs)
+        full = self.chat.render(
+            [*msgs, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], add_generation_prompt=False
+        )
         if full.startswith(prompt) and answer in full[len(prompt) :]:
             tail = full[len(prompt) :]
             end = tail.find(self.eos_token, tail.index(answer) + len(answer)) if self.eos_token else -1
@@ -157,31 +117,12 @@ class ChatExampleEncoder:
             tail = answer + (self.eos_token or "")
         return prompt, tail
 
-    def _encode_prompt(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        if self.processor is not None:
-            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
-            return {k: v for k, v in enc.items()}
-        feats: dict[str, torch.Tensor] = {}
-        if images:
-            feats = dict(self.image_processor(images=images, return_tensors="pt"))
-            merge = getattr(self.image_processor, "merge_size", 1) ** 2
-            counts = (feats["image_grid_thw"].prod(-1) // merge).tolist()  # placeholder tokens per image
-            pieces = text.split(self.image_token)
-            if len(pieces) - 1 != len(images):
-                raise ValueError(f"chat template wrote {len(pieces) - 1} image placeholders for {len(images)} images")
-            text = pieces[0] + "".join(self.image_token * n + p for n, p in zip(counts, pieces[1:]))
-        enc = dict(self.tokenizer([text], return_tensors="pt", add_special_tokens=False))
-        if images:  # token modality (0 text, 1 image) for Qwen-VL's multimodal RoPE
-            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-            enc["mm_token_type_ids"] = (enc["input_ids"] == image_id).long()
-        return {**enc, **feats}
-
     def encode(self, messages: list[dict], answer: str) -> dict[str, torch.Tensor] | None:
         """One example: ``input_ids``, ``attention_mask``, ``labels`` (T,), plus image tensors; None if too long."""
         self._load()
-        _, images = self._split(messages)
+        _, images = self.chat.split(messages)
         prompt, tail = self.answer_text(messages, answer)
-        enc = self._encode_prompt(prompt, images)
+        enc = self.chat.encode([prompt], images)
         prompt_ids = enc.pop("input_ids")[0]  # (P,)
         enc.pop("attention_mask", None)
         answer_ids = torch.tensor(self.tokenizer(tail, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (A,)

@@ -13,8 +13,9 @@ Pipeline of :class:`ShardDataset` (one per rank; its copy in each DataLoader wor
   fewer shards than readers (``split: auto`` falls back to it; ``split: sample`` forces it) every reader scans all
   shards and keeps every n-th sample instead (correct, but each reader reads all the bytes).
 - **Corrupt members.** ``on_corrupt: skip`` drops a sample whose members are truncated or undecodable, logs a warning
-  and counts it (:attr:`ShardDataset.stats`, shared across workers); a shard that ends early (truncated tar) loses the
-  sample it was in and the rest of that shard. ``on_corrupt: fail`` raises :class:`CorruptShardError` naming the shard.
+  and counts it (:attr:`ShardDataset.stats`, shared across workers); a shard that ends early (truncated tar, also when
+  cut exactly between two members) loses the sample it was cut in and the rest of that shard, and keeps every sample
+  completed before the cut. ``on_corrupt: fail`` raises :class:`CorruptShardError` naming the shard and the sample.
 - **Exact resume.** The dataset is ``Stateful`` for torchdata's ``StatefulDataLoader``: each worker's state is
   ``(epoch, records yielded, items yielded of the next record)``; the order of an epoch is a pure function of
   (seed, epoch, rank, worker), so a resumed worker regenerates it and skips what it had already yielded.
@@ -172,12 +173,18 @@ def iter_shard_records(
     """Raw records ``{"__key__", "__url__", "<suffix>": bytes}`` of one shard, grouped by key.
 
     Members whose suffix is not in ``suffixes`` are skipped without being read (None reads every member's bytes,
-    still never decoding them). A shard that cannot be opened or ends in the middle of a member loses the record
-    that was being read and the rest of the shard: counted in ``stats`` and warned about (``skip``), or raised as
-    :class:`CorruptShardError` naming the shard (``fail``).
+    still never decoding them). A shard that cannot be opened or ends in the middle of a member loses the sample
+    that member belongs to and the rest of the shard: counted in ``stats`` and warned about (``skip``), or raised as
+    :class:`CorruptShardError` naming the shard and that sample's key (``fail``). Records completed before the damage
+    are still yielded (under ``fail``, before the error is raised).
     """
 
+    # The member whose bytes are being read: set when the tar iterator asks whether to read a member, cleared when
+    # the member arrives. If the shard breaks while it is set, that member (and so its key) is the damaged one.
+    reading: list[str | None] = [None]
+
     def select(fname: str) -> bool:
+        reading[0] = fname
         if suffixes is None:
             return True
         _, suffix = base_plus_ext(fname)
@@ -191,12 +198,13 @@ def iter_shard_records(
 
     current: dict[str, Any] | None = None
     try:
-        stream = wds.gopen(url, "rb")
+        stream = _EndWatch(wds.gopen(url, "rb"))
     except Exception as e:  # noqa: BLE001 - any opener error means the shard is unreadable
         _corrupt(url, f"cannot open shard: {type(e).__name__}: {e}", on_corrupt, stats, truncated=True)
         return
     try:
         for member in tar_file_iterator(stream, handler=handler, select_files=select):
+            reading[0] = None
             key, suffix = base_plus_ext(member["fname"])
             if key is None:
                 continue
@@ -211,24 +219,63 @@ def iter_shard_records(
                 current = None
                 continue
             current[suffix] = member["data"]
+    except CorruptShardError:
+        raise  # raised by _corrupt under on_corrupt: fail; its message is already the right one
     except Exception as e:  # noqa: BLE001 - header/stream errors raised by tarfile itself
         errors.append(e)
     finally:
         stream.close()
+    if not errors and stream.ran_out:
+        # tarfile ends quietly when the data stops at (or inside) a member header; a whole tar ends with zero blocks
+        # before the file does, so running out of bytes means the shard was cut between two members.
+        errors.append(EOFError("the shard ends without the end-of-archive marker (cut between two members)"))
     if errors:
-        lost = f"sample {current['__key__']!r} and " if current is not None else ""
+        broken = base_plus_ext(reading[0])[0] if reading[0] is not None else None
+        if broken is not None:
+            lost = f"sample {broken!r} and whatever followed it"
+        elif current is not None:
+            lost = f"whatever followed sample {current['__key__']!r}"
+        else:
+            lost = "whatever followed"
+        if current is not None and current["__key__"] != broken:
+            # The damage starts after this record's members (e.g. inside the next sample's first member), so the
+            # record holds every member the shard has for its key. If the damage hit a header between two of its
+            # members instead (the broken key is then unknown), schema validation rejects it as incomplete.
+            yield current
         _corrupt(
             url,
-            f"shard ends early or is damaged ({type(errors[0]).__name__}: {errors[0]}); "
-            f"lost {lost}whatever followed in this shard",
+            f"shard ends early or is damaged ({type(errors[0]).__name__}: {errors[0]}); lost {lost} in this shard",
             on_corrupt,
             stats,
             truncated=True,
-            lost_sample=current is not None,
+            lost_sample=broken is not None,
         )
         return
     if current is not None:
         yield current
+
+
+class _EndWatch:
+    """A read-only file wrapper that notes whether a reader asked for bytes past the end of the data."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.ran_out = False
+
+    def read(self, *args: Any) -> bytes:
+        data = self._f.read(*args)
+        if not data:
+            self.ran_out = True
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __repr__(self) -> str:  # webdataset puts the stream's repr into its error messages
+        return repr(self._f)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def _corrupt(

@@ -44,8 +44,8 @@ DIFFERENCE_ASPECTS = (
 )
 # Categories of checklist items (plan-then-score curation).
 CHECKLIST_CATEGORIES = ("main_subject", "attributes_actions", "style_composition", "negative_constraints", "other")
-# Aspects of the Quality judgement of a generated image; the Quality score is their minimum.
-# Names as firm.critics.parsing reports them (technical quality; structure & texture).
+# Aspects of the Quality judgement of a generated image; the Quality score is their minimum. The single definition:
+# firm.critics (parsers, results) imports these names and SCORE_MIN / SCORE_MAX from here.
 QUALITY_ASPECTS = ("aesthetics", "technical", "structure")
 # Image file types the reader decodes; nothing else is ever decoded (in particular no pickle).
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")

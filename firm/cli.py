@@ -15,10 +15,11 @@ from firm.config import ConfigError
 # Modules that contribute subcommands (each defines `add_commands(subparsers)`).
 PROVIDERS: list[str] = [
     "firm.cli",
-    "firm.critics.cli",
-    "firm.bench.cli",
-    "firm.synthetic.cli",
     "firm.kernels_cli",
+    "firm.critics.cli",
+    "firm.policies.cli",
+    "firm.synthetic.cli",
+    "firm.bench.cli",
     "firm.curation.cli",
 ]
 
@@ -52,6 +53,10 @@ def _find_experiment(spec: str) -> str:
     return spec  # load_experiment reports the missing file
 
 
+# The command that runs the experiments of a top-level folder of experiments/ (default: `firm run`).
+FOLDER_COMMANDS = {"curation": "firm curate", "bench": "firm bench"}
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from firm.runner import experiments_root, list_experiments
 
@@ -60,8 +65,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"no experiments found under {experiments_root()}")
         return 1
     width = max(len(r[0]) for r in rows)
-    print(f"Shipped experiments (under {experiments_root()}); run one with `firm run experiments/<path>`:\n")
+    print(f"Shipped experiments (under {experiments_root()}):")
+    folder = None
     for path, desc in rows:
+        top = path.split("/", 1)[0] if "/" in path else ""
+        if top != folder:
+            folder = top
+            print(f"\n{top or '.'}/  (run with `{FOLDER_COMMANDS.get(top, 'firm run')} experiments/<path>`)")
         print(f"  {path:<{width}}  {desc}")
     return 0
 

@@ -33,6 +33,7 @@ from firm.registry import REGISTRIES, resolve
 __all__ = [
     "MISSING",
     "ConfigError",
+    "build_component",
     "ExperimentConfig",
     "TrainerConfig",
     "component_field",
@@ -184,8 +185,18 @@ def _source_of(layers: list[tuple[str, DictConfig]], dotted: str, default: str) 
     return default
 
 
-def _build_schema(cls: type, raw: Any, prefix: str, layers: list[tuple[str, DictConfig]], top: str) -> DictConfig:
-    """A structured OmegaConf node for dataclass ``cls``, with component fields filled by registry lookups."""
+def _build_schema(
+    cls: type,
+    raw: Any,
+    prefix: str,
+    layers: list[tuple[str, DictConfig]],
+    top: str,
+    components: list[tuple[str, str]] | None = None,
+) -> DictConfig:
+    """A structured OmegaConf node for dataclass ``cls``, with component fields filled by registry lookups.
+
+    The (dotted key, registry) of the component sections found are appended to ``components`` (when given).
+    """
     node = OmegaConf.structured(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -195,7 +206,7 @@ def _build_schema(cls: type, raw: Any, prefix: str, layers: list[tuple[str, Dict
         if registry is None:
             ftype = hints.get(f.name)
             if dataclasses.is_dataclass(ftype) and _has_component_fields(ftype):
-                node[f.name] = _build_schema(ftype, sub_raw, key + ".", layers, top)
+                node[f.name] = _build_schema(ftype, sub_raw, key + ".", layers, top, components)
             continue
         if sub_raw is None:
             if f.metadata.get("optional"):
@@ -220,7 +231,9 @@ def _build_schema(cls: type, raw: Any, prefix: str, layers: list[tuple[str, Dict
         conf_cls = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
         if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
             raise ConfigError(f"component {comp_name!r} of registry {registry!r} has no `Config` dataclass")
-        node[f.name] = _build_schema(conf_cls, sub_raw, key + ".", layers, top)
+        if components is not None:
+            components.append((key, registry))
+        node[f.name] = _build_schema(conf_cls, sub_raw, key + ".", layers, top, components)
         node[f.name]["name"] = str(comp_name)
     return node
 
@@ -234,6 +247,39 @@ def _has_component_fields(cls: type) -> bool:
         if dataclasses.is_dataclass(ftype) and _has_component_fields(ftype):
             return True
     return False
+
+
+def _config_fields(registry: str, name: str) -> set[str] | None:
+    try:
+        comp = resolve(registry, name)
+    except KeyError:
+        return None
+    conf = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
+    return {f.name for f in dataclasses.fields(conf)} if conf is not None and dataclasses.is_dataclass(conf) else None
+
+
+def _drop_replaced_components(layers: list[tuple[str, DictConfig]], components: list[tuple[str, str]]) -> None:
+    """A layer that switches a component section to another ``name:`` drops, from earlier layers, the settings that
+    belong to the previous component only.
+
+    So a derived experiment can inherit a full one and swap, say, an HTTP critic for a rule critic, or DiffusionNFT
+    for Flow-GRPO, keeping the settings both share. Keys that belong to neither stay, and are reported as unknown.
+    """
+    for key, registry in components:
+        current = None
+        for j, (_, layer) in enumerate(layers):
+            name = _select(layer, f"{key}.name")
+            if name is not None and current is not None and str(name) != current:
+                old_fields = _config_fields(registry, current) or set()
+                new_fields = _config_fields(registry, str(name)) or set()
+                stale = old_fields - new_fields
+                for _, earlier in layers[:j]:
+                    section = _select(earlier, key)
+                    if isinstance(section, DictConfig):
+                        for k in [k for k in section if k in stale]:
+                            del section[k]
+            if name is not None:
+                current = str(name)
 
 
 def _import_extensions(imports: Any, source: str) -> None:
@@ -292,7 +338,9 @@ def load_experiment(
     except OmegaConfBaseException as e:
         raise ConfigError(f"{top}: {e}") from None
     _import_extensions(raw.get("imports"), _source_of(layers, "imports", top))
-    cfg = _build_schema(schema, raw, "", layers, top)
+    components: list[tuple[str, str]] = []
+    cfg = _build_schema(schema, raw, "", layers, top, components)
+    _drop_replaced_components(layers, components)
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -307,6 +355,59 @@ def load_experiment(
     except OmegaConfBaseException as e:
         raise ConfigError(_format_omegaconf_error(e, top)) from None
     return cfg
+
+
+def build_component(registry: str, config: Any, *, source: str | None = None) -> tuple[type, Any]:
+    """``(class, its Config instance)`` for a component of ``registry`` given in code rather than in a YAML file.
+
+    ``config`` is the component's ``Config`` instance, a mapping (or DictConfig) with a ``name:`` key, or just the
+    name. A mapping is validated exactly as the same section of an experiment YAML would be (the component's
+    ``Config`` becomes the schema of a structured merge), so unknown keys, wrong types and missing values raise the
+    same :class:`ConfigError` messages.
+
+    Example: ``build_component("rewards", {"name": "cme", "w1": 0.7, "w2": 0.3})``.
+
+    Args:
+        registry: a key of :data:`firm.registry.REGISTRIES` (``critics``, ``rewards``, ``teachers``, ...).
+        config: see above.
+        source: what to call the config in error messages (default: ``<registry> component``).
+
+    Raises:
+        ConfigError: unknown name (with the known ones and the closest match), unknown key, wrong type, missing value.
+    """
+    where = source or f"{registry} component"
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        try:
+            return resolve(registry, str(config.name)), config
+        except KeyError as e:
+            raise ConfigError(f"{where}: 'name': {e.args[0]}") from None
+    if isinstance(config, str):
+        config = {"name": config}
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, dict) or "name" not in config:
+        raise ConfigError(f"{where}: expected a Config dataclass or a mapping with a `name:` key, got {config!r}")
+    try:
+        node = OmegaConf.create(config)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        comp = resolve(registry, str(node.name))
+    except KeyError as e:
+        raise ConfigError(f"{where}: 'name': {e.args[0]}") from None
+    conf_cls = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
+    if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
+        raise ConfigError(f"component {node.name!r} of registry {registry!r} has no `Config` dataclass")
+    schema = _build_schema(conf_cls, node, "", [(where, node)], where)  # the same schema a YAML section gets
+    schema.name = str(node.name)
+    try:
+        cfg = OmegaConf.merge(schema, node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_format_omegaconf_error(e, where)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{where}: missing required value(s) {', '.join(repr(m) for m in missing)}")
+    return comp, OmegaConf.to_object(cfg)
 
 
 def to_object(cfg: DictConfig) -> Any:

@@ -14,6 +14,11 @@ from typing import Any
 # LightningModules that `firm run` can train.
 MODULES: dict[str, Any] = {
     "toy_regression": "firm.toy:ToyRegressionModule",
+    "flow_grpo": "firm.policies.modules:FlowGRPOModule",
+    "diffusion_nft": "firm.policies.modules:DiffusionNFTModule",
+    "shapes_pretrain": "firm.synthetic.pretrain:ShapesPretrainModule",  # tiny base models of the shapes world
+    "shapes_diffusion_nft": "firm.synthetic.demo:ShapesDiffusionNFT",  # DiffusionNFT + shapes held-out report
+    "shapes_flow_grpo": "firm.synthetic.demo:ShapesFlowGRPO",  # Flow-GRPO + shapes held-out report
     "critic_sft": "firm.critics.sft:CriticSFTModule",  # critic SFT (answer-only CE, full or LoRA)
 }
 
@@ -21,6 +26,9 @@ MODULES: dict[str, Any] = {
 DATAMODULES: dict[str, Any] = {
     "synthetic_regression": "datamodules.toy:RegressionDataModule",
     "critic_sft": "datamodules.critic_sft:CriticSFTDataModule",
+    "prompts": "datamodules.prompts:PromptDataModule",
+    "shapes_pairs": "firm.synthetic.pretrain:ShapesPairsDataModule",  # rendered shapes-world training pairs
+    "shapes_prompts": "firm.synthetic.demo:ShapesPromptDataModule",  # shapes-world RL prompts (exported once)
 }
 
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as

@@ -40,6 +40,14 @@ def is_rank_zero() -> bool:
     return all(int(os.environ.get(v, 0)) == 0 for v in rank_vars)
 
 
+def _non_finite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Paths of floating tensors holding NaN or inf inside nested dicts/lists."""
+    if torch.is_tensor(tree):
+        return [prefix] if tree.is_floating_point() and not torch.isfinite(tree).all() else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    return [p for k, v in items for p in _non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
 def _checkpoint_io():
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -47,11 +55,8 @@ def _checkpoint_io():
         """Atomic (write-then-rename) checkpoints that refuse non-finite weights; loads with ``weights_only=True``."""
 
         def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-            bad = [
-                k
-                for k, v in checkpoint.get("state_dict", {}).items()
-                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
-            ]
+            bad = _non_finite_tensors({"state_dict": checkpoint.get("state_dict", {})})
+            bad += _non_finite_tensors({"optimizer_states": checkpoint.get("optimizer_states", [])})
             if bad:
                 raise NonFiniteWeightsError(
                     f"refusing to write checkpoint {path}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}"
@@ -101,21 +106,37 @@ def _write_meta(run_dir: Path, resumed_from: str | None) -> None:
     (run_dir / name).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _external_job_id() -> str | None:
+    """An id that every rank of a multi-process job started by SLURM or torchrun agrees on (None if single)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
+        return os.environ["SLURM_JOB_ID"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        run_id = os.environ["TORCHELASTIC_RUN_ID"]
+        if run_id in ("", "none"):
+            raise ConfigError(
+                "torchrun started several ranks without --rdzv-id, so they cannot agree on a run directory: "
+                "pass --rdzv-id <job id> to torchrun, or set FIRM_RUN_DIR=/path/to/run on every rank"
+            )
+        return run_id
+    return None
+
+
 def new_run_dir(cfg: ExperimentConfig) -> Path:
-    """``<output_root>/<name>/<timestamp>``; shared by every rank of one launch."""
+    """``<output_root>/<name>/<timestamp>``; shared by every rank of one launch.
+
+    Ranks started by Lightning's own launcher inherit ``FIRM_RUN_DIR`` from the first process; ranks started
+    independently by SLURM or torchrun use ``job-<id>`` so that they agree without talking to each other.
+    """
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
-    # External launchers (torchrun, SLURM) start ranks independently: name the run after the job so they agree.
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if job and job != "none" and "WORLD_SIZE" in os.environ:
-        stamp = f"job-{job}"
-    run_dir = Path(cfg.output_root) / cfg.name / stamp
-    if is_rank_zero():
-        suffix, base = 1, run_dir
-        while run_dir.exists():  # two launches within one second
-            run_dir = base.with_name(f"{base.name}-{suffix}")
-            suffix += 1
+    job = _external_job_id()
+    if job is not None:
+        return Path(cfg.output_root) / cfg.name / f"job-{job}"
+    run_dir = base = Path(cfg.output_root) / cfg.name / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 1
+    while run_dir.exists():  # two launches within one second
+        run_dir = base.with_name(f"{base.name}-{suffix}")
+        suffix += 1
     return run_dir
 
 
@@ -153,7 +174,9 @@ def build_strategy(tc: Any, module: Any) -> Any:
     return tc.strategy
 
 
-def build_trainer(cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callbacks: list | None = None):
+def build_trainer(
+    cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callbacks: list | None = None, datamodule: Any = None
+):
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -194,6 +217,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callb
         logger=[CSVLogger(run_dir, name="csv"), TensorBoardLogger(run_dir, name="tb", default_hp_metric=False)],
         callbacks=callbacks,
         plugins=[_checkpoint_io()],
+        # a datamodule whose batch sampler already splits the data over ranks sets use_distributed_sampler = False
+        use_distributed_sampler=getattr(datamodule, "use_distributed_sampler", True),
         **kwargs,
     )
 
@@ -253,7 +278,7 @@ def run(
         print(f"[firm] run directory: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
 
     module, datamodule = build_components(cfg)
-    trainer = build_trainer(cfg, run_dir, module)
+    trainer = build_trainer(cfg, run_dir, module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     # Every rank calls it; rank 0 writes.
     trainer.save_checkpoint(run_dir / "checkpoints" / LAST_CKPT, weights_only=False)
@@ -274,8 +299,9 @@ def _quiet_third_party_warnings() -> None:
 
 
 def experiments_root() -> Path:
-    """The shipped `experiments/` folder (beside the package in a source checkout)."""
-    return Path(__file__).resolve().parent.parent / "experiments"
+    """The shipped `experiments/` folder: beside the package in a source checkout, else ./experiments."""
+    beside = Path(__file__).resolve().parent.parent / "experiments"
+    return beside if beside.is_dir() else Path.cwd() / "experiments"
 
 
 def list_experiments(root: Path | None = None) -> list[tuple[str, str]]:

@@ -110,6 +110,16 @@ def per_sample(op: str, name: str, x: object, batch: int, device: torch.device) 
     return x.reshape(batch)
 
 
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """A per-sample tensor (B, ...) as launch-ready rows (B, D); copies only if the input is not contiguous."""
+    return x.reshape(x.shape[0], -1).contiguous()  # (B, D)
+
+
+def as_coef(x: torch.Tensor) -> torch.Tensor:
+    """A per-sample coefficient (B,) / (B, 1, ...) as a contiguous fp32 vector (B,) for the kernels."""
+    return x.reshape(-1).to(torch.float32).contiguous()  # (B,)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

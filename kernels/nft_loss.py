@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from kernels._common import (
+    as_coef,
+    as_rows,
     check_float,
     check_no_grad,
     check_same_device,
@@ -236,17 +238,9 @@ def _nft_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).contiguous()  # (B, D); copies only if the input is not contiguous
-
-
-def _coef(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1).to(torch.float32).contiguous()  # (B,)
-
-
 def _nft_fwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
-    vt, vo, xt, x0_ = _rows(v_theta), _rows(v_old), _rows(x_t), _rows(x0)
-    vr = _rows(v_ref) if v_ref is not None else vt  # dummy pointer when HAS_REF is False
+    vt, vo, xt, x0_ = as_rows(v_theta), as_rows(v_old), as_rows(x_t), as_rows(x0)
+    vr = as_rows(v_ref) if v_ref is not None else vt  # dummy pointer when HAS_REF is False
     b, d = vt.shape
     cfg = reduction_config(b, d, vt.device)
     part = torch.empty(5, b, cfg.n_chunks, dtype=torch.float32, device=vt.device)
@@ -256,7 +250,7 @@ def _nft_fwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
         vr,
         xt,
         x0_,
-        _coef(t),
+        as_coef(t),
         part,
         d,
         cfg.chunk,
@@ -270,7 +264,7 @@ def _nft_fwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
     stats = torch.zeros(6, b, dtype=torch.float32, device=vt.device)
     _nft_finalize_kernel[(b,)](
         part,
-        _coef(r),
+        as_coef(r),
         stats,
         cfg.n_chunks,
         b,
@@ -286,8 +280,8 @@ def _nft_fwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, beta, adv_clip_max):
 
 
 def _nft_bwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta, adv_clip_max):
-    vt, vo, xt, x0_ = _rows(v_theta), _rows(v_old), _rows(x_t), _rows(x0)
-    vr = _rows(v_ref) if v_ref is not None else vt
+    vt, vo, xt, x0_ = as_rows(v_theta), as_rows(v_old), as_rows(x_t), as_rows(x0)
+    vr = as_rows(v_ref) if v_ref is not None else vt
     b, d = vt.shape
     cfg = elementwise_config(d, vt.device)
     grad_stats = grad_stats.to(torch.float32).contiguous()  # (6, B); rows 0 (policy) and 1 (kl) are used
@@ -298,8 +292,8 @@ def _nft_bwd_impl(v_theta, v_old, v_ref, x_t, x0, t, r, stats, grad_stats, beta,
         vr,
         xt,
         x0_,
-        _coef(t),
-        _coef(r),
+        as_coef(t),
+        as_coef(r),
         stats.contiguous(),
         grad_stats[0],
         grad_stats[1],

@@ -24,6 +24,8 @@ import math
 import torch
 
 from kernels._common import (
+    as_coef,
+    as_rows,
     check_float,
     check_no_grad,
     check_same_device,
@@ -179,17 +181,9 @@ def _slp_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).contiguous()  # (B, D); copies only if the input is not contiguous
-
-
-def _coef(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1).to(torch.float32).contiguous()  # (B,)
-
-
 def _step_log_prob_fwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std):
-    x, v, xp = _rows(sample), _rows(velocity), _rows(prev_sample)
-    vr = _rows(ref_velocity) if ref_velocity is not None else v  # dummy pointer when HAS_REF is False
+    x, v, xp = as_rows(sample), as_rows(velocity), as_rows(prev_sample)
+    vr = as_rows(ref_velocity) if ref_velocity is not None else v  # dummy pointer when HAS_REF is False
     b, d = x.shape
     cfg = reduction_config(b, d, x.device)
     part = torch.empty(2, b, cfg.n_chunks, dtype=torch.float32, device=x.device)
@@ -198,8 +192,8 @@ def _step_log_prob_fwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x,
         v,
         xp,
         vr,
-        _coef(coef_x),
-        _coef(coef_v),
+        as_coef(coef_x),
+        as_coef(coef_v),
         part,
         d,
         cfg.chunk,
@@ -213,7 +207,7 @@ def _step_log_prob_fwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x,
     sq_dist = torch.zeros(b, dtype=torch.float32, device=x.device)
     _slp_finalize_kernel[(b,)](
         part,
-        _coef(std),
+        as_coef(std),
         log_prob,
         sq_dist,
         cfg.n_chunks,
@@ -228,8 +222,8 @@ def _step_log_prob_fwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x,
 
 
 def _step_log_prob_bwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x, coef_v, std, grad_lp, grad_sq):
-    x, v, xp = _rows(sample), _rows(velocity), _rows(prev_sample)
-    vr = _rows(ref_velocity) if ref_velocity is not None else v
+    x, v, xp = as_rows(sample), as_rows(velocity), as_rows(prev_sample)
+    vr = as_rows(ref_velocity) if ref_velocity is not None else v
     b, d = x.shape
     cfg = elementwise_config(d, x.device)
     grad_v = torch.empty_like(v)  # (B, D) in velocity's dtype
@@ -238,11 +232,11 @@ def _step_log_prob_bwd_impl(sample, velocity, prev_sample, ref_velocity, coef_x,
         v,
         xp,
         vr,
-        _coef(coef_x),
-        _coef(coef_v),
-        _coef(std),
-        _coef(grad_lp),
-        _coef(grad_sq),
+        as_coef(coef_x),
+        as_coef(coef_v),
+        as_coef(std),
+        as_coef(grad_lp),
+        as_coef(grad_sq),
         grad_v,
         d,
         1.0 / d,

@@ -161,3 +161,24 @@ def test_cli_finds_shipped_experiment_by_name(capsys):
     with pytest.raises(SystemExit):
         main(["run", "demo/toy_regression", "--dry-run"])
     assert "name: toy_regression" in capsys.readouterr().out
+
+
+def test_switching_a_component_name_drops_the_previous_components_settings(tmp_path, repo):
+    # The probe module has a setting the toy module lacks; a child that switches back to the toy module must not
+    # inherit it (it would be an unknown key), while the settings both share are inherited.
+    helper = repo / "tests" / "helpers" / "probe_module.py"
+    write(
+        tmp_path / "base.yaml",
+        f"base: {TOY}\nimports: [{helper}]\nmodule: {{name: probe, nan_at_step: 3, hidden: 9}}\n",
+    )
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nmodule: {name: toy_regression, lr: 0.5}\n")
+    cfg = to_object(load_experiment(child))
+    assert cfg.module.name == "toy_regression" and (cfg.module.hidden, cfg.module.lr) == (9, 0.5)
+    assert not hasattr(cfg.module, "nan_at_step")
+    same = write(tmp_path / "same.yaml", "base: base.yaml\nmodule: {name: probe, hidden: 6}\n")
+    cfg = to_object(load_experiment(same))
+    assert (cfg.module.nan_at_step, cfg.module.hidden) == (3, 6)  # same name: sections merge as before
+    write(tmp_path / "typo.yaml", f"base: {TOY}\nimports: [{helper}]\nmodule: {{name: probe, hiden: 9}}\n")
+    switch = write(tmp_path / "switch.yaml", "base: typo.yaml\nmodule: {name: toy_regression}\n")
+    with pytest.raises(ConfigError, match="hiden"):
+        load_experiment(switch)  # a key of neither component is still an error

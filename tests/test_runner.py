@@ -137,9 +137,10 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, subprocess_env):
+    # A NaN loss on rank 1 only, at step 3: both ranks must skip that step together and stay in sync.
     exp = probe_yaml(tmp_path, strategy="ddp", devices=2, accelerator="cpu", max_steps=15, val_check_interval=1000)
     out = subprocess.run(
-        [sys.executable, "-m", "firm", "run", str(exp)],
+        [sys.executable, "-m", "firm", "run", str(exp), "module.nan_at_step=3", "module.nan_rank=1"],
         env=subprocess_env,
         capture_output=True,
         text=True,
@@ -148,10 +149,47 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, subprocess_e
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dirs = list((tmp_path / "runs" / "probe").iterdir())
     assert len(run_dirs) == 1, "both ranks must share one run directory"
-    w0 = load_file(str(run_dirs[0] / "weights_rank0.safetensors"))
-    w1 = load_file(str(run_dirs[0] / "weights_rank1.safetensors"))
-    init = torch.load(run_dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
-    assert init["global_step"] == 15
+    run_dir = run_dirs[0]
+    assert "distributed_backend=gloo" in out.stdout + out.stderr
+    w0 = load_file(str(run_dir / "weights_rank0.safetensors"))
+    w1 = load_file(str(run_dir / "weights_rank1.safetensors"))
+    init = load_file(str(run_dir / "init_rank0.safetensors"))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 15
+    assert ckpt["firm_skipped_nonfinite"] == 1
     for k in w0:
+        assert torch.isfinite(w0[k]).all(), k
         assert torch.equal(w0[k], w1[k]), k
-    assert "gloo" in out.stdout + out.stderr or "distributed_backend=gloo" in out.stdout + out.stderr
+    assert any(not torch.equal(w0[k], init[k]) for k in w0), "weights did not move"
+
+
+def test_checkpoint_io_refuses_nan_optimizer_state(tmp_path):
+    io = _checkpoint_io()
+    state = {
+        "state_dict": {"w": torch.ones(2)},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.tensor([0.0, float("inf")])}}}],
+    }
+    with pytest.raises(NonFiniteWeightsError, match="exp_avg"):
+        io.save_checkpoint(state, tmp_path / "x.ckpt")
+
+
+def test_run_dir_under_external_launchers(monkeypatch, tmp_path):
+    from firm.config import ConfigError, load_experiment, to_object
+    from firm.runner import new_run_dir
+
+    cfg = to_object(load_experiment(TOY, [f"output_root={tmp_path}"]))
+    for var in ("FIRM_RUN_DIR", "SLURM_JOB_ID", "SLURM_NTASKS", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert new_run_dir(cfg) == tmp_path / "toy_regression" / "job-4242"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "myjob")
+    assert new_run_dir(cfg) == tmp_path / "toy_regression" / "job-myjob"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(ConfigError, match="rdzv-id"):
+        new_run_dir(cfg)
+    monkeypatch.setenv("FIRM_RUN_DIR", str(tmp_path / "chosen"))
+    assert new_run_dir(cfg) == tmp_path / "chosen"

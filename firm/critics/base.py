@@ -9,15 +9,12 @@ HTTP calls); the rest lives here so that all backends build the same prompts and
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from PIL import Image
-
+from datamodules.chat import prepare_image  # shared with the SFT data: same image preparation
 from firm.critics.parsing import (
     ParseResult,
     explain_boxed_score,
@@ -84,19 +81,6 @@ class Completion:
     end: float = 0.0  # ... when the last attempt finished
     expected: dict[str, float] = field(default_factory=dict)  # expected-score mode: span key -> expected score
     notes: list[str] = field(default_factory=list)  # non-fatal problems (e.g. no expected score)
-
-
-def prepare_image(image: Any, max_pixels: int | None, what: str) -> Image.Image:
-    """An RGB PIL image, downscaled (keeping the aspect ratio) to at most ``max_pixels`` pixels."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{what} must be a PIL.Image.Image, got {type(image).__name__}")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if max_pixels and image.width * image.height > max_pixels:
-        scale = math.sqrt(max_pixels / (image.width * image.height))
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
 
 
 class PromptedCritic:

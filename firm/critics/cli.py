@@ -159,14 +159,15 @@ def _build_critic_from_args(args: argparse.Namespace):
             HTTPCritic.Config(
                 endpoints=list(args.endpoint),
                 model=args.model_name,
-                api_key=args.api_key,
+                api_key_env=API_KEY_ENV,
                 max_concurrency=args.concurrency,
                 timeout_s=args.timeout,
                 max_retries=args.retries,
                 parse_retries=args.parse_retries,
                 max_tokens=args.max_tokens,
                 prompts=prompts,
-            )
+            ),
+            api_key=args.api_key,  # None: $FIRM_CRITIC_API_KEY
         )
     return LocalCritic(
         LocalCritic.Config(
@@ -278,6 +279,8 @@ def _cmd_serve_critic(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
         max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels or None,
+        max_request_bytes=int(args.max_request_mb * 2**20) if args.max_request_mb else None,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
         workers_per_device=args.workers_per_device,
@@ -306,6 +309,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait for a batch to fill")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="cap on tokens generated per request")
     p.add_argument("--max-images", type=int, default=8, help="most images accepted in one request")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest image accepted, in pixels (width x height); larger ones get HTTP 413 (default 4096x4096; 0: "
+        "no limit)",
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=64.0,
+        help="largest request body in MiB; larger requests get HTTP 413 (default 64; 0: no limit)",
+    )
     p.add_argument("--workers-per-device", type=int, default=1, help="model copies per device")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait in the queue")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")

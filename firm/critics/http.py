@@ -9,7 +9,9 @@ raises :class:`CriticEndpointError` naming the endpoint(s); a request the server
 ``retry_temperature``) up to ``parse_retries`` times, then give a ``None`` score with the reason.
 
 ``score()`` is synchronous and works from plain code and from inside a running event loop (it then runs the
-requests on a helper thread); ``ascore()`` is the coroutine.
+requests on a helper thread); ``ascore()`` is the coroutine. ``complete()`` / ``acomplete()`` send free-form
+conversations through the same transport and return the answer texts (the curation ``http`` teacher uses them).
+One client may be used from several threads at once (each call runs its own event loop).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from datamodules.chat import prepare_messages
 from firm.critics.base import Completion, Job, PromptedCritic, now
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CriticRequest, CriticResult
@@ -115,8 +119,7 @@ class HTTPCritic(PromptedCritic):
         name: str = "http"
         endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])  # API base URLs
         model: str | None = None  # model name sent with each request; None: the first id listed by GET /models
-        api_key: str | None = None  # sent as "Authorization: Bearer ..."; None: read from $api_key_env if set
-        api_key_env: str = "FIRM_CRITIC_API_KEY"  # environment variable holding the key (keeps it out of YAML)
+        api_key_env: str = "FIRM_CRITIC_API_KEY"  # name of the environment variable holding the API key, if any
         max_concurrency: int = 32  # HTTP requests in flight at once, over all endpoints
         timeout_s: float = 120.0  # limit for one HTTP request (connect + generate + read)
         max_retries: int = 3  # retries after a connection error, timeout, HTTP 408/429/5xx
@@ -132,7 +135,14 @@ class HTTPCritic(PromptedCritic):
         extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request (e.g. top_k for vLLM)
         prompts: PromptConfig = field(default_factory=PromptConfig)  # template files replacing the built-in ones
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, api_key: str | None = None) -> None:
+        """A client for ``config.endpoints``.
+
+        Args:
+            config: endpoints, limits, retries, prompts.
+            api_key: sent as ``Authorization: Bearer ...``; None reads it from ``$<config.api_key_env>``. The key
+                is never a config field, so it never lands in a saved config, a manifest or a run's meta.json.
+        """
         config = config or self.Config()
         super().__init__(PromptSet(config.prompts), config.max_image_pixels)
         self.config = config
@@ -143,10 +153,11 @@ class HTTPCritic(PromptedCritic):
             raise ValueError(
                 "http critic: need max_concurrency >= 1, max_retries >= 0, parse_retries >= 0 and timeout_s > 0"
             )
-        self.api_key = config.api_key or os.environ.get(config.api_key_env) or None
+        self.api_key = api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None) or None
         self.model = config.model
-        self._inflight = dict.fromkeys(self.endpoints, 0)
+        self._inflight = dict.fromkeys(self.endpoints, 0)  # guarded by _lock: calls may run on several threads
         self._rr = itertools.count()
+        self._lock = threading.Lock()
 
     # ---- transport
 
@@ -157,11 +168,19 @@ class HTTPCritic(PromptedCritic):
         return h
 
     def _pick(self, avoid: set[str]) -> str:
-        """The endpoint with the fewest requests in flight (round-robin among ties), avoiding failed ones."""
+        """The endpoint with the fewest requests in flight (round-robin among ties), avoiding failed ones; counts
+        the request as in flight there (the caller calls :meth:`_done` when it ends)."""
         pool = [e for e in self.endpoints if e not in avoid] or self.endpoints
-        start = next(self._rr) % len(pool)
-        rotated = pool[start:] + pool[:start]
-        return min(rotated, key=lambda e: self._inflight[e])
+        with self._lock:
+            start = next(self._rr) % len(pool)
+            rotated = pool[start:] + pool[:start]
+            endpoint = min(rotated, key=lambda e: self._inflight[e])
+            self._inflight[endpoint] += 1
+        return endpoint
+
+    def _done(self, endpoint: str) -> None:
+        with self._lock:
+            self._inflight[endpoint] -= 1
 
     def _delay(self, retry: int) -> float:
         d = min(self.config.backoff_s * (2**retry), self.config.backoff_max_s)
@@ -177,11 +196,10 @@ class HTTPCritic(PromptedCritic):
         for attempt in range(1 + self.config.max_retries):
             if attempt:
                 await asyncio.sleep(self._delay(attempt - 1))
-            endpoint = self._pick(set(tried[-1:]) if len(self.endpoints) > 1 else set())
-            tried.append(endpoint)
-            url = endpoint + path
             async with sem:
-                self._inflight[endpoint] += 1
+                endpoint = self._pick(set(tried[-1:]) if len(self.endpoints) > 1 else set())
+                tried.append(endpoint)
+                url = endpoint + path
                 try:
                     resp = await client.request(method, url, json=body, timeout=self.config.timeout_s)
                 except httpx.TimeoutException:
@@ -194,7 +212,7 @@ class HTTPCritic(PromptedCritic):
                     log.warning("critic endpoint %s failed (attempt %d): %s", endpoint, attempt + 1, last)
                     continue
                 finally:
-                    self._inflight[endpoint] -= 1
+                    self._done(endpoint)
             if resp.status_code in RETRYABLE_STATUS:
                 last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
                 log.warning("critic endpoint %s answered HTTP %d (attempt %d)", endpoint, resp.status_code, attempt + 1)
@@ -202,7 +220,7 @@ class HTTPCritic(PromptedCritic):
             if resp.status_code in (401, 403):
                 raise CriticRequestError(
                     f"{url} refused the request (HTTP {resp.status_code}): check the API key "
-                    f"(config api_key or ${self.config.api_key_env}). Server said: {resp.text[:300]}"
+                    f"(${self.config.api_key_env}, or --api-key on the command line). Server said: {resp.text[:300]}"
                 )
             if resp.status_code >= 400:
                 raise CriticRequestError(f"{url} rejected the request: HTTP {resp.status_code}: {resp.text[:500]}")
@@ -315,11 +333,54 @@ class HTTPCritic(PromptedCritic):
             CriticTimeoutError: every attempt of a request timed out.
             CriticRequestError: the server rejected a request (e.g. wrong API key or model name).
         """
-        coro = self.ascore(requests)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        # Called from inside a running event loop (a notebook, an async trainer): run on a helper thread.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firm-critic") as pool:
-            return pool.submit(asyncio.run, coro).result()
+        return run_blocking(lambda: self.ascore(requests))
+
+    # ---- free-form completions (no prompts, no parsing)
+
+    async def acomplete(self, conversations: Sequence[list[dict]], *, temperature: float | None = None) -> list[str]:
+        """Coroutine version of :meth:`complete`."""
+        if not conversations:
+            return []
+        fmt, q, max_px = self.config.image_format, self.config.jpeg_quality, self.config.max_image_pixels
+        cache: dict = {}
+
+        def payloads() -> list[list]:  # image preparation and encoding are CPU work: off the event loop
+            return [to_openai_messages(prepare_messages(c, max_px), fmt, q, cache) for c in conversations]
+
+        payload = await asyncio.to_thread(payloads)
+        temp = self.config.temperature if temperature is None else temperature
+        limits = httpx.Limits(max_connections=self.config.max_concurrency, max_keepalive_connections=32)
+        sem = asyncio.Semaphore(self.config.max_concurrency)
+        async with httpx.AsyncClient(headers=self._headers(), limits=limits) as client:
+            tasks = [asyncio.ensure_future(self.chat(client, sem, p, temperature=temp)) for p in payload]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+    def complete(self, conversations: Sequence[list[dict]], *, temperature: float | None = None) -> list[str]:
+        """The endpoint's answer text to each conversation (neutral messages, PIL images inline), in order.
+
+        Sent concurrently (at most ``max_concurrency`` in flight) with the client's retries, endpoint balancing,
+        timeouts, image preparation (``max_image_pixels``) and encoding; ``max_tokens`` and ``extra_body`` from the
+        config. ``temperature`` defaults to the config's. Nothing is parsed: an empty answer is ``""``. Blocking,
+        and safe to call from inside a running event loop.
+
+        Raises:
+            CriticEndpointError, CriticTimeoutError, CriticRequestError: as :meth:`score`.
+        """
+        return run_blocking(lambda: self.acomplete(conversations, temperature=temperature))
+
+
+def run_blocking(make: Callable[[], Awaitable[Any]]) -> Any:
+    """Run the coroutine made by ``make()`` to completion and return its result, from plain code or from inside a
+    running event loop (a notebook, an async trainer: it then runs on a helper thread with its own loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firm-http") as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()

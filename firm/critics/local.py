@@ -6,8 +6,9 @@ model's next-token distribution at the position where it wrote the score digit a
 mean over the five score tokens, ``sum_k k * p(k) / sum_k p(k)``, a continuous and less noisy reward signal.
 
 The directory is what ``save_pretrained`` writes (``config.json``, weights, tokenizer, image processor, chat
-template). When ``AutoProcessor`` cannot be built (e.g. torchvision, needed by Qwen-VL video processors, is not
-installed), the tokenizer and image processor are loaded separately and image placeholders are expanded here.
+template). Prompts are encoded by :class:`datamodules.chat.ChatEncoder`, the same code that encodes critic SFT
+examples, so a critic sees at inference exactly the tokens it was trained on (``ChatEncoder`` and
+``split_images`` are importable from here too).
 """
 
 from __future__ import annotations
@@ -22,96 +23,16 @@ from typing import Any
 
 import torch
 
+from datamodules.chat import ChatEncoder, split_images
 from firm.critics.base import Completion, Job, PromptedCritic, now
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CriticRequest, CriticResult
 
+__all__ = ["ChatEncoder", "Generation", "LocalCritic", "split_images"]
+
 log = logging.getLogger(__name__)
 
 SCORE_DIGITS = "12345"
-
-
-def split_images(messages: list[dict]) -> tuple[list[dict], list[Any]]:
-    """Neutral messages -> (messages with ``{"type": "image"}`` placeholders, the images in order)."""
-    out, images = [], []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            out.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
-            continue
-        parts = []
-        for c in content:
-            if c["type"] == "image":
-                images.append(c["image"])
-                parts.append({"type": "image"})
-            else:
-                parts.append({"type": "text", "text": c["text"]})
-        out.append({"role": m["role"], "content": parts})
-    return out, images
-
-
-class ChatEncoder:
-    """Turns conversations (neutral message format, PIL images inline) into padded model inputs."""
-
-    def __init__(self, path: str | Path) -> None:
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-        self.processor = None
-        try:
-            proc = AutoProcessor.from_pretrained(path)
-            if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
-                self.processor = proc
-        except (ImportError, ValueError, OSError, TypeError, AttributeError, KeyError) as e:
-            log.info("AutoProcessor unavailable for %s (%s); using tokenizer + image processor", path, e)
-        if self.processor is not None:
-            self.tokenizer = self.processor.tokenizer
-            self.image_processor = self.processor.image_processor
-            template_owner = self.processor
-        else:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.image_processor = AutoImageProcessor.from_pretrained(path)
-            template_owner = self.tokenizer
-        if not getattr(template_owner, "chat_template", None):
-            raise ValueError(f"{path}: no chat template found (expected chat_template.jinja or one in the tokenizer)")
-        self._template_owner = template_owner
-        self.tokenizer.padding_side = "left"  # batched generation appends to the right
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
-
-    def texts(self, conversations: Sequence[list[dict]]) -> tuple[list[str], list[Any]]:
-        texts, images = [], []
-        for conv in conversations:
-            msgs, ims = split_images(conv)
-            texts.append(self._template_owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-            images.extend(ims)
-        return texts, images
-
-    def __call__(self, conversations: Sequence[list[dict]]) -> dict[str, torch.Tensor]:
-        texts, images = self.texts(conversations)
-        if self.processor is not None:
-            return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
-        feats: dict[str, torch.Tensor] = {}
-        if images:
-            feats = dict(self.image_processor(images=images, return_tensors="pt"))
-            merge = getattr(self.image_processor, "merge_size", 1) ** 2
-            counts = (feats["image_grid_thw"].prod(-1) // merge).tolist()  # placeholder tokens per image
-            k, expanded = 0, []
-            for t in texts:
-                pieces = t.split(self.image_token)
-                s = pieces[0]
-                for p in pieces[1:]:
-                    s += self.image_token * counts[k] + p
-                    k += 1
-                expanded.append(s)
-            if k != len(images):
-                raise ValueError(f"chat template produced {k} image placeholders for {len(images)} images")
-            texts = expanded
-        enc = dict(self.tokenizer(texts, padding=True, return_tensors="pt"))
-        if images:  # modality of each token (0 text, 1 image), needed by Qwen-VL's multimodal RoPE
-            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-            enc["mm_token_type_ids"] = (enc["input_ids"] == image_id).long()
-        return {**enc, **feats}
 
 
 class _CandidateRecorder:
@@ -173,7 +94,7 @@ class LocalCritic(PromptedCritic):
             log.info("loading critic %s on %s (%s, attention: %s)", path, self.device, self.dtype, attn)
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype, attn_implementation=attn)
             model.to(self.device)
-            encoder = encoder or ChatEncoder(path)
+            encoder = encoder or ChatEncoder(path, config.max_image_pixels)
         else:
             if encoder is None:
                 raise ValueError("local critic: pass `encoder` together with `model`")
@@ -280,7 +201,8 @@ class LocalCritic(PromptedCritic):
     def generate_texts(
         self, conversations: Sequence[list[dict]], *, temperature: float = 0.0, max_new_tokens: int | None = None
     ) -> list[str]:
-        """Answers to ``conversations`` in batches of ``config.batch_size`` (used by `firm serve-critic`)."""
+        """Answers to ``conversations`` in batches of ``config.batch_size`` (the curation ``local`` teacher uses it;
+        `firm serve-critic` calls :meth:`generate` on the batches LitServe forms)."""
         out: list[str] = []
         bs = self.config.batch_size
         for s in range(0, len(conversations), bs):

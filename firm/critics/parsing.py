@@ -4,7 +4,8 @@ Accepted: JSON objects inside code fences or surrounded by prose, single-quoted 
 commas, a score given as an int, a whole float, a string (``"4"``, ``"4/5"``) or a one-element list, ``\\boxed{N}``,
 labelled lines such as ``Final Alignment Rating: 4`` or ``**Score:** 4``, ``<think>...</think>`` blocks before
 the answer, and stray whitespace. Anything else is *not* a score: the parsers return ``None`` and the ``explain_*``
-variants say why. A score outside 1..5 or not a whole number is rejected, never clipped or rounded.
+variants say why. A score outside 1..5 or not a whole number is rejected, never clipped or rounded; so is a score
+on another scale (``4/10``, ``8 out of 10``): only ``/5`` or ``out of 5`` may follow a number.
 
 Each ``explain_*`` result also gives the character span of every score digit in the text, which the local backend
 uses to find the score token for expected-score mode.
@@ -18,11 +19,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from firm.critics.types import SCORE_MAX, SCORE_MIN
+from datamodules.schema import QUALITY_ASPECTS, SCORE_MAX, SCORE_MIN
 
 __all__ = [
     "QUALITY_ASPECTS",
     "ParseResult",
+    "coerce_score",
+    "find_json",
+    "strip_thinking",
     "explain_boxed_score",
     "explain_checklist",
     "explain_json_score",
@@ -33,8 +37,8 @@ __all__ = [
     "parse_quality_scores",
 ]
 
-# The three aspects of the generation Quality judgement; the Quality score is their minimum.
-QUALITY_ASPECTS = ("aesthetics", "technical", "structure")
+# QUALITY_ASPECTS (defined in datamodules.schema, re-exported here): the three aspects of the generation Quality
+# judgement, as the parsers report them; the Quality score is their minimum.
 
 
 @dataclass
@@ -67,6 +71,15 @@ def _fail(reason: str) -> ParseResult:
 # Shared helpers
 
 _NUM = r"[-+]?\d+(?:\.\d+)?"
+# An optional scale after a score: "4/5", "4 / 10", "4 out of 5". Only a scale of 5 is FIRM's.
+_SCALE = rf"(?:\s*(?:/|out\s+of)\s*(?P<den>{_NUM}))?"
+
+
+def _scale_problem(num: str, den: str | None) -> str | None:
+    """Why ``num/den`` is not a 1..5 score (None when no scale is given or it is 5)."""
+    if den is None or float(den) == 5:
+        return None
+    return f"score {num}/{den} is on a scale of {den}, not {SCORE_MIN}..{SCORE_MAX}"
 
 
 def _blank(text: str, start: int, end: int) -> str:
@@ -86,19 +99,28 @@ def _strip_thinking(text: str) -> tuple[str, str | None]:
     return text, None
 
 
-def _coerce_score(value: Any) -> tuple[int | None, str | None]:
-    """An int 1..5 from a JSON value (int, whole float, numeric string, one-element list), or (None, why)."""
+def strip_thinking(text: str) -> str:
+    """``text`` with its ``<think>...</think>`` reasoning (and an unfinished ``<think>`` tail) blanked out."""
+    return _strip_thinking(text)[0]
+
+
+def coerce_score(value: Any) -> tuple[int | None, str | None]:
+    """An int 1..5 from a JSON value (int, whole float, numeric string such as ``"4"`` / ``"4/5"``, one-element
+    list), or ``(None, why)``: never clipped, rounded or guessed."""
     if isinstance(value, list):
         if len(value) != 1:
             return None, f"score is a list of {len(value)} items, expected one"
-        return _coerce_score(value[0])
+        return coerce_score(value[0])
     if isinstance(value, bool) or value is None:
         return None, f"score is {value!r}, not a number"
     if isinstance(value, str):
-        m = re.fullmatch(rf"\s*\**\s*({_NUM})\s*(?:/\s*(?:5|5\.0)|out of 5)?\s*\**\s*\.?\s*", value, re.IGNORECASE)
+        m = re.fullmatch(rf"\s*\**\s*(?P<num>{_NUM}){_SCALE}\s*\**\s*\.?\s*", value, re.IGNORECASE)
         if not m:
             return None, f"score {value!r} is not a number"
-        value = float(m.group(1))
+        problem = _scale_problem(m.group("num"), m.group("den"))
+        if problem:
+            return None, problem
+        value = float(m.group("num"))
     if isinstance(value, float):
         if not value.is_integer():
             return None, f"score {value:g} is not a whole number"
@@ -111,7 +133,9 @@ def _coerce_score(value: Any) -> tuple[int | None, str | None]:
 
 
 def _matching_brace(text: str, start: int) -> int | None:
-    """Index just past the brace closing the one at ``start`` (string-aware), or None."""
+    """Index just past the bracket closing the ``{`` or ``[`` at ``start`` (string-aware), or None."""
+    opener = text[start]
+    closer = "}" if opener == "{" else "]"
     depth, in_str, quote, esc = 0, False, "", False
     for i in range(start, len(text)):
         ch = text[i]
@@ -124,9 +148,9 @@ def _matching_brace(text: str, start: int) -> int | None:
                 in_str = False
         elif ch in "\"'":
             in_str, quote = True, ch
-        elif ch == "{":
+        elif ch == opener:
             depth += 1
-        elif ch == "}":
+        elif ch == closer:
             depth -= 1
             if depth == 0:
                 return i + 1
@@ -134,7 +158,7 @@ def _matching_brace(text: str, start: int) -> int | None:
 
 
 def _lenient_load(snippet: str) -> Any:
-    """Decode a dict written as JSON, JSON with trailing commas, or a Python literal; None if none works."""
+    """Decode a value written as JSON, JSON with trailing commas, or a Python literal; None if none works."""
     for candidate in (snippet, re.sub(r",\s*([}\]])", r"\1", snippet)):
         try:
             return json.loads(candidate)
@@ -147,12 +171,14 @@ def _lenient_load(snippet: str) -> Any:
     return None
 
 
-def _json_objects(text: str) -> list[tuple[dict, int, int]]:
-    """Every top-level dict in ``text`` as (object, start, end), in order of appearance."""
+def _json_values(text: str, kind: type = dict) -> list[tuple[Any, int, int]]:
+    """Every top-level dict (or list, ``kind=list``) in ``text`` as (value, start, end), in order of appearance;
+    brackets inside a value found are not searched again."""
+    opener = "{" if kind is dict else "["
     found, i = [], 0
     decoder = json.JSONDecoder()
     while True:
-        i = text.find("{", i)
+        i = text.find(opener, i)
         if i == -1:
             return found
         try:
@@ -160,11 +186,32 @@ def _json_objects(text: str) -> list[tuple[dict, int, int]]:
         except json.JSONDecodeError:
             end = _matching_brace(text, i)
             obj = _lenient_load(text[i:end]) if end is not None else None
-        if isinstance(obj, dict) and end is not None:
+        if isinstance(obj, kind) and end is not None:
             found.append((obj, i, end))
             i = end
         else:
             i += 1
+
+
+def _json_objects(text: str) -> list[tuple[dict, int, int]]:
+    return _json_values(text, dict)
+
+
+def find_json(text: str | None, kind: type = dict) -> tuple[Any, str | None]:
+    """The last top-level JSON object (``kind=dict``) or list (``kind=list``) in ``text``, or ``(None, why)``.
+
+    Lenient about the wrapping, like the score parsers: code fences, prose around it, ``<think>`` blocks, trailing
+    commas, single quotes. The last value wins (an echoed format example comes before the answer).
+    """
+    if kind not in (dict, list):
+        raise ValueError(f"find_json looks for a dict or a list, not {kind.__name__}")
+    if not text or not text.strip():
+        return None, "empty output"
+    body, problem = _strip_thinking(text)
+    values = _json_values(body, kind)
+    if not values:
+        return None, problem or f"no JSON {'object' if kind is dict else 'list'} found"
+    return values[-1][0], None
 
 
 def _find_key(obj: dict, names: tuple[str, ...]) -> Any:
@@ -185,8 +232,7 @@ def _reasoning_of(obj: dict) -> str:
 
 # "Final Alignment Rating: 4", "**Final Score:** 4/5", "Overall rating = 3", "Score: 5"
 _LABELLED = re.compile(
-    rf"(?:final|overall)?[ \t\w]{{0,40}}?(?:rating|score)\s*[*_`]*\s*[:：=]\s*[*_`\"'\[\s]*(?P<num>{_NUM})"
-    r"(?:\s*/\s*5)?",
+    rf"(?:final|overall)?[ \t\w]{{0,40}}?(?:rating|score)\s*[*_`]*\s*[:：=]\s*[*_`\"'\[\s]*(?P<num>{_NUM})" + _SCALE,
     re.IGNORECASE,
 )
 # \boxed{4}, \boxed{ 4 }, \boxed{\text{4}}, \boxed{4/5}, boxed{4}
@@ -198,7 +244,10 @@ def _labelled_score(text: str) -> tuple[int | None, str | None, tuple[int, int] 
     if not matches:
         return None, None, None
     m = matches[-1]
-    score, why = _coerce_score(m.group("num"))
+    problem = _scale_problem(m.group("num"), m.group("den"))
+    if problem:
+        return None, problem, m.span("num")
+    score, why = coerce_score(m.group("num"))
     return score, why, m.span("num")
 
 
@@ -218,7 +267,7 @@ def explain_json_score(text: str | None) -> ParseResult:
     candidates = [(o, s, e) for o, s, e in _json_objects(body) if _has_key(o, _SCORE_KEYS)]
     if candidates:
         obj, start, end = candidates[-1]  # the answer comes last (an echoed format example would come first)
-        score, why = _coerce_score(_find_key(obj, _SCORE_KEYS))
+        score, why = coerce_score(_find_key(obj, _SCORE_KEYS))
         if score is None:
             return _fail(why or "invalid score")
         reasoning = _reasoning_of(obj) or body[:start].strip()
@@ -228,10 +277,13 @@ def explain_json_score(text: str | None) -> ParseResult:
         spans = {"score": (start + m.start(1), start + m.end(1))} if m else {}
         return ParseResult(value=score, reasoning=reasoning, spans=spans)
     # Broken JSON (e.g. an unescaped quote in the reasoning) still often carries a readable "score": N.
-    keyed = list(re.finditer(rf"[\"']score[\"']\s*:\s*[\[\s\"']*(?P<num>{_NUM})", body, re.IGNORECASE))
+    keyed = list(re.finditer(rf"[\"']score[\"']\s*:\s*[\[\s\"']*(?P<num>{_NUM}){_SCALE}", body, re.IGNORECASE))
     if keyed:
         m = keyed[-1]
-        score, why = _coerce_score(m.group("num"))
+        score, why = coerce_score(m.group("num"))
+        problem = _scale_problem(m.group("num"), m.group("den"))
+        if problem:
+            score, why = None, problem
         if score is None:
             return _fail(why or "invalid score")
         return ParseResult(value=score, reasoning=body[: m.start()].strip(), spans={"score": m.span("num")})
@@ -273,7 +325,7 @@ def explain_boxed_score(text: str | None) -> ParseResult:
         inner = m.group("inner")
         num = re.search(_NUM, inner)
         cleaned = re.sub(r"\\(?:text|textbf|mathbf|mathrm)\s*\{([^{}]*)\}", r"\1", inner)
-        score, why = _coerce_score(cleaned.strip())
+        score, why = coerce_score(cleaned.strip())
         if score is None:
             return _fail(f"\\boxed{{{inner.strip()}}}: {why}")
         start = m.start("inner") + num.start() if num else m.start()
@@ -329,7 +381,7 @@ def _aspect_values(obj: dict) -> dict[str, Any]:
 _ASPECT_LINE = re.compile(
     r"(?P<name>aesthetic(?:s|[\s_]+quality)?|technical(?:[\s_]+quality)?"
     r"|structure(?:[\s_]*(?:&|and|/)[\s_]*texture)?|texture)"
-    rf"[\s*_`\"']*(?:\(\s*1\s*-\s*5\s*\)\s*)?[:：=\-]\s*[*_`\"'\s]*(?P<num>{_NUM})(?:\s*/\s*5)?",
+    rf"[\s*_`\"']*(?:\(\s*1\s*-\s*5\s*\)\s*)?[:：=\-]\s*[*_`\"'\s]*(?P<num>{_NUM})" + _SCALE,
     re.IGNORECASE,
 )
 
@@ -354,7 +406,7 @@ def explain_quality_scores(text: str | None) -> ParseResult:
     else:
         for m in _ASPECT_LINE.finditer(body):  # the last mention of each aspect wins
             aspect = _aspect_of(m.group("name"))
-            raw[aspect] = m.group("num")
+            raw[aspect] = m.group("num") if m.group("den") is None else f"{m.group('num')}/{m.group('den')}"
             spans[aspect] = m.span("num")
         if raw:
             reasoning = body[: min(s for s, _ in spans.values())].strip()
@@ -365,7 +417,7 @@ def explain_quality_scores(text: str | None) -> ParseResult:
         return _fail(f"missing quality aspect(s): {', '.join(missing)}")
     scores: dict[str, int] = {}
     for a in QUALITY_ASPECTS:
-        score, why = _coerce_score(raw[a])
+        score, why = coerce_score(raw[a])
         if score is None:
             return _fail(f"{a}: {why}")
         scores[a] = score

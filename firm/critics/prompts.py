@@ -8,20 +8,21 @@ Five templates, one per judgement:
 - ``gen_quality``      (image; ``{prompt}`` optional)              -> JSON with three aspect scores (min = Quality)
 - ``planner``          (no image; ``{prompt}``)                    -> numbered checklist of requirements
 
-A template is plain text with ``{name}`` placeholders; only the known names are substituted, so JSON braces in
-the text need no escaping. Images go first in the user turn, unless the template marks where each one goes with
-``<image>``. Any template can be replaced by a file (``prompts.edit_execution: path/to/template.txt`` in YAML), to
-match exactly the prompt a released critic was trained with; a system prompt can be added the same way.
+Templates follow the rule of :mod:`firm.templates`: ``{name}`` placeholders, only the template's own names are
+substituted, so JSON braces in the text need no escaping. Images go first in the user turn, unless the template
+marks where each one goes with ``<image>``. Any template can be replaced by a file
+(``prompts.edit_execution: path/to/template.txt`` in YAML), to match exactly the prompt a released critic was
+trained with; a system prompt can be added the same way.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from firm.templates import check_template, read_template, render_template
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -137,7 +138,7 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "planner": PLANNER,
 }
 
-# Placeholders each template must contain, and how many images each judgement shows.
+# Placeholders each template must contain, those it may contain, and how many images each judgement shows.
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "edit_execution": ("instruction",),
     "edit_consistency": ("instruction",),
@@ -145,8 +146,8 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "gen_quality": (),
     "planner": ("prompt",),
 }
+FIELDS: dict[str, tuple[str, ...]] = {**REQUIRED_FIELDS, "gen_quality": ("prompt",)}
 NUM_IMAGES = {"edit_execution": 2, "edit_consistency": 2, "gen_instruction": 1, "gen_quality": 1, "planner": 0}
-KNOWN_FIELDS = ("instruction", "prompt", "checklist")
 
 
 @dataclass
@@ -159,16 +160,6 @@ class PromptConfig:
     gen_quality: str | None = None  # path to a template file for generation Quality (three aspects)
     planner: str | None = None  # path to a template file for the checklist planner (needs {prompt})
     system: str | None = None  # path to a system-prompt file sent before every judgement (None: no system turn)
-
-
-def render_template(template: str, **values: str) -> str:
-    """Substitute ``{name}`` for the known placeholder names only (other braces are left as they are)."""
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        return str(values[name]) if name in values else m.group(0)
-
-    return re.sub(r"\{(" + "|".join(KNOWN_FIELDS) + r")\}", sub, template)
 
 
 def _format_checklist(items: list[str]) -> str:
@@ -189,24 +180,14 @@ class PromptSet:
         for name in DEFAULT_TEMPLATES:
             path = getattr(config, name)
             if path:
-                self.templates[name] = self._read(path, f"prompts.{name}")
+                self.templates[name] = read_template(path, f"prompts.{name}")
                 self.sources[name] = str(path)
                 self._check(name)
-        self.system = self._read(config.system, "prompts.system").strip() if config.system else None
-
-    @staticmethod
-    def _read(path: str, key: str) -> str:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"{key}: template file {p} not found (give a path to a text file)")
-        return p.read_text(encoding="utf-8")
+        self.system = read_template(config.system, "prompts.system").strip() if config.system else None
 
     def _check(self, name: str) -> None:
         text, src = self.templates[name], self.sources[name]
-        missing = [f for f in REQUIRED_FIELDS[name] if "{" + f + "}" not in text]
-        if missing:
-            fields = ", ".join("{" + f + "}" for f in missing)
-            raise ValueError(f"prompts.{name} ({src}): the template must contain {fields}")
+        check_template(text, f"prompts.{name}", src, REQUIRED_FIELDS[name], FIELDS[name])
         markers = text.count(IMAGE_MARKER)
         if markers not in (0, NUM_IMAGES[name]):
             raise ValueError(
@@ -220,7 +201,8 @@ class PromptSet:
             raise ValueError(f"{name} shows {NUM_IMAGES[name]} image(s), got {len(images)}")
         if isinstance(values.get("checklist"), (list, tuple)):
             values["checklist"] = _format_checklist(list(values["checklist"]))
-        text = render_template(self.templates[name], **{k: v for k, v in values.items() if v is not None})
+        given = {k: v for k, v in values.items() if v is not None and k in FIELDS[name]}
+        text = render_template(self.templates[name], **given)
         content: list[dict] = []
         if IMAGE_MARKER in text:
             pieces = text.split(IMAGE_MARKER)

@@ -1,9 +1,12 @@
 """`firm serve-critic`: a local critic behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (LitServe).
 
 Requests are validated before they are queued (malformed JSON, unknown roles, images that are not base64 data
-URLs: HTTP 422 with the reason); images that do not decode give HTTP 400 for that request only. Valid requests are
+URLs: HTTP 422 with the reason); images that do not decode give HTTP 400 for that request only, images larger than
+``max_image_pixels`` HTTP 413 (checked from the image header, before decoding the pixels), and a request body over
+``max_request_bytes`` HTTP 413 (read no further). Valid requests are
 batched dynamically (up to ``max_batch_size``, waiting at most ``batch_timeout`` s to fill a batch) and answered by
-one batched ``generate``. ``GET /v1/models`` lists the served name; ``GET /health`` says when the model is loaded.
+one batched ``generate``. ``GET /v1/models`` lists the served name; ``GET /health`` (open without the key) says
+when the model is loaded.
 The server binds 127.0.0.1 unless told otherwise; with an API key it expects ``Authorization: Bearer KEY`` (or
 ``X-API-Key: KEY``) on every request.
 
@@ -27,7 +30,7 @@ from typing import Any, Literal
 import litserve as ls
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
@@ -97,16 +100,32 @@ class ChatCompletionBody(BaseModel):
         return self
 
 
+# Defaults of the request limits: images up to 4096 x 4096 pixels (the critic downscales larger ones anyway; its
+# image processor caps the pixels it encodes), request bodies up to 64 MiB (several such images as base64 PNG).
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_REQUEST_BYTES = 64 * 2**20
+
+
 @dataclass
 class _Invalid:
     """A request that passed schema validation but cannot be served (e.g. an image that does not decode)."""
 
     message: str
+    status: int = 400
 
 
-def _decode_image(url: str) -> Image.Image:
+class _ImageTooLarge(ValueError):
+    pass
+
+
+def _decode_image(url: str, max_pixels: int | None = None) -> Image.Image:
     data = base64.b64decode(_DATA_URL.match(url).group("data"))
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any pixel is decoded
+    if max_pixels and img.width * img.height > max_pixels:
+        raise _ImageTooLarge(
+            f"image is {img.width}x{img.height} = {img.width * img.height} pixels; this server accepts at most "
+            f"{max_pixels} (--max-image-pixels)"
+        )
     img.load()
     return img.convert("RGB")
 
@@ -124,6 +143,7 @@ class CriticAPI(ls.LitAPI):
         dtype: str = "auto",
         max_new_tokens: int = 1024,
         max_images: int = 8,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         max_batch_size: int = 8,
         batch_timeout: float = 0.05,
     ) -> None:
@@ -135,6 +155,7 @@ class CriticAPI(ls.LitAPI):
         self.dtype_choice = dtype
         self.max_new_tokens = max_new_tokens
         self.max_images = max_images
+        self.max_image_pixels = max_image_pixels
 
     def setup(self, device: str) -> None:
         from firm.critics.local import LocalCritic
@@ -152,7 +173,7 @@ class CriticAPI(ls.LitAPI):
 
     def authorize(self, request: Request) -> None:
         """FastAPI dependency: with an API key set, require it as a Bearer token or an X-API-Key header."""
-        if not self.api_key:
+        if not self.api_key or request.url.path == "/health":  # liveness checks stay open
             return
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -170,9 +191,12 @@ class CriticAPI(ls.LitAPI):
                         continue
                     n_images += 1
                     try:
-                        parts.append({"type": "image", "image": _decode_image(p.image_url.url)})
+                        parts.append({"type": "image", "image": _decode_image(p.image_url.url, self.max_image_pixels)})
+                    except _ImageTooLarge as e:
+                        return _Invalid(f"messages[{i}].content[{j}]: {e}", status=413)
                     except Exception as e:  # noqa: BLE001 - any decoding failure is the client's bad image
-                        return _Invalid(f"messages[{i}].content[{j}]: image does not decode: {type(e).__name__}: {e}")
+                        why = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+                        return _Invalid(f"messages[{i}].content[{j}]: image does not decode ({why})")
             conv.append({"role": m.role, "content": parts})
         if n_images > self.max_images:
             return _Invalid(f"{n_images} images in one request; this server accepts at most {self.max_images}")
@@ -203,8 +227,8 @@ class CriticAPI(ls.LitAPI):
 
     def encode_response(self, output: Any) -> Any:
         if isinstance(output, _Invalid):
-            body = {"error": {"message": output.message, "type": "invalid_request_error", "code": 400}}
-            return JSONResponse(status_code=400, content=body)
+            body = {"error": {"message": output.message, "type": "invalid_request_error", "code": output.status}}
+            return JSONResponse(status_code=output.status, content=body)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -226,12 +250,18 @@ def build_server(
     dtype: str = "auto",
     max_new_tokens: int = 1024,
     max_images: int = 8,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    max_request_bytes: int | None = MAX_REQUEST_BYTES,
     max_batch_size: int = 8,
     batch_timeout: float = 0.05,
     workers_per_device: int = 1,
     timeout: float = 600.0,
 ) -> ls.LitServer:
-    """A LitServer serving ``model_dir`` at ``/v1/chat/completions`` (plus ``/v1/models`` and ``/health``)."""
+    """A LitServer serving ``model_dir`` at ``/v1/chat/completions`` (plus ``/v1/models`` and ``/health``).
+
+    ``max_image_pixels`` (width x height of one image) and ``max_request_bytes`` (request body) bound what a client
+    can make the server decode and hold; None lifts a limit.
+    """
     from pathlib import Path
 
     from fastapi import Depends
@@ -248,11 +278,18 @@ def build_server(
         dtype=dtype,
         max_new_tokens=max_new_tokens,
         max_images=max_images,
+        max_image_pixels=max_image_pixels,
         max_batch_size=max_batch_size,
         batch_timeout=batch_timeout,
     )
     accelerator = "cpu" if device == "cpu" else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers_per_device, timeout=timeout)
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        workers_per_device=workers_per_device,
+        timeout=timeout,
+        max_payload_size=max_request_bytes,  # bytes; larger bodies get HTTP 413 while they are being read
+    )
 
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "firm"}]}

@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
+from datamodules.schema import SCORE_MAX, SCORE_MIN  # the score range, defined once (datamodules cannot import firm)
+
 # Dimension names, as used in results, logs and rewards.
 EXECUTION = "execution"
 CONSISTENCY = "consistency"
@@ -19,8 +21,6 @@ INSTRUCTION = "instruction"
 QUALITY = "quality"
 EDIT_DIMENSIONS = (EXECUTION, CONSISTENCY)
 GEN_DIMENSIONS = (INSTRUCTION, QUALITY)
-
-SCORE_MIN, SCORE_MAX = 1, 5
 
 
 @dataclass

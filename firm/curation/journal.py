@@ -62,7 +62,6 @@ class ShardSink:
         self.done: dict[str, dict] = {}  # key -> journaled facts (e.g. scores)
         self.shard_of: dict[str, str] = {}  # key -> shard file name
         self.failed: dict[str, str] = {}  # key -> reason
-        self.written_now = 0  # samples sealed by this process
         self._pending: dict[str, dict] = {}
         self._recover()
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -142,9 +141,6 @@ class ShardSink:
 
     # ---- writing
 
-    def is_finished(self, key: str) -> bool:
-        return key in self.done or key in self.failed
-
     def write(self, sample: dict) -> None:
         """Add a finished sample (it counts as done once its shard is sealed)."""
         key = sample["key"]
@@ -166,7 +162,6 @@ class ShardSink:
             self.done[k] = facts[k]
             self.shard_of[k] = name
             self.failed.pop(k, None)
-        self.written_now += len(keys)
 
     def _append(self, entry: dict) -> None:
         self._journal.write(json.dumps(entry) + "\n")

@@ -1,16 +1,18 @@
 """Reading teacher answers: lenient about how JSON is wrapped, strict about what it must contain.
 
 Each ``parse_*`` returns ``(value, None)`` or ``(None, why)``: an answer that cannot be read is a missing result
-with a reason (counted and logged by the pipeline), never a default value.
+with a reason (counted and logged by the pipeline), never a default value. Finding the JSON in an answer and
+reading a score from it are the critics' own helpers (:mod:`firm.critics.parsing`), so curated labels and critic
+outputs are read by the same rules.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from datamodules.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS, SCORE_MAX, SCORE_MIN
+from datamodules.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
+from firm.critics.parsing import coerce_score, find_json, strip_thinking
 
 Parsed = tuple[Any, str | None]
 
@@ -55,57 +57,6 @@ _ASPECT_ALIASES = {
 
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z]+", "_", name.lower()).strip("_")
-
-
-def strip_thinking(text: str) -> str:
-    """The text after the last ``</think>`` (reasoning models), without code fences."""
-    close = text.lower().rfind("</think>")
-    if close != -1:
-        text = text[close + len("</think>") :]
-    return re.sub(r"```(?:json|JSON)?", "", text)
-
-
-def find_json(text: str | None, kind: type = dict) -> Parsed:
-    """The last JSON value of type ``kind`` (dict or list) in ``text``; tolerates prose and trailing commas."""
-    if not text or not text.strip():
-        return None, "empty output"
-    body = strip_thinking(text)
-    body = re.sub(r",\s*([}\]])", r"\1", body)  # trailing commas (a common slip of models)
-    opener = "{" if kind is dict else "["
-    decoder = json.JSONDecoder()
-    found, i = None, body.find(opener)
-    while i != -1:
-        try:
-            value, end = decoder.raw_decode(body, i)
-        except ValueError:
-            i = body.find(opener, i + 1)
-            continue
-        if isinstance(value, kind):
-            found = value  # the last complete top-level value wins (an echoed format example comes first)
-        i = body.find(opener, end)  # inner braces of a decoded value are not separate answers
-    if found is None:
-        return None, f"no JSON {'object' if kind is dict else 'list'} found"
-    return found, None
-
-
-def coerce_score(value: Any) -> Parsed:
-    """An int 1..5 from an int, a whole float or a numeric string; otherwise (None, why)."""
-    if isinstance(value, bool) or value is None:
-        return None, f"score is {value!r}"
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:/\s*5)?\s*", value)
-        if not m:
-            return None, f"score {value!r} is not a number"
-        value = float(m.group(1))
-    if isinstance(value, float):
-        if not value.is_integer():
-            return None, f"score {value:g} is not a whole number"
-        value = int(value)
-    if not isinstance(value, int):
-        return None, f"score has type {type(value).__name__}"
-    if not SCORE_MIN <= value <= SCORE_MAX:
-        return None, f"score {value} is outside {SCORE_MIN}..{SCORE_MAX}"
-    return value, None
 
 
 def _strings(v: Any) -> list[str] | None:

@@ -347,7 +347,8 @@ class PlanThenScore(Pipeline):
                         quality_aspects=dict(aspects),
                         quality_reasoning=reasoning or None,
                     )
-            out.sample = self._stamp(sample, extra)
+            # the per-item verdicts travel with the sample (provenance.curation.verdicts): the rewriter reads them
+            out.sample = self._stamp(sample, {**(extra or {}), "verdicts": j["items"]})
         return [outcomes[it["key"]] for it in items]
 
     def rewrite(self, samples: Sequence[dict], attempt: int = 0) -> list[Outcome]:
@@ -356,7 +357,8 @@ class PlanThenScore(Pipeline):
         requests = []
         for s in samples:
             checklist = s.get("checklist") or []
-            verdicts = format_verdicts(checklist, None) if checklist else "(no checklist)"
+            judged = _prov(s).get("curation", {}).get("verdicts")
+            verdicts = format_verdicts(checklist, judged) if checklist else "(no checklist)"
             msgs = self.prompts.render("rewrite_prompt", [], prompt=s["prompt"], verdicts=verdicts)
             fields = {"prompt": s["prompt"], "verdicts": verdicts, "attempt": attempt}
             requests.append(TeacherRequest("rewrite_prompt", msgs, [s["image"]], fields, s["key"]))

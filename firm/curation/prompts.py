@@ -15,22 +15,22 @@ rewrite_prompt         text: prompt + checklist verdicts ``{"prompt": ..}``
 
 Quality (plan-then-score) reuses the critic's own ``gen_quality`` template (:mod:`firm.critics.prompts`), so curated
 quality labels are asked for exactly as the critic will be asked. Any template can be replaced by a text file
-(``prompts.<template>: path`` in the curation YAML); placeholders are ``{name}`` and are checked on load. Every
-template's SHA-256 goes into the manifest, so a dataset records the exact prompts that made it.
+(``prompts.<template>: path`` in the curation YAML). Templates follow the same rule as the critic's
+(:mod:`firm.templates`, documented in ``docs/critics.md``): ``{name}`` placeholders, only the template's own names are
+replaced, every other brace is literal (JSON examples need no escaping); a file missing a placeholder is refused.
+Every template's SHA-256 goes into the manifest, so a dataset records the exact prompts that made it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-import string
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from datamodules.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
+from firm.templates import check_template, read_template, render_template
 
 ASPECT_GUIDE = {
     "quantity": "objects added, removed or duplicated; changed counts",
@@ -57,7 +57,7 @@ comparison, including small ones. Name the object or region and say what it was 
 {aspects}
 
 Answer with one JSON object and nothing after it. Use an empty list for an aspect with no differences:
-{{"obvious": ["..."], "detailed": {{{aspect_keys}}}, "summary": "<one sentence>"}}"""
+{"obvious": ["..."], "detailed": {{aspect_keys}}, "summary": "<one sentence>"}"""
 
 EDIT_EVALUATION = """\
 You evaluate an image edit. The editor received this instruction:
@@ -91,8 +91,8 @@ removed object); small shifts in overall quality, sharpness or lighting; the loo
 instruction explicitly replaces; direct physical consequences of the edit (shadows, reflections, splashes).
 
 Answer with one JSON object and nothing after it:
-{{"execution": {{"reasoning": "<what was asked and what the evidence shows>", "score": <1-5>}}, \
-"consistency": {{"reasoning": "<each unintended change, significant or minor>", "score": <1-5>}}}}"""
+{"execution": {"reasoning": "<what was asked and what the evidence shows>", "score": <1-5>}, \
+"consistency": {"reasoning": "<each unintended change, significant or minor>", "score": <1-5>}}"""
 
 PLAN = """\
 Turn a text-to-image prompt into a checklist that a judge can verify by looking at a generated image.
@@ -107,7 +107,7 @@ List concrete, checkable requirements in these categories:
 Only include what the prompt states or clearly implies; one requirement per item.
 
 Answer with a JSON list and nothing after it:
-[{{"category": "main_subject", "text": "..."}}, ...]"""
+[{"category": "main_subject", "text": "..."}, ...]"""
 
 CHECKLIST_SCORE = """\
 Judge how well the image follows its text-to-image prompt.
@@ -128,8 +128,8 @@ Then give the instruction-following score:
 1: the image is unrelated to the prompt.
 
 Answer with one JSON object and nothing after it:
-{{"items": [{{"item": 1, "verdict": "yes", "note": "..."}}, ...], "reasoning": "<summary of the verdicts>", \
-"score": <1-5>}}"""
+{"items": [{"item": 1, "verdict": "yes", "note": "..."}, ...], "reasoning": "<summary of the verdicts>", \
+"score": <1-5>}"""
 
 REWRITE_INSTRUCTION = """\
 We are building training data for a judge of image edits and need edits that did NOT do what they were asked. \
@@ -147,7 +147,7 @@ output would be judged as not carrying it out. The instruction must be natural a
 do not mention the output or this task.
 
 Answer with one JSON object and nothing after it:
-{{"instruction": "..."}}"""
+{"instruction": "..."}"""
 
 REWRITE_PROMPT = """\
 We are building training data for a judge of text-to-image models and need prompts that an image does NOT \
@@ -163,7 +163,7 @@ main subject, a key attribute or the count, or add a requirement the image viola
 mention the image or this task.
 
 Answer with one JSON object and nothing after it:
-{{"prompt": "..."}}"""
+{"prompt": "..."}"""
 
 DEFAULT_TEMPLATES: dict[str, str] = {
     "difference_report": DIFFERENCE_REPORT,
@@ -183,22 +183,6 @@ PLACEHOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def placeholders(template: str) -> list[str]:
-    """The ``{name}`` fields of a template (str.format syntax: ``{{`` and ``}}`` are literal braces).
-
-    Raises:
-        ValueError: a field is not a plain name (no indexing, attributes, conversions or format specs).
-    """
-    names = []
-    for _, name, spec, conv in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if not re.fullmatch(r"[a-z_]+", name) or spec or conv:
-            raise ValueError(f"template field {{{name}}} is not a plain name; write literal braces as {{{{ and }}}}")
-        names.append(name)
-    return names
-
-
 @dataclass
 class CurationPromptConfig:
     """Template files replacing the built-in teacher prompts (None keeps the built-in one)."""
@@ -216,14 +200,6 @@ def template_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def fill(template: str, **values: Any) -> str:
-    """Substitute the ``{name}`` fields (str.format syntax; ``{{`` / ``}}`` are literal braces)."""
-    missing = [n for n in placeholders(template) if n not in values]
-    if missing:
-        raise KeyError(f"template placeholder(s) {missing} have no value")
-    return template.format_map(values)
-
-
 class CurationPrompts:
     """The templates in use and their hashes; renders them into neutral chat messages (images first)."""
 
@@ -234,21 +210,10 @@ class CurationPrompts:
         for name in DEFAULT_TEMPLATES:
             path = getattr(config, name)
             if path:
-                p = Path(path).expanduser()
-                if not p.is_file():
-                    raise FileNotFoundError(f"prompts.{name}: template file {p} not found")
-                text = p.read_text(encoding="utf-8")
-                found = set(placeholders(text))
-                missing = [f for f in PLACEHOLDERS[name] if f not in found]
-                unknown = sorted(found - set(PLACEHOLDERS[name]))
-                if missing or unknown:
-                    want = ", ".join("{" + f + "}" for f in PLACEHOLDERS[name])
-                    raise ValueError(
-                        f"prompts.{name} ({p}): placeholders must be {want} (missing {missing}, unknown {unknown}); "
-                        "write literal braces as {{ and }}"
-                    )
+                text = read_template(path, f"prompts.{name}")
+                check_template(text, f"prompts.{name}", str(path), PLACEHOLDERS[name])
                 self.templates[name] = text
-                self.sources[name] = str(p)
+                self.sources[name] = str(path)
 
     def hashes(self) -> dict[str, str]:
         return {name: template_hash(t) for name, t in self.templates.items()}
@@ -260,7 +225,10 @@ class CurationPrompts:
                 "aspect_keys": ", ".join(f'"{a}": ["..."]' for a in DIFFERENCE_ASPECTS),
                 **values,
             }
-        text = fill(self.templates[name], **values)
+        missing = [f for f in PLACEHOLDERS[name] if f not in values]
+        if missing:
+            raise KeyError(f"template {name!r}: no value for placeholder(s) {missing}")
+        text = render_template(self.templates[name], **{f: values[f] for f in PLACEHOLDERS[name]})
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
         return [{"role": "user", "content": content}]
 

@@ -11,7 +11,9 @@ A run lives in ``<output_dir>/<name>/``::
 
 Relaunching the same command continues where a killed run stopped: each phase skips the keys its journal lists
 as finished (sealed in a shard, or failed) and redoes only the rest, so every key ends up exactly once. The
-choices of phases 2 and 3 are deterministic functions of the scores and ``balance.seed``. A relaunch whose config
+choices of phases 2 and 3 are deterministic functions of the scores and ``balance.seed``; when a relaunch with
+``retry_failed: true`` scores samples that had failed, the selection is recomputed and ``final/`` is rebuilt if
+it no longer matches. A relaunch whose config
 differs in what determines the results (source, pipeline, teachers' models, prompts, balance, output format) is
 refused: give the new run another name.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -159,9 +162,9 @@ def build_pipeline(cfg: CurationConfig) -> Pipeline:
 
 
 def build_source(cfg: CurationConfig) -> Any:
-    from firm.critics.factory import build_component
+    from firm.config import build_component
 
-    cls, conf = build_component("curation_sources", cfg.source)
+    cls, conf = build_component("curation_sources", cfg.source, source="source")
     return cls(conf)
 
 
@@ -409,6 +412,19 @@ def run_curation(cfg_node: Any) -> dict:
             {k: f["scores"].get(dim) for k, f in all_facts.items()}, shares, bal.seed, bal.max_samples, bal.fill
         )
         final = ShardSink(run_dir / "final", "final", pipeline.schema, writer_kwargs, facts_of)
+        stale = set(final.done) - keep
+        if stale:
+            # The scores changed since final/ was written (a retry_failed relaunch scored samples that had failed),
+            # so the selection did too. final/ is a function of the scores: write it again from scratch.
+            log.warning(
+                "balance: %d sample(s) in %s are no longer selected (the scores changed since it was written, "
+                "e.g. by retry_failed); rebuilding it",
+                len(stale),
+                final.dir,
+            )
+            final.close()
+            shutil.rmtree(final.dir)
+            final = ShardSink(run_dir / "final", "final", pipeline.schema, writer_kwargs, facts_of)
         todo = {k for k in keep if k not in final.done}
         try:
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from datamodules.schema import QUALITY_ASPECTS
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CONSISTENCY, EXECUTION, INSTRUCTION, QUALITY
 
@@ -44,7 +45,7 @@ def format_answer(dimension: str, score: int, reasoning: str, aspects: dict[str,
     if dimension == INSTRUCTION:
         return f"{reasoning}\n\n\\boxed{{{int(score)}}}" if reasoning else f"\\boxed{{{int(score)}}}"
     if dimension == QUALITY:
-        if not aspects or set(aspects) != {"aesthetics", "technical", "structure"}:
+        if not aspects or set(aspects) != set(QUALITY_ASPECTS):
             raise ValueError(f"a quality answer needs the three aspect scores, got {aspects!r}")
         return json.dumps(
             {

@@ -6,8 +6,8 @@ Each :class:`TeacherRequest` carries the rendered chat ``messages`` (what a mode
 runs on:
 
 - ``local``: a vision-language checkpoint in this process (the critics' local transformers backend);
-- ``http``: OpenAI-compatible endpoints such as vLLM (the critics' async HTTP client: retries, endpoint balancing,
-  bounded concurrency);
+- ``http``: OpenAI-compatible endpoints such as vLLM (the critics' HTTP client, :meth:`HTTPCritic.complete
+  <firm.critics.http.HTTPCritic.complete>`: retries, endpoint balancing, bounded concurrency);
 - ``shapes_rule``: the shapes world's rule teacher (:mod:`firm.curation.shapes`), exact and CPU-only.
 
 Teachers are registered in the ``teachers`` registry and built with :func:`build_teacher`.
@@ -15,7 +15,6 @@ Teachers are registered in the ``teachers`` registry and built with :func:`build
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -99,22 +98,9 @@ class LocalTeacher:
         self._lock = threading.Lock()  # one generate() at a time on the model
 
     def generate(self, requests: Sequence[TeacherRequest]) -> list[str]:
-        from firm.critics.base import prepare_image
-
-        convs = []
-        for r in requests:
-            msgs = []
-            for m in r.messages:
-                parts = [
-                    {"type": "image", "image": prepare_image(p["image"], self.config.max_image_pixels, "image")}
-                    if p["type"] == "image"
-                    else p
-                    for p in m["content"]
-                ]
-                msgs.append({"role": m["role"], "content": parts})
-            convs.append(msgs)
+        # the critic's encoder prepares the images (RGB, max_image_pixels) exactly as for critic inference
         with self._lock:
-            return self.critic.generate_texts(convs, temperature=self.config.temperature)
+            return self.critic.generate_texts([r.messages for r in requests], temperature=self.config.temperature)
 
 
 class HTTPTeacher:
@@ -161,46 +147,20 @@ class HTTPTeacher:
         return f"http:{self.client.model or self.config.model or '?'}@{self.client.endpoints[0]}"
 
     async def agenerate(self, requests: Sequence[TeacherRequest]) -> list[str]:
-        import httpx
-
-        from firm.critics.base import prepare_image
-        from firm.critics.http import to_openai_messages
-
-        c = self.config
-        sem = asyncio.Semaphore(c.max_concurrency)
-        limits = httpx.Limits(max_connections=c.max_concurrency)
-
-        def payload(r: TeacherRequest) -> list:
-            msgs = [
-                {
-                    "role": m["role"],
-                    "content": [
-                        {"type": "image", "image": prepare_image(p["image"], c.max_image_pixels, "image")}
-                        if p["type"] == "image"
-                        else p
-                        for p in m["content"]
-                    ],
-                }
-                for m in r.messages
-            ]
-            return to_openai_messages(msgs, c.image_format)
-
-        payloads = await asyncio.to_thread(lambda: [payload(r) for r in requests])
-        async with httpx.AsyncClient(headers=self.client._headers(), limits=limits) as http:
-            return list(
-                await asyncio.gather(*[self.client.chat(http, sem, p, temperature=c.temperature) for p in payloads])
-            )
+        """Coroutine version of :meth:`generate`."""
+        return await self.client.acomplete([r.messages for r in requests], temperature=self.config.temperature)
 
     def generate(self, requests: Sequence[TeacherRequest]) -> list[str]:
-        """Blocking; raises ``CriticEndpointError`` / ``CriticTimeoutError`` when endpoints stay unreachable."""
-        return asyncio.run(self.agenerate(requests))
+        """Blocking (also from inside an event loop); raises ``CriticEndpointError`` / ``CriticTimeoutError`` when
+        endpoints stay unreachable. Safe to call from several threads at once (the runner's chunks)."""
+        return self.client.complete([r.messages for r in requests], temperature=self.config.temperature)
 
 
 def build_teacher(config: Any) -> Teacher:
     """A teacher from its config (a registered teacher's ``Config`` or a mapping with ``name:``)."""
-    from firm.critics.factory import build_component
+    from firm.config import build_component
 
-    cls, conf = build_component("teachers", config)
+    cls, conf = build_component("teachers", config, source="teacher")
     teacher = cls(conf)
     if not isinstance(teacher, Teacher):
         raise TypeError(f"teacher {conf.name!r} ({cls.__name__}) does not implement generate() and teacher_id")

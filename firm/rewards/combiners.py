@@ -11,6 +11,7 @@ dimensions it needs, so a reward function asks the critic for exactly those. YAM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,9 +27,10 @@ def _stack_inputs(components: dict[str, torch.Tensor], inputs: tuple[str, ...], 
 
 
 class Combiner:
-    """Base class: subclasses set ``inputs`` and implement :meth:`combine`."""
+    """Base class: subclasses set ``inputs`` and implement :meth:`combine` (and usually keep their ``config``)."""
 
     inputs: tuple[str, ...] = ()
+    config: Any = None  # the subclass's Config instance, when it has one
 
     def __call__(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
         """Rewards of shape (N,) in [0, 1], NaN where any needed component is NaN."""
@@ -38,7 +40,7 @@ class Combiner:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
+        return f"{type(self).__name__}({self.config if self.config is not None else ''})"
 
 
 class CMEReward(Combiner):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from firm.critics.factory import build_component
+from firm.config import build_component
 from firm.critics.types import (
     EDIT_DIMENSIONS,
     GEN_DIMENSIONS,
@@ -78,7 +78,7 @@ def build_combiner(config: Any) -> Combiner:
 
     Example: ``build_combiner({"name": "cme", "w1": 0.6, "w2": 0.4})``.
     """
-    cls, conf = build_component("rewards", config)
+    cls, conf = build_component("rewards", config, source="reward")
     return cls(conf)
 
 

@@ -2,6 +2,7 @@
 
 firm shapes preview --task edit --n 6 --out shapes_edit.png   # tasks, simulated outputs and the critic's scores
 firm shapes bench --n 200 --out shapes_bench.json             # critic speed and agreement with the ground truth
+firm shapes ablate --seeds 0 1                                 # the reward ablation of the editing demo (table + plot)
 """
 
 from __future__ import annotations
@@ -139,6 +140,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from firm.synthetic.data import export_prompt_records
+    from firm.synthetic.tasks import SplitConfig
+    from firm.synthetic.world import WorldConfig
+
+    split = None if args.split == "all" else args.split
+    path = export_prompt_records(
+        args.out,
+        args.task,
+        args.n,
+        split,
+        world=WorldConfig(size=args.size),
+        split_config=SplitConfig(mode=args.split_mode),
+        start=args.start,
+    )
+    print(f"wrote {args.n} {args.task} prompts ({args.split}) to {path}")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    import time
+
+    from firm.synthetic.ablation import run_ablation
+
+    out = args.out or f"runs/ablation_edit_rewards/{time.strftime('%Y%m%d-%H%M%S')}"
+    run_ablation(args.experiment, args.rewards, args.seeds, out, args.overrides)
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shapes", help="the procedural shapes world: preview tasks, benchmark the rule critic")
     ss = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND", required=True)
@@ -152,6 +182,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default="shapes_preview.png")
     q.set_defaults(func=_cmd_preview)
 
+    q = ss.add_parser("export", help="write a split's tasks as an RL prompt file (prompts.jsonl + source PNGs)")
+    q.add_argument("--task", choices=["edit", "gen"], default="edit")
+    q.add_argument("--n", type=int, required=True, help="number of tasks")
+    q.add_argument("--split", choices=["train", "test", "all"], default="train")
+    q.add_argument("--split-mode", choices=["hash", "combo"], default="hash", help="how tasks are split (SplitConfig)")
+    q.add_argument("--size", type=int, default=32, help="canvas size in pixels")
+    q.add_argument("--start", type=int, default=0, help="first task seed")
+    q.add_argument("--out", required=True, help="output folder")
+    q.set_defaults(func=_cmd_export)
+
     q = ss.add_parser("bench", help="rule-critic throughput and agreement with the ground-truth scorer")
     q.add_argument("--n", type=int, default=200, help="tasks per setting (edit and gen each)")
     q.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
@@ -159,3 +199,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="write the results as JSON here")
     q.set_defaults(func=_cmd_bench)
+
+    q = ss.add_parser(
+        "ablate",
+        help="the reward ablation: the same RL with CME, the plain sum and execution only; table + plot",
+        description="Run the RL experiment once per reward and training seed, then write ablation.md (table), "
+        "ablation.json and ablation.png into --out.",
+    )
+    q.add_argument("--experiment", default="experiments/demo/ablation_edit_rewards.yaml", help="the RL experiment")
+    q.add_argument("--rewards", nargs="+", default=["cme", "weighted_sum", "execution_only"])
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    q.add_argument("--out", default=None, help="output folder (default: runs/ablation_edit_rewards/<timestamp>)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    q.set_defaults(func=_cmd_ablate)

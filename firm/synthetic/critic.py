@@ -32,7 +32,9 @@ from PIL import Image
 
 from firm.critics.types import (
     CONSISTENCY,
+    EDIT_DIMENSIONS,
     EXECUTION,
+    GEN_DIMENSIONS,
     INSTRUCTION,
     QUALITY,
     CriticRequest,
@@ -70,7 +72,7 @@ from firm.synthetic.tasks import EditTask, GenTask, Task
 from firm.synthetic.world import Scene, WorldConfig, cell_box, render
 
 # Quality thresholds: value at or below each entry gives 5, 4, 3, 2 (above the last: 1). Chosen so that clean renders
-# (crisp or anti-aliased) score 5 and each degradation in tests/synthetic/test_quality.py lowers the right aspect.
+# (crisp or anti-aliased) score 5 and each degradation in tests/synthetic/test_critic_gen.py lowers the right aspect.
 STRAY_FRACTION = (0.002, 0.01, 0.03, 0.08)  # share of canvas pixels that are junk (outside objects and their edges)
 BACKGROUND_NOISE = (6.0, 12.0, 20.0, 30.0)  # mean RGB distance of background pixels from the background colour
 SOFT_EDGE_RATIO = (1.3, 2.2, 3.2, 4.5)  # soft pixels near objects per object boundary pixel
@@ -104,11 +106,15 @@ class ShapesRuleCritic:
         for req in requests:
             t0 = time.perf_counter()
             if isinstance(req, EditRequest):
-                res = self._score_edit(req)
+                res, known = self._score_edit(req), EDIT_DIMENSIONS
             elif isinstance(req, GenRequest):
-                res = self._score_gen(req)
+                res, known = self._score_gen(req), GEN_DIMENSIONS
             else:
                 raise TypeError(f"ShapesRuleCritic scores EditRequest or GenRequest, got {type(req).__name__}")
+            for dim in req.dimensions:
+                if dim not in known:
+                    res.scores[dim] = None
+                    res.errors[dim] = f"{type(req).__name__} is judged on {', '.join(known)}, not {dim!r}"
             res.key = req.key
             res.latency_s = time.perf_counter() - t0
             results.append(res)

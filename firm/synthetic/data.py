@@ -5,6 +5,7 @@
 - :func:`scored_edit_samples` / :func:`scored_gen_samples` - simulated model outputs of every quality (perfect,
   lazy copy, partial, over-edited, ...), optionally degraded in pixels, each scored by the rule critic (and by the
   ground truth), for reward-data curation and critic training.
+- :func:`export_prompt_records` - a split's tasks as an RL prompt file (JSONL + source PNGs).
 
 Images are PIL images, or with ``as_tensor=True`` float tensors ``(3, H, W)`` in [0, 1]; :func:`collate` batches
 either (tensors are stacked, everything else kept as lists).
@@ -12,8 +13,10 @@ either (tensors are stacked, everything else kept as lists).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -227,3 +230,49 @@ def scored_gen_samples(
             "ground_truth": gt.score_gen(task, scene),
             "task": task.to_dict(),
         }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompt files for RL
+
+
+def export_prompt_records(
+    out_dir: str | Path,
+    task: str,
+    n: int,
+    split: str | None = "train",
+    *,
+    world: WorldConfig | None = None,
+    split_config: SplitConfig | None = None,
+    kinds: Sequence[str] | None = None,
+    exclusive_prob: float = 0.5,
+    start: int = 0,
+) -> Path:
+    """Write ``n`` tasks of ``split`` as an RL prompt file: ``out_dir/prompts.jsonl`` (+ ``out_dir/images/*.png``).
+
+    One JSON record per line, in the RL prompt schema: ``{"prompt", "key", "checklist" (gen), "image" (edit: the
+    source, relative to the file), "meta": the task as a dict}``. Returns the path of the JSONL file.
+    """
+    if task not in ("edit", "gen"):
+        raise ValueError(f"task must be 'edit' or 'gen', got {task!r}")
+    world = world or WorldConfig()
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    path = out / "prompts.jsonl"
+    if task == "edit":
+        tasks = edit_tasks(split, world=world, split_config=split_config, kinds=kinds, start=start, limit=n)
+    else:
+        tasks = gen_tasks(
+            split, world=world, split_config=split_config, exclusive_prob=exclusive_prob, start=start, limit=n
+        )
+    with open(path, "w", encoding="utf-8") as f:
+        for t in tasks:
+            rec: dict[str, Any] = {"key": t.key, "meta": {**t.to_dict(), "split": split, "size": world.size}}
+            if isinstance(t, EditTask):
+                img = f"images/{t.key}.png"
+                render(t.source, world).save(out / img)
+                rec.update(prompt=t.instruction, image=img)
+            else:
+                rec.update(prompt=t.prompt, checklist=list(t.checklist))
+            f.write(json.dumps(rec) + "\n")
+    return path

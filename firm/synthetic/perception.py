@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from firm.synthetic.world import GRID, PALETTE, SHAPES, cell_of, unit_mask
+from firm.synthetic.world import CELL_NAMES, GRID, PALETTE, SHAPES, cell_of, unit_mask
 
 _COLOUR_NAMES = tuple(PALETTE)
 _COLOURS = np.array([PALETTE[c] for c in _COLOUR_NAMES], dtype=np.float32)  # (K, 3)
@@ -69,8 +69,6 @@ class SeenObject:
     label: int = -1  # component id in Perception.labels
 
     def describe(self) -> str:
-        from firm.synthetic.world import CELL_NAMES
-
         return f"{self.colour or 'unknown-colour'} {self.shape or 'blob'} @{CELL_NAMES[self.cell]}"
 
     def key(self) -> tuple[str | None, str | None]:

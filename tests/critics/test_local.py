@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from firm.config import ConfigError
 from firm.critics import EditRequest, GenRequest, build_critic
 from firm.critics.local import Generation, LocalCritic
 from firm.rewards import FirmEditReward, cme, normalize_score
@@ -102,9 +103,9 @@ def test_local_config_errors_are_clear(tmp_path):
         LocalCritic(LocalCritic.Config())
     with pytest.raises(FileNotFoundError, match="no config.json"):
         LocalCritic(LocalCritic.Config(model=str(tmp_path)))
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="critic: unknown key 'temperature'"):
         build_critic({"name": "local", "model": "x", "temperature": 1.0})
-    with pytest.raises(KeyError, match="Did you mean 'local'"):
+    with pytest.raises(ConfigError, match="Did you mean 'local'"):
         build_critic({"name": "locl"})
 
 

@@ -78,6 +78,41 @@ def test_json_reasoning_is_extracted():
     assert res.reasoning == "The cat became a dog."
 
 
+# A score on another scale is not a 1..5 score: "4/10" is a missing score with a reason, never a 4.
+SCALED = [
+    ("Score: 4/10", None),
+    ("Score: 8/10", None),
+    ("Score: 4/5", 4),
+    ("Score: 4 out of 10", None),
+    ("Final Rating: 4 out of 5", 4),
+    ('{"reasoning": "ok", "score": "4/10"}', None),
+    ('{"reasoning": "ok", "score": "3 out of 5"}', 3),
+    ('{"reasoning": "an "unescaped" quote", "score": 8/10}', None),
+    ("\\boxed{4/10}", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", SCALED)
+def test_a_score_on_another_scale_is_rejected(text, expected):
+    parse = explain_boxed_score if "boxed" in text else explain_json_score
+    res = parse(text)
+    assert res.value == expected
+    if expected is None:
+        assert "/10 is on a scale of 10, not 1..5" in res.reason
+    if "Score" in text or "Rating" in text:  # labelled lines are read the same way by both parsers
+        assert explain_boxed_score(text).value == expected
+
+
+def test_quality_aspect_on_another_scale_is_rejected():
+    res = explain_quality_scores("Aesthetics: 8/10\nTechnical quality: 4/5\nStructure: 5")
+    assert res.value is None and "aesthetics: score 8/10 is on a scale of 10" in res.reason
+    assert explain_quality_scores("Aesthetics: 4/5\nTechnical quality: 4 out of 5\nStructure: 5").value == {
+        "aesthetics": 4,
+        "technical": 4,
+        "structure": 5,
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Boxed scores (generation instruction following)
 
@@ -186,3 +221,28 @@ def test_parse_checklist_numbered_bulleted_and_json():
     assert parse_checklist('```json\n["a cat", "a hat"]\n```') == ["a cat", "a hat"]
     assert parse_checklist("A cat wearing a hat.") is None
     assert "no numbered" in explain_checklist("A cat wearing a hat.").reason
+
+
+def test_shared_json_and_score_helpers():
+    """The helpers curation reads teacher answers with (one implementation for critics and curation)."""
+    from firm.critics.parsing import coerce_score, find_json
+
+    assert find_json('Format: {"a": 1}\n```json\n{"a": 2, "b": [1, 2,],}\n```') == ({"a": 2, "b": [1, 2]}, None)
+    assert find_json("<think>[0]</think> Items: ['x', 'y'] then [1, 2]", list) == ([1, 2], None)
+    assert find_json('{"checklist": ["a", "b"]}', list) == (["a", "b"], None)
+    assert find_json("no json here", list) == (None, "no JSON list found")
+    assert find_json("<think>{'a': 1}", dict)[1] == "the output ends inside an unfinished <think> block"
+    assert coerce_score(" 4/5 ") == (4, None) and coerce_score([3]) == (3, None)
+    assert coerce_score("4/10")[0] is None and coerce_score(6)[1] == "score 6 is outside 1..5"
+
+
+def test_score_range_and_quality_aspects_have_one_definition():
+    import datamodules.schema as schema
+    import firm.critics as critics
+    import firm.critics.types as types
+
+    assert critics.QUALITY_ASPECTS is schema.QUALITY_ASPECTS
+    assert (types.SCORE_MIN, types.SCORE_MAX) == (schema.SCORE_MIN, schema.SCORE_MAX) == (1, 5)
+    assert set(parse_quality_scores('{"aesthetics": 4, "technical_quality": 3, "structure_texture": 5}')) == set(
+        schema.QUALITY_ASPECTS
+    )

@@ -86,3 +86,11 @@ def test_bad_template_files_fail_with_a_clear_message(tmp_path):
     (tmp_path / "g.txt").write_text("<image><image> {prompt} {checklist}")
     with pytest.raises(ValueError, match="has 2 <image> markers"):
         PromptSet(PromptConfig(gen_instruction=str(tmp_path / "g.txt")))
+
+
+def test_unknown_placeholders_stay_literal_with_a_warning(tmp_path, caplog):
+    (tmp_path / "t.txt").write_text('Did {instruction} happen ({instrution})? Answer {"score": N}.')
+    p = PromptSet(PromptConfig(edit_execution=str(tmp_path / "t.txt")))
+    assert "{instrution} is not a placeholder of this template" in caplog.text
+    text = p.messages("edit_execution", [_img(), _img()], instruction="add {prompt}")[0]["content"][-1]["text"]
+    assert text == 'Did add {prompt} happen ({instrution})? Answer {"score": N}.'  # one pass; others literal

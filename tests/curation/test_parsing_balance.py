@@ -5,16 +5,16 @@ from collections import Counter
 
 import pytest
 
+from firm.critics.parsing import find_json
 from firm.curation.balance import BalanceConfig, plan_rewrites, select
 from firm.curation.parsing import (
-    find_json,
     parse_checklist_score,
     parse_difference_report,
     parse_edit_evaluation,
     parse_plan,
     parse_rewrite,
 )
-from firm.curation.prompts import DEFAULT_TEMPLATES, CurationPromptConfig, CurationPrompts, fill, template_hash
+from firm.curation.prompts import DEFAULT_TEMPLATES, CurationPromptConfig, CurationPrompts, template_hash
 
 REPORT = {"obvious": ["the cup is red now"], "detailed": {"color": ["cup: white -> red"], "quantity": []}}
 
@@ -92,22 +92,28 @@ def test_checklist_score_and_rewrite():
     assert find_json("[1, 2] and [3]", list)[0] == [3]
 
 
-def test_templates_render_and_overrides_are_checked(tmp_path):
+def test_templates_render_and_overrides_are_checked(tmp_path, caplog):
     p = CurationPrompts()
-    msgs = p.render("edit_evaluation", [], instruction="make it {blue}", report="- [color] x")
+    msgs = p.render("edit_evaluation", [], instruction="make it {blue} like {report}", report="- [color] x")
     text = msgs[0]["content"][-1]["text"]
-    assert "make it {blue}" in text and '{"execution": {"reasoning"' in text
+    assert "make it {blue} like {report}" in text and '{"execution": {"reasoning"' in text  # one pass, no escapes
     assert set(p.hashes()) == set(DEFAULT_TEMPLATES) and all(len(h) == 16 for h in p.hashes().values())
     good = tmp_path / "plan.txt"
-    good.write_text('Plan {prompt} as [{{"category": ..}}]')
+    good.write_text('Plan {prompt} as [{"category": ..}] ({category} is literal)')  # the critic's rule
     p2 = CurationPrompts(CurationPromptConfig(plan=str(good)))
     assert p2.hashes()["plan"] == template_hash(good.read_text()) != p.hashes()["plan"]
+    assert p2.render("plan", [], prompt="a cat")[0]["content"][-1]["text"] == (
+        'Plan a cat as [{"category": ..}] ({category} is literal)'
+    )
+    assert "{category} is not a placeholder of this template" in caplog.text
     bad = tmp_path / "bad.txt"
-    bad.write_text("Plan {promt} as [{category}]")
-    with pytest.raises(ValueError, match="placeholders must be"):
+    bad.write_text('Plan {promt} as [{"category": ..}]')
+    with pytest.raises(ValueError, match=r"prompts.plan .*bad.txt.*must contain \{prompt\}"):
         CurationPrompts(CurationPromptConfig(plan=str(bad)))
-    with pytest.raises(KeyError):
-        fill("{a} {b}", a=1)
+    with pytest.raises(FileNotFoundError, match="prompts.plan: template file"):
+        CurationPrompts(CurationPromptConfig(plan=str(tmp_path / "missing.txt")))
+    with pytest.raises(KeyError, match="no value for placeholder"):
+        p.render("plan", [])
 
 
 def test_shares_and_select_follow_the_target():

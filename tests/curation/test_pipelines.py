@@ -37,7 +37,7 @@ def _edits(n=10):
 def test_teachers_satisfy_the_protocol():
     assert isinstance(ShapesRuleTeacher(), Teacher) and isinstance(JunkTeacher(), Teacher)
     assert isinstance(build_teacher({"name": "shapes_rule"}), ShapesRuleTeacher)
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ValueError, match="teacher: unknown key 'temperature'"):
         build_teacher({"name": "shapes_rule", "temperature": 0.5})
 
 
@@ -130,12 +130,22 @@ def test_plan_then_score_and_rewrites_with_the_rule_teacher():
         assert s["checklist"][0]["category"] == "main_subject"
         assert {c["category"] for c in s["checklist"]} >= {"main_subject", "attributes_actions", "style_composition"}
         assert set(s["quality_aspects"]) == {"aesthetics", "technical", "structure"}
+    rec = Recording(t)
+    pipe.teachers["rewriter"] = rec
     rewritten = pipe.rewrite([o.sample for o in outs])
+    for r, o in zip(rec.requests, outs):  # the rewriter sees the scorer's verdict on every checklist item
+        verdicts = {v["item"]: v["verdict"] for v in o.sample["provenance"]["curation"]["verdicts"]}
+        assert sorted(verdicts) == list(range(1, len(o.sample["checklist"]) + 1))
+        text = r.messages[0]["content"][-1]["text"]
+        for i, c in enumerate(o.sample["checklist"], 1):
+            assert f"{i}. {c['text']}: {verdicts[i]}" in text
+        assert r.fields["verdicts"] in text and ": ?" not in r.fields["verdicts"]
+    assert any(v == "no" for o in outs for v in [x["verdict"] for x in o.sample["provenance"]["curation"]["verdicts"]])
     for o, orig in zip(rewritten, outs):
         assert o.key == orig.key + "--rw" and o.sample is not None
         prov = o.sample["provenance"]
         assert prov["rewritten"] and prov["original_text"] == orig.sample["prompt"] != o.sample["prompt"]
-        assert prov["curation"]["rewriter"] == "shapes_rule"
+        assert prov["curation"]["rewriter"] == "recording:shapes_rule"
         assert o.sample["quality"] == orig.sample["quality"]  # quality is about the image alone
     assert sum(o.sample["instruction"] for o in rewritten) < sum(o.sample["instruction"] for o in outs)
 

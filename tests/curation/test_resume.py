@@ -100,3 +100,37 @@ def test_relaunch_with_other_settings_is_refused(tmp_path, python, subprocess_en
         timeout=120,
     )
     assert again.returncode == 2 and "differs in: source.count" in again.stderr
+
+
+def test_retry_failed_relaunch_after_a_finished_run_rebuilds_the_selection(tmp_path, caplog):
+    """Retried samples get scores, the selection over the larger set changes, and final/ follows it."""
+    from firm.curation.balance import BalanceConfig, select
+    from firm.curation.runner import load_curation, run_curation
+    from tests.helpers import curation_teachers
+
+    yaml_path = tmp_path / "retry.yaml"
+    yaml_path.write_text(
+        YAML.replace("shapes_rule_killable", "shapes_rule_flaky")
+        .replace("rewrite: true", "rewrite: false")
+        .replace("fill: 0.5", "fill: 1.0")
+        .replace("{1: 0.3, 2: 0.2, 3: 0.1, 4: 0.1, 5: 0.3}", "{2: 1, 5: 1}")
+        .format(out=tmp_path / "runs", n=24)
+    )
+    run_dir = tmp_path / "runs" / "resume_test"
+    # the rule teacher's Execution scores of these 24 edits: 12 x 5, 9 x 1, 2 x 2, 1 x 4; the two 2s fail at first
+    curation_teachers.FLAKY_KEYS.clear()
+    curation_teachers.FLAKY_KEYS.update({"shapes-edit-4", "shapes-edit-11"})
+    try:
+        first = run_curation(load_curation(yaml_path))
+        assert first["counts"]["failed"] == 2 and first["histograms"]["final"]["execution"]["2"] == 0
+        assert first["counts"]["final"] == 12  # score 2 has no sample, so every 5 is kept
+        curation_teachers.FLAKY_KEYS.clear()
+        again = run_curation(load_curation(yaml_path, ["retry_failed=true"]))
+    finally:
+        curation_teachers.FLAKY_KEYS.clear()
+    assert again["counts"]["failed"] == 0 and again["counts"]["scored"] == 24
+    scored = {s["key"]: s["execution"] for s in iter_samples(run_dir / "scored", "edit", decode_images=False)}
+    expected = select(scored, BalanceConfig(target={2: 1, 5: 1}).shares(), seed=0)
+    final = _keys(run_dir / "final")
+    assert sorted(final) == sorted(expected) and Counter(scored[k] for k in final) == {2: 2, 5: 2}
+    assert again["counts"]["final"] == 4 and "rebuilding" in caplog.text

@@ -115,3 +115,25 @@ def test_renderer_is_injected_and_prompt_matches_critic(tiny_vlm, curated):
     assert set(seen) == {"execution", "consistency", "instruction", "quality"}
     with pytest.raises(ValueError, match="unknown judgement"):
         CriticSFTDataModule(CriticSFTDataModule.Config(judgements=["vibes"]))
+
+
+def test_sft_prompt_tokens_equal_the_local_critics_with_downscaled_non_rgb_images(tiny_vlm):
+    """Training and inference share datamodules.chat: the same image preparation, template and tokens."""
+    from PIL import Image
+
+    from firm.critics import EditRequest
+    from firm.critics.local import LocalCritic
+
+    source = Image.new("RGBA", (60, 50), (255, 0, 0, 128))  # 3000 pixels, not RGB: converted and downscaled
+    edited = Image.new("L", (56, 56), 90)
+    critic = LocalCritic(LocalCritic.Config(model=str(tiny_vlm), max_image_pixels=1200))
+    job = critic.judgement_jobs([EditRequest(source, edited, "make it blue", dimensions=("execution",))])[0]
+    infer = critic.encoder([job.messages])  # what generate() feeds the model
+
+    messages = PromptSet().messages("edit_execution", [source, edited], instruction="make it blue")  # raw images
+    ex = ChatExampleEncoder(str(tiny_vlm), max_image_pixels=1200).encode(messages, "ok")
+    n_answer = int((ex["labels"] != IGNORE_INDEX).sum())
+    assert ex["input_ids"][:-n_answer].tolist() == infer["input_ids"][0].tolist()
+    assert torch.equal(ex["pixel_values"], infer["pixel_values"])
+    assert torch.equal(ex["image_grid_thw"], infer["image_grid_thw"])
+    assert ex["mm_token_type_ids"][:-n_answer].tolist() == infer["mm_token_type_ids"][0].tolist()

@@ -57,6 +57,60 @@ def test_truncated_member_fail_names_the_shard(shard_set):
         list(ds)
 
 
+def _cut_in_sample(path, sample: int, in_data: bool) -> list[str]:
+    """Cut the shard inside the first member of its ``sample``-th sample (in its data, or at its header);
+    returns the keys of the shard in order."""
+    with tarfile.open(path) as t:
+        members = t.getmembers()
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    first = next(m for m in members if m.name.startswith(keys[sample] + "."))
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: first.offset_data + first.size // 2 if in_data else first.offset])
+    return keys
+
+
+def test_cut_inside_the_next_samples_first_member_keeps_the_complete_one_before(shard_set, caplog):
+    root, keys, shards = shard_set
+    in_shard = _cut_in_sample(shards[2], 2, in_data=True)  # damage starts in the 3rd sample's first member
+    ds = ShardDataset(root, "edit", ReaderConfig(on_corrupt="skip", shuffle_buffer=0))
+    got = [s["key"] for s in ds]
+    assert sorted(got) == sorted(k for k in keys if k not in in_shard[2:]), "the 2nd sample must not be dropped"
+    assert ds.stats["skipped"] == 1 and ds.stats["truncated_shards"] == 1
+    assert f"lost sample {in_shard[2]!r}" in caplog.text and repr(in_shard[1]) not in caplog.text
+
+    seen = []
+    with pytest.raises(CorruptShardError, match=f"lost sample {in_shard[2]!r}"):
+        for s in ShardDataset(shards[2], "edit", ReaderConfig(on_corrupt="fail", shuffle_buffer=0)):
+            seen.append(s["key"])
+    assert seen == in_shard[:2]
+
+
+def test_cut_between_two_samples_is_detected(shard_set):
+    root, keys, shards = shard_set
+    in_shard = _cut_in_sample(shards[1], 2, in_data=False)  # the shard stops right before its 3rd sample
+    ds = ShardDataset(root, "edit", ReaderConfig(on_corrupt="skip", shuffle_buffer=0))
+    assert sorted(s["key"] for s in ds) == sorted(k for k in keys if k not in in_shard[2:])
+    assert ds.stats["truncated_shards"] == 1 and ds.stats["skipped"] == 0  # which samples followed is unknown
+    with pytest.raises(CorruptShardError, match="end-of-archive marker"):
+        list(ShardDataset(shards[1], "edit", ReaderConfig(on_corrupt="fail", shuffle_buffer=0)))
+
+
+def test_fail_policy_errors_are_not_rewrapped(tmp_path):
+    """A CorruptShardError raised while reading (here: a duplicate member) keeps its own message."""
+    import io
+
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as t:
+        for name in ("a.json", "a.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            t.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(CorruptShardError) as e:
+        list(ShardDataset(str(path), None, ReaderConfig(on_corrupt="fail", shuffle_buffer=0)))
+    assert "duplicate member 'json'" in str(e.value) and "ends early" not in str(e.value)
+
+
 def test_bad_policy_is_refused():
     with pytest.raises(ValueError, match="on_corrupt"):
         ReaderConfig(on_corrupt="ignore")

@@ -6,6 +6,8 @@ Importing this module registers them in the "teachers" registry (curation YAMLs 
   named by ``$FIRM_TEST_TEACHER_LOG``; after ``$FIRM_TEST_KILL_AFTER`` generate() calls it SIGKILLs its own process
   (no cleanup runs: the hardest kind of interruption).
 - ``junk``: answers every request with text no parser accepts (every sample fails).
+- ``shapes_rule_flaky``: answers like ``shapes_rule``, except that it writes junk for the evaluation of the keys in
+  :data:`FLAKY_KEYS` (tests fill and empty that set between launches).
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ class KillableShapesTeacher(ShapesRuleTeacher):
         return answers
 
 
+FLAKY_KEYS: set[str] = set()
+
+
+class FlakyShapesTeacher(ShapesRuleTeacher):
+    @dataclass
+    class Config(ShapesRuleTeacher.Config):
+        name: str = "shapes_rule_flaky"
+
+    teacher_id = "shapes_rule_flaky"
+
+    def generate(self, requests):
+        answers = super().generate(requests)
+        return [
+            "I would rather not say." if r.task == "edit_evaluation" and r.key in FLAKY_KEYS else a
+            for r, a in zip(requests, answers)
+        ]
+
+
 class JunkTeacher:
     @dataclass
     class Config:
@@ -58,6 +78,10 @@ class JunkTeacher:
         return ["I would rather not say." for _ in requests]
 
 
-for _name, _cls in (("shapes_rule_killable", KillableShapesTeacher), ("junk", JunkTeacher)):
+for _name, _cls in (
+    ("shapes_rule_killable", KillableShapesTeacher),
+    ("shapes_rule_flaky", FlakyShapesTeacher),
+    ("junk", JunkTeacher),
+):
     if TEACHERS.get(_name) is not _cls:
         register("teachers", _name, _cls, overwrite=True)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from firm.config import ConfigError
 from firm.registry import resolve
 from firm.rewards import build_combiner, cme, normalize_score, qma, weighted_sum
 
@@ -105,10 +106,25 @@ def test_registered_combiners_are_callable_on_component_dicts():
 
 
 def test_combiner_configs_validate():
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="reward: unknown key 'alpha'"):
         build_combiner({"name": "cme", "alpha": 1.0})
+    with pytest.raises(ConfigError, match="reward: invalid value for 'w1'"):
+        build_combiner({"name": "cme", "w1": "heavy"})
     with pytest.raises(ValueError, match="weights must be"):
         build_combiner({"name": "qma", "w1": -1.0})
     ws = resolve("rewards", "weighted_sum")
     c = ws(ws.Config(weights={"instruction": 1.0, "quality": 1.0}))
     assert c.inputs == ("instruction", "quality")
+
+
+def test_combiners_have_a_readable_repr():
+    from firm.rewards.combiners import Combiner
+
+    class Halves(Combiner):  # a combiner without a Config
+        inputs = ("execution",)
+
+        def combine(self, execution):
+            return execution / 2
+
+    assert repr(Halves()) == "Halves()"
+    assert repr(build_combiner({"name": "cme", "w1": 0.7})) == "CMEReward(CMEReward.Config(name='cme', w1=0.7, w2=0.4))"

@@ -176,6 +176,8 @@ def test_bad_requests_give_missing_scores_not_defaults(critic):
     assert r.scores[EXECUTION] is None and "wide" in r.errors[CONSISTENCY]
     r = critic.score([EditRequest(render(SRC), render(DONE), RECOLOUR, dimensions=(CONSISTENCY,))])[0]
     assert r.scores == {CONSISTENCY: 5}
+    r = critic.score([EditRequest(render(SRC), render(DONE), RECOLOUR, dimensions=(EXECUTION, "quality"))])[0]
+    assert r.scores == {EXECUTION: 5, "quality": None} and "not 'quality'" in r.errors["quality"]
     with pytest.raises(TypeError):
         critic.score(["not a request"])
 

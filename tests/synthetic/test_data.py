@@ -62,3 +62,25 @@ def test_scored_samples_carry_images_scores_and_ground_truth():
     assert all(np.array_equal(np.asarray(a["edited"]), np.asarray(b["edited"])) for a, b in zip(rows, again))
     g = list(scored_gen_samples(8, split="test"))
     assert len(g) == 8 and all(row["scores"]["instruction"] == row["ground_truth"]["instruction"] for row in g)
+
+
+def test_export_prompt_records_for_rl(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from firm.synthetic import make_edit_task, parse_instruction
+    from firm.synthetic.data import export_prompt_records
+
+    path = export_prompt_records(tmp_path / "edit", "edit", 5, "test")
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(recs) == 5
+    for r in recs:
+        assert set(r) == {"prompt", "image", "key", "meta"} and r["meta"]["split"] == "test"
+        task = make_edit_task(r["meta"]["seed"])
+        assert parse_instruction(r["prompt"]) == task.edit
+        src = Image.open(path.parent / r["image"])
+        assert np.array_equal(np.asarray(src.convert("RGB")), np.asarray(render(task.source)))
+    gpath = export_prompt_records(tmp_path / "gen", "gen", 3, "train")
+    g = [json.loads(line) for line in gpath.read_text().splitlines()]
+    assert all(r["checklist"] and "image" not in r for r in g)

@@ -1,0 +1,11 @@
+"""RL for flow-matching image models: the LoRA flow policy, samplers with log-probs, Flow-GRPO and DiffusionNFT.
+
+- :mod:`firm.policies.policy` — :class:`~firm.policies.policy.FlowPolicy` over diffusers components (SD3 / SD3.5,
+  Qwen-Image-Edit), LoRA adapters (trained, old, reference = disabled), cached prompt embeddings.
+- :mod:`firm.policies.samplers` — SDE / CPS / Euler / DPM-Solver++(2M) steps and whole trajectories.
+- :mod:`firm.policies.modules` — ``FlowGRPOModule`` and ``DiffusionNFTModule`` (LightningModules).
+- :mod:`firm.policies.scoring` — online critic scoring overlapped with sampling.
+- :mod:`firm.policies.export` — ``firm export-lora``: the trained LoRA for diffusers' ``load_lora_weights``.
+
+See docs/rl.md. Submodules are imported on use, so ``import firm.policies`` stays light.
+"""

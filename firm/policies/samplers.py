@@ -1,0 +1,258 @@
+"""Flow-matching samplers with log-probabilities, as plain functions.
+
+Convention (rectified flow, as in diffusers' ``FlowMatchEulerDiscreteScheduler``): ``x_sigma = (1 - sigma) x0 +
+sigma * noise``, the model predicts the velocity ``v = noise - x0``, and sampling walks ``sigma`` from ~1 down to 0.
+With ``dt = sigma_next - sigma < 0`` every stochastic step is Gaussian::
+
+    x_next ~ N(coef_x * x + coef_v * v, std^2)
+
+and the step functions below return these per-sample coefficients, which is what ``kernels.step_log_prob`` takes.
+
+* **Euler ODE**: ``coef_x = 1``, ``coef_v = dt``, ``std = 0``.
+* **Flow-GRPO SDE**: ``s_t = noise_level * sqrt(sigma / (1 - sigma))``;
+  ``coef_x = 1 + s_t^2 dt / (2 sigma)``, ``coef_v = (1 + s_t^2 (1 - sigma) / (2 sigma)) dt``, ``std = s_t sqrt(-dt)``.
+  At ``sigma = 1`` the ratio is infinite; like Flow-GRPO we use the schedule's second sigma (``sigma_cap``) there.
+* **CPS** (coefficients-preserving): ``std = sigma_next * sin(noise_level * pi / 2)``; the mean re-noises the x0
+  prediction ``x - sigma v`` to ``sigma_next`` with the noise estimate ``x + (1 - sigma) v`` scaled by
+  ``sqrt(sigma_next^2 - std^2)``, so the marginal noise level is exactly ``sigma_next``.
+* **DPM-Solver++(2M)**: a deterministic second-order multistep solver in the x0 parameterisation (one model call per
+  step, used for DiffusionNFT rollouts); its first step equals the Euler step.
+
+With ``noise_level = 0`` the SDE and CPS steps are the Euler step. :func:`sample` runs a whole trajectory, with an
+optional SDE window (stochastic steps on a subset, ODE elsewhere), and records what training needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+
+METHODS = ("sde", "cps", "ode", "dpm2")
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, ...), sigma (B,)) -> v (B, ...)
+
+
+def _as_batch(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float32, device=like.device).expand(like.shape[0]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-step coefficients: each returns (coef_x, coef_v, std), float32 (B,)
+
+
+def ode_coefs(sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Euler step ``x + dt * v`` as (coef_x, coef_v, std=0). ``sigma``, ``sigma_next``: (B,) float32."""
+    dt = sigma_next - sigma
+    return torch.ones_like(sigma), dt, torch.zeros_like(sigma)
+
+
+def sde_coefs(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float, sigma_cap: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow-GRPO SDE step coefficients.
+
+    Args:
+        sigma, sigma_next: (B,) float32 noise levels of this step (``sigma_next < sigma``).
+        noise_level: the SDE noise scale ``a`` in ``std_t = a * sqrt(sigma / (1 - sigma))``.
+        sigma_cap: replaces ``sigma`` in ``1 - sigma`` where ``sigma >= 1`` (the schedule's second sigma).
+    """
+    dt = sigma_next - sigma
+    denom = 1.0 - torch.where(sigma >= 1.0, torch.full_like(sigma, sigma_cap), sigma)
+    std_t = noise_level * torch.sqrt(sigma / denom)
+    coef_x = 1.0 + std_t**2 / (2.0 * sigma) * dt
+    coef_v = (1.0 + std_t**2 * (1.0 - sigma) / (2.0 * sigma)) * dt
+    std = std_t * torch.sqrt(-dt)
+    return coef_x, coef_v, std
+
+
+def cps_coefs(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients-preserving step: mean ``(x - sigma v)(1 - s') + (x + (1 - sigma) v) sqrt(s'^2 - std^2)``."""
+    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    keep = torch.sqrt((sigma_next**2 - std**2).clamp_min(0.0))
+    coef_x = (1.0 - sigma_next) + keep
+    coef_v = -sigma * (1.0 - sigma_next) + (1.0 - sigma) * keep
+    return coef_x, coef_v, std
+
+
+def step_coefs(
+    method: str, sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float, sigma_cap: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients of a stochastic (``sde`` / ``cps``) or Euler (``ode``) step."""
+    if method == "sde":
+        return sde_coefs(sigma, sigma_next, noise_level, sigma_cap)
+    if method == "cps":
+        return cps_coefs(sigma, sigma_next, noise_level)
+    if method in ("ode", "dpm2"):
+        return ode_coefs(sigma, sigma_next)
+    raise ValueError(f"unknown sampler method {method!r}; one of {METHODS}")
+
+
+def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
+
+
+def apply_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    coefs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``coef_x * x + coef_v * v (+ std * noise)``, with per-sample coefficients broadcast over latent dims."""
+    coef_x, coef_v, std = coefs
+    out = _bcast(coef_x, sample) * sample + _bcast(coef_v, sample) * velocity
+    if noise is not None:
+        out = out + _bcast(std, sample) * noise
+    return out
+
+
+@dataclass
+class DPMState:
+    """What DPM-Solver++(2M) carries from one step to the next."""
+
+    x0: torch.Tensor | None = None  # previous x0 prediction (B, ...)
+    h: float | None = None  # previous log-SNR step
+
+
+def _lambda(sigma: float) -> float:
+    return math.log((1.0 - sigma) / sigma)
+
+
+def dpm2_step(
+    sample: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float, state: DPMState
+) -> tuple[torch.Tensor, DPMState]:
+    """One DPM-Solver++(2M) step for flow matching (alpha = 1 - sigma). First and last steps are first order.
+
+    The first-order update ``(s'/s) x - (1 - s')(e^{-h} - 1) x0`` is exactly the Euler step.
+    """
+    x0 = sample - sigma * velocity
+    if sigma_next <= 0.0:
+        return x0, DPMState(x0, None)
+    # sigma may be exactly 1 at the first step (lambda = -inf): first order is then the Euler step.
+    if sigma >= 1.0:
+        return sample + (sigma_next - sigma) * velocity, DPMState(x0, None)
+    h = _lambda(sigma_next) - _lambda(sigma)
+    d = x0
+    if state.x0 is not None and state.h is not None and state.h > 0:
+        r = state.h / h
+        d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * state.x0
+    out = (sigma_next / sigma) * sample - (1.0 - sigma_next) * math.expm1(-h) * d
+    return out, DPMState(x0, h)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Whole trajectories
+
+
+@dataclass
+class Trajectory:
+    """A sampled trajectory; what Flow-GRPO trains on (and DiffusionNFT's final ``x0``).
+
+    Attributes:
+        latents: (B, T + 1, ...) every latent from the initial noise (index 0) to the final sample (index T).
+        log_probs: (B, T) float32 log-prob of each step's observed next latent; 0 on deterministic steps.
+        sigmas: (T + 1,) float32 noise levels of the schedule (``sigmas[T] == 0``).
+        stochastic: (T,) bool, which steps were sampled stochastically (and carry a log-prob).
+        sigma_cap: the value used for ``sigma = 1`` in the SDE std (the schedule's second sigma).
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    stochastic: torch.Tensor
+    sigma_cap: float
+
+    @property
+    def final(self) -> torch.Tensor:
+        """(B, ...) the final sample."""
+        return self.latents[:, -1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+
+def sde_window(
+    num_steps: int, window_size: int, start_max: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(T,) bool mask of stochastic steps: all steps when ``window_size <= 0``, else a window of ``window_size``
+    consecutive steps starting uniformly in ``[0, min(start_max, T - window_size)]``."""
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    if window_size <= 0 or window_size >= num_steps:
+        mask[:] = True
+        return mask
+    hi = num_steps - window_size if start_max is None else min(start_max, num_steps - window_size)
+    start = int(torch.randint(0, hi + 1, (1,), generator=generator)) if hi > 0 else 0
+    mask[start : start + window_size] = True
+    return mask
+
+
+@torch.no_grad()
+def sample(
+    velocity_fn: VelocityFn,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    method: str = "sde",
+    noise_level: float = 0.7,
+    stochastic: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    record: bool = True,
+) -> Trajectory:
+    """Sample from ``noise`` along ``sigmas`` with the given method.
+
+    Args:
+        velocity_fn: ``(x (B, ...), sigma (B,)) -> v (B, ...)``; it applies conditioning and CFG itself.
+        noise: (B, ...) the initial latents at ``sigmas[0]``.
+        sigmas: (T + 1,) decreasing noise levels ending at 0.
+        method: ``sde`` (Flow-GRPO), ``cps``, ``ode`` (Euler) or ``dpm2`` (DPM-Solver++(2M), deterministic).
+        noise_level: noise scale of the stochastic steps (0 gives the Euler ODE).
+        stochastic: (T,) bool, the SDE window; default every step for sde / cps, none for ode / dpm2.
+        generator: draws the step noise (on the CPU, so results do not depend on the device).
+        record: keep every latent (Flow-GRPO training needs them); else only the first and last.
+
+    Returns:
+        A :class:`Trajectory`. Log-probs are computed with ``kernels.step_log_prob`` in float32.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown sampler method {method!r}; one of {METHODS}")
+    sigmas = sigmas.detach().to("cpu", torch.float32)
+    t = sigmas.numel() - 1
+    if t < 1 or not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas[-1]) != 0.0:
+        raise ValueError(f"sigmas must decrease strictly to 0, got {sigmas.tolist()}")
+    if stochastic is None:
+        stochastic = torch.full((t,), method in ("sde", "cps"), dtype=torch.bool)
+    stochastic = stochastic.to("cpu", torch.bool).clone()
+    if method in ("ode", "dpm2") or noise_level <= 0:
+        stochastic[:] = False
+    if method == "cps":
+        stochastic &= sigmas[1:] > 0  # CPS has std = sigma_next = 0 on the last step: deterministic there
+    sigma_cap = float(sigmas[1]) if t >= 1 else 1.0
+    b = noise.shape[0]
+    x = noise
+    latents = [x]
+    log_probs = torch.zeros(b, t, dtype=torch.float32, device=noise.device)
+    state = DPMState()
+    for i in range(t):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        sig = _as_batch(s, x)
+        v = velocity_fn(x, sig)
+        if method == "dpm2":
+            x, state = dpm2_step(x, v, s, s_next, state)
+        elif bool(stochastic[i]):
+            coefs = step_coefs(method, sig, _as_batch(s_next, x), noise_level, sigma_cap)
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            x_next = apply_step(x, v, coefs, eps)
+            log_probs[:, i], _ = kernels.step_log_prob(x, v, x_next, *coefs)
+            x = x_next
+        else:
+            x = apply_step(x, v, ode_coefs(sig, _as_batch(s_next, x)))
+        if record or i == t - 1:
+            latents.append(x)
+    return Trajectory(torch.stack(latents, dim=1), log_probs, sigmas, stochastic, sigma_cap)  # (B, T+1, ...)

@@ -1,0 +1,191 @@
+"""`firm serve-critic` (LitServe) serving the tiny Qwen3-VL on 127.0.0.1, used through the HTTP client and raw HTTP."""
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from firm.critics import EditRequest, GenRequest
+from firm.critics.http import HTTPCritic, image_data_url
+from tests.conftest import REPO
+from tests.critics.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_vlm, tmp_path_factory):
+    """Base URL of a real `firm serve-critic` process serving the tiny random critic (API key KEY)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.pop("FIRM_CRITIC_API_KEY", None)
+    cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", str(tiny_vlm), "--port", str(port)]
+    cmd += ["--api-key", KEY, "--max-batch-size", "4", "--batch-timeout", "0.05", "--max-new-tokens", "8"]
+    cmd += ["--max-image-pixels", "4096", "--max-request-mb", "1"]  # small limits, to test them
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"firm serve-critic exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"firm serve-critic did not become healthy:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url + "/v1"
+    finally:
+        # The server and its LitServe workers share the process group started above.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+def _img(color, size=(48, 40)):
+    return Image.new("RGB", size, color)
+
+
+def _chat_body(image_url=None, text="Rate this edit.", **extra):
+    content = [{"type": "text", "text": text}]
+    if image_url is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+    return {"model": "tiny-critic", "messages": [{"role": "user", "content": content}], "max_tokens": 6, **extra}
+
+
+def _auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_http_client_scores_a_batch_through_the_served_critic(served):
+    critic = HTTPCritic(HTTPCritic.Config(endpoints=[served], max_tokens=8, parse_retries=1), api_key=KEY)
+    reqs = [
+        EditRequest(_img((255, 0, 0)), _img((0, 0, 255), (64, 64)), "make it blue", key="e1"),
+        EditRequest(_img((0, 255, 0)), _img((0, 255, 0)), "add a hat", key="e2"),
+        GenRequest(_img((9, 9, 9)), "a cat", checklist=["a cat"], key="g1"),
+    ]
+    results = critic.score(reqs)
+    assert critic.model == "tiny-critic"  # resolved from GET /v1/models
+    assert [r.key for r in results] == ["e1", "e2", "g1"]
+    for r in results:  # random weights: gibberish, so missing scores with reasons, never numbers
+        for dim, score in r.scores.items():
+            assert score is None
+            assert r.errors[dim].startswith("unparseable output (after 2 attempts)")
+            assert isinstance(r.raw[dim], str)
+    assert critic.stats["parse_failures"] == 6 and critic.stats["generations"] == 12
+
+
+def test_api_key_is_required(served):
+    body = _chat_body()
+    assert httpx.post(served + "/chat/completions", json=body, timeout=30).status_code == 401
+    r = httpx.post(served + "/chat/completions", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert r.status_code == 401 and "API key" in r.text
+    assert httpx.get(served + "/models", timeout=30).status_code == 401
+    assert httpx.get(served + "/models", headers=_auth(), timeout=30).json()["data"][0]["id"] == "tiny-critic"
+
+
+def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(served):
+    url = served + "/chat/completions"
+    good_image = image_data_url(_img((1, 2, 3)))
+    bad_png = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
+    cases = [
+        (b'{"messages": [', 422, "JSON decode error"),
+        (json.dumps({"messages": []}).encode(), 422, "at least 1"),
+        (json.dumps(_chat_body("https://example.com/cat.png")).encode(), 422, "data:image/<format>;base64"),
+        (json.dumps(_chat_body("data:image/png;base64,@@@")).encode(), 422, "not valid base64"),
+        (json.dumps(_chat_body(good_image, n=2)).encode(), 422, "n must be 1"),
+        (json.dumps(_chat_body(good_image, stream=True)).encode(), 422, "stream=true is not supported"),
+        (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 422, "role"),
+        (json.dumps(_chat_body(bad_png)).encode(), 400, "image does not decode"),
+    ]
+    headers = {**_auth(), "Content-Type": "application/json"}
+    for raw, status, needle in cases:
+        r = httpx.post(url, content=raw, headers=headers, timeout=60)
+        assert r.status_code == status, (raw[:80], r.text[:300])
+        assert needle in r.text, r.text[:300]
+    ok = httpx.post(url, json=_chat_body(good_image), headers=_auth(), timeout=60)
+    assert ok.status_code == 200
+    assert isinstance(ok.json()["choices"][0]["message"]["content"], str)
+
+
+def test_oversized_images_and_bodies_get_413_and_the_server_keeps_serving(served):
+    url = served + "/chat/completions"
+    big = _chat_body(image_data_url(_img((1, 2, 3), (80, 60))))  # 4800 pixels > --max-image-pixels 4096
+    r = httpx.post(url, json=big, headers=_auth(), timeout=60)
+    assert r.status_code == 413, r.text[:300]
+    assert "image is 80x60 = 4800 pixels; this server accepts at most 4096" in r.json()["error"]["message"]
+    huge = _chat_body(image_data_url(_img((1, 2, 3))), text="x" * (2 * 2**20))  # a 2 MiB body > 1 MiB
+    r = httpx.post(url, json=huge, headers=_auth(), timeout=60)
+    assert r.status_code == 413 and "too large" in r.text.lower()
+    ok = httpx.post(url, json=_chat_body(image_data_url(_img((1, 2, 3), (64, 64)))), headers=_auth(), timeout=60)
+    assert ok.status_code == 200
+
+
+def test_a_bad_request_in_a_batch_does_not_fail_its_neighbours(served):
+    url = served + "/chat/completions"
+    good = _chat_body(image_data_url(_img((5, 5, 5))))
+    bad = _chat_body("data:image/png;base64," + base64.b64encode(b"junk").decode())
+
+    async def go():
+        async with httpx.AsyncClient(headers=_auth(), timeout=120) as client:
+            return await asyncio.gather(*[client.post(url, json=b) for b in [good, bad, good, good]])
+
+    statuses = [r.status_code for r in asyncio.run(go())]
+    assert statuses == [200, 400, 200, 200]
+
+
+def test_concurrent_load_is_all_answered(served):
+    url = served + "/chat/completions"
+    n = 32
+
+    async def go():
+        async with httpx.AsyncClient(headers=_auth(), timeout=300) as client:
+            bodies = [_chat_body(image_data_url(_img((i, 0, 0))), text=f"request {i}") for i in range(n)]
+            return await asyncio.gather(*[client.post(url, json=b) for b in bodies])
+
+    responses = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200] * n
+    payloads = [r.json() for r in responses]
+    assert len({p["id"] for p in payloads}) == n  # one distinct answer per request, none lost or duplicated
+    assert all(isinstance(p["choices"][0]["message"]["content"], str) for p in payloads)
+
+
+def test_cli_scores_a_folder_through_the_served_critic(served, tmp_path, capsys):
+    from firm.cli import main
+
+    for d in ("source", "edited"):
+        (tmp_path / d).mkdir()
+    for i in range(3):
+        _img((i * 50, 0, 0)).save(tmp_path / "source" / f"{i:03d}.png")
+        _img((0, 0, i * 50)).save(tmp_path / "edited" / f"{i:03d}.png")
+    out = tmp_path / "scores.jsonl"
+    args = ["critic", "score", str(tmp_path), "--out", str(out), "--endpoint", served, "--api-key", KEY]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--instruction", "make it blue", "--max-tokens", "8", "--parse-retries", "0"])
+    assert e.value.code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["000", "001", "002"]
+    assert all(r["reward"] is None and r["scores"]["execution"] is None and r["errors"] for r in rows)
+    assert "missing 3" in capsys.readouterr().out
+    assert Image.open(io.BytesIO((tmp_path / "edited" / "000.png").read_bytes())).size == (48, 40)

@@ -1,0 +1,41 @@
+"""A DiffusionNFT module that records, per rank, what it computes: rewards, group labels, advantages (each RL step)
+and the final LoRA weights. Registered as `probe_nft` through an experiment's `imports:`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from firm.policies.modules import DiffusionNFTConfig, DiffusionNFTModule
+from firm.registry import register
+
+
+@dataclass
+class ProbeNFTConfig(DiffusionNFTConfig):
+    name: str = "probe_nft"
+
+
+class ProbeNFTModule(DiffusionNFTModule):
+    Config = ProbeNFTConfig
+
+    def _probe_dir(self) -> Path:
+        d = Path(self.trainer.default_root_dir) / "probe"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def advantages(self, rewards, groups):
+        out = super().advantages(rewards, groups)
+        record = {"rewards": rewards.cpu(), "groups": groups.cpu(), "adv": out["adv"].cpu(), "keep": out["keep"].cpu()}
+        torch.save(record, self._probe_dir() / f"adv_step{self.rl_step}_rank{self.global_rank}.pt")
+        return out
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        weights = {k: v.detach().contiguous() for k, v in self.policy.named_adapter_parameters("default").items()}
+        save_file(weights, str(self._probe_dir() / f"lora_rank{self.global_rank}.safetensors"))
+
+
+register("modules", "probe_nft", ProbeNFTModule, overwrite=True)

@@ -1,0 +1,191 @@
+"""Shipped RL experiments end to end: tiny runs, LoRA export into diffusers, 2-process DDP, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kernels
+from firm.config import load_experiment, to_object
+from firm.policies.export import export_lora
+from firm.policies.policy import FlowPolicy, build_tiny_components
+from firm.runner import run
+
+REPO = Path(__file__).resolve().parents[2]
+RL = REPO / "experiments" / "rl"
+HELPERS = REPO / "tests" / "helpers"
+
+
+def metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("reward/mean")]
+
+
+def test_full_size_experiments_validate_without_loading_weights():
+    for name, family, algo in [
+        ("firm_sd35_qma", "sd3", "diffusion_nft"),
+        ("firm_sd35_qma_grpo", "sd3", "flow_grpo"),
+        ("firm_qwen_edit_cme", "qwen_image_edit", "diffusion_nft"),
+    ]:
+        cfg = to_object(load_experiment(RL / f"{name}.yaml"))
+        m = cfg.module
+        assert (m.name, m.policy.family, m.critic.name) == (algo, family, "http")
+        assert m.policy.lora.rank == 32 and m.policy.lora.alpha == 64 and m.policy.resolution == 512
+        assert m.kl_beta == (0.04 if algo == "flow_grpo" else 1e-4) and m.adv_clip_max == 5.0
+        assert cfg.trainer.strategy in ("ddp", "fsdp") and 12 <= cfg.data.group_size <= 16
+        assert m.sampler.num_steps == (6 if family == "qwen_image_edit" else 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,steps,pipeline",
+    [
+        ("tiny_sd3_nft", 2, "StableDiffusion3Pipeline"),
+        ("tiny_sd3_grpo", 2, None),
+        ("tiny_qwen_edit_nft", 1, "QwenImageEditPlusPipeline"),
+    ],
+)
+def test_tiny_experiment_runs_and_exports_a_diffusers_lora(tmp_path, monkeypatch, name, steps, pipeline):
+    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    overrides = [f"output_root={tmp_path}", f"trainer.max_steps={steps}"]
+    if name == "tiny_sd3_nft":
+        overrides.append("module.ema_decay=0.5")
+    run_dir = run(str(RL / f"{name}.yaml"), overrides)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == steps and ckpt["firm_rl"]["rl_step"] >= 1
+    assert all("lora_" in k for k in ckpt["state_dict"])  # adapters only: no frozen base weights
+    rows = metrics(run_dir)
+    assert rows and all(r["reward/missing_frac"] == "0.0" for r in rows)
+    assert list((run_dir / "samples").glob("*.png")) and list((run_dir / "tb" / "version_0").iterdir())
+    if pipeline is None:
+        return
+    # export, load with diffusers' load_lora_weights, and compare with the trained policy
+    out = export_lora(run_dir, tmp_path / "lora")
+    assert out.name == "pytorch_lora_weights.safetensors"
+    cfg = to_object(load_experiment(run_dir / "config.yaml"))
+    import diffusers
+
+    comps = build_tiny_components(cfg.module.policy)
+    kwargs = {"transformer": comps["transformer"], "scheduler": comps["scheduler"], "vae": None}
+    if pipeline == "StableDiffusion3Pipeline":
+        kwargs.update({k: None for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    else:
+        kwargs.update(text_encoder=None, tokenizer=None, processor=None)
+    pipe = getattr(diffusers, pipeline)(**kwargs)
+    pipe.load_lora_weights(str(out.parent))
+    policy = FlowPolicy(cfg.module.policy, old_adapter=True)
+    sd = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}
+    assert not policy.load_state_dict(sd, strict=False).unexpected_keys
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (32, 32), (250, 250, 250))] * 2 if policy.family.uses_source_image else None
+    cond = policy.encode_prompts(["a red circle at the top", "a blue square"], imgs)
+    x, s = torch.randn(2, *policy.latent_shape()), torch.tensor([0.7, 0.3])
+    ours = policy.velocity(x, s, cond)
+    pipe.transformer.eval()
+    with torch.no_grad():
+        theirs = policy.family.forward(pipe.transformer, x, s, cond)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    if name == "tiny_sd3_nft":  # the EMA export differs from the raw weights, the `old` adapter export works too
+        ema = load_file(str(export_lora(run_dir, tmp_path / "ema", ema=True)))
+        raw = load_file(str(out))
+        assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
+        assert load_file(str(export_lora(run_dir, tmp_path / "old", adapter="old"))).keys() == raw.keys()
+    else:
+        with pytest.raises(ValueError, match="no EMA"):
+            export_lora(run_dir, tmp_path / "ema", ema=True)
+
+
+def test_export_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_lora(tmp_path, tmp_path / "out")
+
+
+def probe_yaml(tmp_path: Path, **trainer) -> Path:
+    lines = "".join(f"  {k}: {v}\n" for k, v in trainer.items())
+    path = tmp_path / "probe.yaml"
+    path.write_text(
+        f"base: {RL / 'tiny_sd3_nft.yaml'}\nname: probe\noutput_root: {tmp_path / 'runs'}\n"
+        f"imports: [{HELPERS / 'stats_critic.py'}, {HELPERS / 'rl_probe.py'}]\n"
+        "module:\n  name: probe_nft\n  critic: {name: image_stats}\n  lr: 0.01\n  log_images_every: 0\n"
+        "  policy: {resolution: 16}\n  sampler: {num_steps: 3}\n"
+        "data:\n  prompts: [a red circle, a blue square at the top, green triangle]\n"  # 3 steps per epoch
+        f"  batch_size: 4\n  group_size: 4\ntrainer:\n  enable_progress_bar: false\n{lines}"
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_ddp_group_statistics_across_ranks_equal_single_process_statistics(tmp_path, subprocess_env):
+    exp = probe_yaml(tmp_path, strategy="ddp", devices=2, max_steps=2, checkpoint_every_n_steps=100)
+    out = subprocess.run(
+        [sys.executable, "-m", "firm", "run", str(exp)], env=subprocess_env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "runs" / "probe").iterdir())
+    probe = run_dir / "probe"
+    split_groups = 0
+    for step in range(2):
+        ranks = [torch.load(probe / f"adv_step{step}_rank{r}.pt", weights_only=True) for r in range(2)]
+        rewards = torch.cat([r["rewards"] for r in ranks])
+        groups = torch.cat([r["groups"] for r in ranks])
+        single = kernels.group_advantages(rewards, groups, clip=5.0, eps=1e-4)  # one process, all the data
+        torch.testing.assert_close(torch.cat([r["adv"] for r in ranks]), single)
+        assert single.abs().sum() > 0  # the statistics are not trivially zero
+        split_groups += len(set(ranks[0]["groups"].tolist()) & set(ranks[1]["groups"].tolist()))
+    assert split_groups > 0, "no group was spread over both ranks: the test would not test anything"
+    w0 = load_file(str(probe / "lora_rank0.safetensors"))
+    w1 = load_file(str(probe / "lora_rank1.safetensors"))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k  # gradients were all-reduced: ranks stay identical
+    assert any(w0[k].abs().sum() > 0 for k in w0 if "lora_B" in k)  # and they trained
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_exactly(tmp_path, subprocess_env):
+    steps = 4  # killed after the checkpoint at step 2; the resumed steps cross into the second data epoch
+    exp = probe_yaml(tmp_path, max_steps=steps, checkpoint_every_n_steps=2)
+    cmd = [sys.executable, "-m", "firm", "run", str(exp)]
+    subprocess.run([*cmd, "name=reference"], env=subprocess_env, check=True, capture_output=True, timeout=600)
+    (ref_dir,) = list((tmp_path / "runs" / "reference").iterdir())
+
+    proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, last = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs" / "probe").glob("*/checkpoints/last.ckpt"))
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.02)
+    assert last is not None, "no checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    run_dir = last.parent.parent
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < killed_at < steps, "the run finished before it could be killed"
+
+    out = subprocess.run(
+        [*cmd[:3], "run", "--resume", str(run_dir)], env=subprocess_env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ref = {r["step"]: r for r in metrics(ref_dir)}
+    resumed = metrics(run_dir, version=1)
+    assert resumed and min(int(r["step"]) for r in resumed) == killed_at  # continued where the checkpoint was
+    keys = ["reward/mean", "adv/abs_mean", "train/policy", "train/grad_norm", "train/old_decay"]
+    for row in resumed:
+        for k in keys:
+            assert float(row[k]) == pytest.approx(float(ref[row["step"]][k]), rel=1e-4, abs=1e-6), (row["step"], k)
+    a = load_file(str(ref_dir / "probe" / "lora_rank0.safetensors"))
+    b = load_file(str(run_dir / "probe" / "lora_rank0.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

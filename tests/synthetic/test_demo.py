@@ -158,6 +158,7 @@ def test_pretraining_runs_exports_and_evaluates(tmp_path, monkeypatch):
         [
             f"output_root={tmp_path / 'runs'}",
             "trainer.max_steps=4",
+            "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false",
             "module.tiny.num_layers=1",
             "module.tiny.num_heads=2",

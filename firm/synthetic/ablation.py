@@ -135,10 +135,11 @@ def ablation_table(runs: list[dict[str, Any]]) -> str:
         "| model | trained on | " + " | ".join(c[1] for c in cols) + " | lazy-editor share | runs |",
         "|---|---|" + "---:|" * (len(cols) + 2),
     ]
-    base = [r["summary"]["base"] for r in runs]
-    base_lazy = [r["summary"].get("lazy_frac", {}).get("base", math.nan) for r in runs]
-    cells = [f"{_mean_std([b[k] for b in base])[0]:.3f}" for k, _ in cols]
-    lines.append(f"| base (pretrained) | - | {' | '.join(cells)} | {_fmt_ms(base_lazy)} | {len(runs)} evals |")
+    # The base model's evaluation is the same in every run (same checkpoint, tasks and evaluation seeds).
+    base = runs[0]["summary"]["base"]
+    base_lazy = runs[0]["summary"].get("lazy_frac", {}).get("base", math.nan)
+    cells = [f"{base[k]:.3f} ± {runs[0]['summary']['seed_std']['base'][k]:.3f}" for k, _ in cols]
+    lines.append(f"| base (pretrained) | - | {' | '.join(cells)} | {base_lazy:.3f} | (± over evaluation seeds) |")
     for reward in dict.fromkeys(r["reward"] for r in runs):
         rs = [r for r in runs if r["reward"] == reward]
         cells = [_fmt_ms([r["summary"]["trained"][k] for r in rs]) for k, _ in cols]
@@ -171,18 +172,18 @@ def plot_ablation(runs: list[dict[str, Any]], path: Path) -> Path:
     names = ["base", *rewards]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        if name == "base":
-            vals = [[r["summary"]["base"][k] for r in runs] for k, _ in keys]
+        if name == "base":  # identical in every run: its error bar is the evaluation-seed std
+            ms = [(runs[0]["summary"]["base"][k], runs[0]["summary"]["seed_std"]["base"][k]) for k, _ in keys]
         else:
             vals = [[r["summary"]["trained"][k] for r in runs if r["reward"] == name] for k, _ in keys]
-        ms = [_mean_std(v) for v in vals]
+            ms = [_mean_std(v) for v in vals]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
         label = "base" if name == "base" else REWARDS.get(name, name)
         ax_bar.bar(xs, [m for m, _ in ms], width, yerr=[s for _, s in ms], capsize=3, label=label)
     ax_bar.set_xticks(range(len(keys)))
     ax_bar.set_xticklabels([k[1] for k in keys])
     ax_bar.set_ylim(0, 1.05)
-    ax_bar.set_title("held-out (mean ± std over training seeds)", fontsize=9)
+    ax_bar.set_title("held-out (RL: mean ± std over training seeds)", fontsize=9)
     ax_bar.legend(fontsize=7)
     panels = ((ax_e, "reward/execution", "train execution"), (ax_c, "reward/consistency", "train consistency"))
     for ax, key, title in panels:

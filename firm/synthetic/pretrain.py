@@ -308,8 +308,9 @@ class ShapesPretrainModule(FirmModule):
                 with torch.no_grad():
                     for n, p in params.items():
                         p.copy_(self.ema[n])
-            self.transformer.to(dtype)
-            self.text_encoder.to(dtype)
+            # nn.Module.to (not diffusers' override, which warns about fp32-only modules: this model has none).
+            nn.Module.to(self.transformer, dtype)
+            nn.Module.to(self.text_encoder, dtype)
             tmp = d.with_name(f".{d.name}.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -326,8 +327,8 @@ class ShapesPretrainModule(FirmModule):
                 shutil.rmtree(d)
             tmp.rename(d)
         finally:
-            self.transformer.to(torch.float32)
-            self.text_encoder.to(torch.float32)
+            nn.Module.to(self.transformer, torch.float32)
+            nn.Module.to(self.text_encoder, torch.float32)
             params = self.trainable()  # .to() keeps the Parameter objects, but look them up again to be safe
             with torch.no_grad():
                 for n, p in params.items():

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+COLOURS = {"base": "tab:gray", "cme": "tab:blue", "weighted_sum": "tab:orange", "execution_only": "tab:red"}
 REWARDS = {
     "cme": "CME = E (0.6 + 0.4 C)",
     "weighted_sum": "plain sum 0.5 E + 0.5 C",
@@ -179,7 +180,9 @@ def plot_ablation(runs: list[dict[str, Any]], path: Path) -> Path:
             ms = [_mean_std(v) for v in vals]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
         label = "base" if name == "base" else REWARDS.get(name, name)
-        ax_bar.bar(xs, [m for m, _ in ms], width, yerr=[s for _, s in ms], capsize=3, label=label)
+        ax_bar.bar(
+            xs, [m for m, _ in ms], width, yerr=[s for _, s in ms], capsize=3, label=label, color=COLOURS.get(name)
+        )
     ax_bar.set_xticks(range(len(keys)))
     ax_bar.set_xticklabels([k[1] for k in keys])
     ax_bar.set_ylim(0, 1.05)
@@ -195,7 +198,7 @@ def plot_ablation(runs: list[dict[str, Any]], path: Path) -> Path:
             ys = np.nanmean(np.array([r["curves"][key][:n] for r in rs]), axis=0)
             k = 5  # trailing mean over 5 RL steps
             sm = [float(np.nanmean(ys[max(0, i - k + 1) : i + 1])) for i in range(n)]
-            ax.plot(rs[0]["curves"]["rl_step"][:n], sm, label=REWARDS.get(reward, reward))
+            ax.plot(rs[0]["curves"]["rl_step"][:n], sm, label=REWARDS.get(reward, reward), color=COLOURS.get(reward))
         ax.set_title(f"{title} (rollouts, 5-step mean)", fontsize=9)
         ax.set_xlabel("RL step")
         ax.set_ylim(0, 1.02)

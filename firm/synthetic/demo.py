@@ -192,6 +192,9 @@ class ShapesReport(L.Callback):
             res = self._evaluate(module, "default", self.tasks[:n], [self.config.seeds[0]], "held-out curve")
             s = res.summary()
             self.curve.append((module.rl_step, s["reward"], {k: s[k] for k in res.components}))
+            metrics = {f"heldout/{k}": s[k] for k in ("reward", *res.components)}
+            for logger in trainer.loggers:  # also in metrics.csv / TensorBoard, at this optimizer step
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         if not trainer.is_global_zero or self.base is None:

@@ -249,6 +249,7 @@ def test_short_edit_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     rows = [r for r in read_metrics(run_dir) if r.get("reward/mean")]
     assert all(r.get("reward/lazy_editor_frac") not in (None, "") for r in rows)
     assert all(r.get("train/policy") not in (None, "") for r in rows)  # the DiffusionNFT loss
+    assert len([r for r in read_metrics(run_dir) if r.get("heldout/reward")]) == 2  # every=1: after each step
     assert f"[shapes] report: {run_dir / 'report' / 'report.md'}" in capsys.readouterr().out
 
 

@@ -37,7 +37,9 @@ __all__ = [
     "ExperimentConfig",
     "TrainerConfig",
     "component_field",
+    "import_extensions",
     "load_experiment",
+    "load_yaml_chain",
     "parse_overrides",
     "save_config",
     "to_object",
@@ -122,7 +124,7 @@ def _load_yaml_file(path: Path) -> DictConfig:
     return node
 
 
-def _load_chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+def load_yaml_chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
     """The YAML file and all its `base:` ancestors, deepest base first, as (source name, mapping)."""
     path = path.resolve()
     if path in _seen:
@@ -136,7 +138,7 @@ def _load_chain(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[str, Dic
         for b in bases:
             if not isinstance(b, str):
                 raise ConfigError(f"{path}: `base:` must be a path (or a list of paths) to YAML files, got {b!r}")
-            layers += _load_chain((path.parent / b), (*_seen, path))
+            layers += load_yaml_chain((path.parent / b), (*_seen, path))
     layers.append((str(_display_path(path)), node))
     return layers
 
@@ -282,7 +284,7 @@ def _drop_replaced_components(layers: list[tuple[str, DictConfig]], components: 
                 current = str(name)
 
 
-def _import_extensions(imports: Any, source: str) -> None:
+def import_extensions(imports: Any, source: str) -> None:
     for item in list(imports or []):
         item = str(item)
         try:
@@ -331,13 +333,13 @@ def load_experiment(
         ConfigError: naming the key and the file (or override) on any problem.
     """
     path = Path(path)
-    layers = _load_chain(path) + parse_overrides(list(overrides or []))
+    layers = load_yaml_chain(path) + parse_overrides(list(overrides or []))
     top = str(_display_path(path.resolve()))
     try:
         raw = OmegaConf.merge(*[layer for _, layer in layers]) if layers else OmegaConf.create({})
     except OmegaConfBaseException as e:
         raise ConfigError(f"{top}: {e}") from None
-    _import_extensions(raw.get("imports"), _source_of(layers, "imports", top))
+    import_extensions(raw.get("imports"), _source_of(layers, "imports", top))
     components: list[tuple[str, str]] = []
     cfg = _build_schema(schema, raw, "", layers, top, components)
     _drop_replaced_components(layers, components)

@@ -75,11 +75,11 @@ def load_bench_config(
     With ``critics`` (registry names from ``--critic``), overrides ``critic.KEY=VALUE`` apply to the single critic
     given (``critic.NAME.KEY=VALUE`` picks one of several).
     """
-    from firm.config import _load_chain  # the same `base:` inheritance as `firm run`
+    from firm.config import load_yaml_chain  # the same `base:` inheritance as `firm run`
 
     layers: list[tuple[str, DictConfig]] = []
     if path is not None:
-        layers += _load_chain(Path(path))
+        layers += load_yaml_chain(Path(path))
     cli: dict[str, Any] = {}
     if data is not None:
         cli["data"] = data
@@ -107,9 +107,9 @@ def load_bench_config(
     cfg = _merge(layers)
     if not cfg.critics:
         raise ConfigError("no critic to evaluate: add a `critics:` section or pass --critic NAME")
-    from firm.config import _import_extensions
+    from firm.config import import_extensions
 
-    _import_extensions(cfg.imports, str(path or "bench config"))
+    import_extensions(cfg.imports, str(path or "bench config"))
     for label, section in cfg.critics.items():  # fail now, not after the first critic has run
         build_critic_config(_critic_label_ok(str(label)), section)
     return cfg
@@ -177,11 +177,11 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
     from firm.bench.evaluate import evaluate
     from firm.bench.metrics import compute_metrics
     from firm.bench.report import PUBLISHED, PUBLISHED_SOURCE, markdown_tables, plot_report
-    from firm.config import _import_extensions
+    from firm.config import import_extensions
     from firm.critics.factory import build_critic
 
     c: BenchConfig = OmegaConf.to_object(cfg)
-    _import_extensions(c.imports, "bench config")
+    import_extensions(c.imports, "bench config")
     try:
         bench = load_benchmark(c.data).select(c.tasks or None, c.limit)
     except BenchmarkError as e:

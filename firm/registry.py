@@ -14,11 +14,12 @@ from typing import Any
 # LightningModules that `firm run` can train.
 MODULES: dict[str, Any] = {
     "toy_regression": "firm.toy:ToyRegressionModule",
-    "flow_grpo": "firm.policies.modules:FlowGRPOModule",
-    "diffusion_nft": "firm.policies.modules:DiffusionNFTModule",
+    # RL algorithms (firm/algorithms/: one file each over the shared RL step of base.py)
+    "flow_grpo": "firm.algorithms.flow_grpo:FlowGRPO",  # Flow-GRPO (+ Flow-GRPO-Fast window, CPS)
+    "diffusion_nft": "firm.algorithms.diffusion_nft:DiffusionNFT",  # DiffusionNFT
+    "mix_grpo": "firm.algorithms.mix_grpo:MixGRPO",  # MixGRPO: sliding SDE window (+ Flash: dpm2 outside it)
+    "grpo_guard": "firm.algorithms.grpo_guard:GRPOGuard",  # GRPO-Guard: RatioNorm + 1/|dt| reweighting
     "shapes_pretrain": "firm.synthetic.pretrain:ShapesPretrainModule",  # tiny base models of the shapes world
-    "shapes_diffusion_nft": "firm.synthetic.demo:ShapesDiffusionNFT",  # DiffusionNFT + shapes held-out report
-    "shapes_flow_grpo": "firm.synthetic.demo:ShapesFlowGRPO",  # Flow-GRPO + shapes held-out report
     "critic_sft": "firm.critics.sft:CriticSFTModule",  # critic SFT (answer-only CE, full or LoRA)
 }
 
@@ -31,12 +32,18 @@ DATAMODULES: dict[str, Any] = {
     "shapes_prompts": "firm.synthetic.demo:ShapesPromptDataModule",  # shapes-world RL prompts (exported once)
 }
 
+# Lightning callbacks an RL module attaches by name (`module.callbacks: {name: {settings}}`).
+CALLBACKS: dict[str, Any] = {
+    "shapes_report": "firm.synthetic.demo:ShapesReport",  # shapes world: held-out base vs trained report
+}
+
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as
 # `cls(config)`, implementing `firm.critics.types.Critic`.
 CRITICS: dict[str, Any] = {
     "local": "firm.critics.local:LocalCritic",
     "http": "firm.critics.http:HTTPCritic",
     "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
+    "image_stats": "firm.critics.stats:ImageStatsCritic",  # pixel statistics: varied scores for smoke runs
     "constant": "firm.bench.baselines:ConstantCritic",  # prior-only baseline for benchmark tables
 }
 
@@ -66,6 +73,7 @@ CURATION_SOURCES: dict[str, Any] = {
 REGISTRIES: dict[str, dict[str, Any]] = {
     "modules": MODULES,
     "datamodules": DATAMODULES,
+    "callbacks": CALLBACKS,
     "critics": CRITICS,
     "rewards": REWARDS,
     "teachers": TEACHERS,

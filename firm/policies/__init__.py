@@ -3,7 +3,7 @@
 - :mod:`firm.policies.policy` — :class:`~firm.policies.policy.FlowPolicy` over diffusers components (SD3 / SD3.5,
   Qwen-Image-Edit), LoRA adapters (trained, old, reference = disabled), cached prompt embeddings.
 - :mod:`firm.policies.samplers` — SDE / CPS / Euler / DPM-Solver++(2M) steps and whole trajectories.
-- :mod:`firm.policies.modules` — ``FlowGRPOModule`` and ``DiffusionNFTModule`` (LightningModules).
+- the RL algorithms that train these policies live in :mod:`firm.algorithms`.
 - :mod:`firm.policies.scoring` — online critic scoring overlapped with sampling.
 - :mod:`firm.policies.export` — ``firm export-lora``: the trained LoRA for diffusers' ``load_lora_weights``.
 

@@ -469,6 +469,9 @@ def _local_checkpoint(path: str, revision: str | None) -> Path:
     p = Path(path)
     if p.is_dir():
         return p
+    beside = Path(__file__).resolve().parents[2] / path  # a relative path of a shipped YAML, from the repository root
+    if not p.is_absolute() and beside.is_dir():
+        return beside
     if p.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"policy.pretrained: {path} is not a directory (nor a hub id like org/name)")
     from huggingface_hub import snapshot_download
@@ -749,9 +752,12 @@ class FlowPolicy(nn.Module):
         if todo:
             uniq = list(dict.fromkeys(keys[i] for i in todo))
             first = {k: keys.index(k) for k in uniq}
-            embs = self.text_encoder.encode(
-                [k[0] for k in uniq], [use_images[first[k]] for k in uniq] if use_images else None
-            )
+            # One prompt per encoder call: an embedding must not depend on which other prompts missed the cache with
+            # it (batched matmuls and padding change the last bits), or a resumed run, whose cache starts empty,
+            # would drift from the uninterrupted one.
+            embs = [
+                self.text_encoder.encode([k[0]], [use_images[first[k]]] if use_images else None)[0] for k in uniq
+            ]
             for k, e in zip(uniq, embs):
                 self._cache[k] = e.to("cpu")
                 while len(self._cache) > self.config.cache_size:

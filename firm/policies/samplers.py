@@ -19,7 +19,21 @@ and the step functions below return these per-sample coefficients, which is what
   step, used for DiffusionNFT rollouts); its first step equals the Euler step.
 
 With ``noise_level = 0`` the SDE and CPS steps are the Euler step. :func:`sample` runs a whole trajectory, with an
-optional SDE window (stochastic steps on a subset, ODE elsewhere), and records what training needs.
+optional SDE window (stochastic steps on a subset, deterministic steps elsewhere, by Euler or DPM-Solver++(2M)), and
+records what training needs.
+
+**One table of methods.** :data:`SAMPLERS` maps each method name to a :class:`SamplerMethod`: whether it is
+stochastic, its coefficient function, its default log-prob form and the std that Flow-GRPO's KL of step means
+divides by. Everything else (configs, algorithms, evaluation) asks this table instead of spelling out name sets.
+
+**Log-prob forms** (:func:`step_log_prob`):
+
+* ``gaussian``: the full Gaussian log-density averaged over latent dims, ``mean(-(x' - mu)^2 / (2 std^2)) - log std
+  - log sqrt(2 pi)`` (Flow-GRPO's ``sde_step_with_logprob`` for ``sde``).
+* ``residual``: ``mean(-(x' - mu)^2)``, the constants and the ``1 / (2 std^2)`` factor left out on purpose, as
+  Flow-GRPO's CPS branch does (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py, ``sde_type == "cps"``). The
+  ratio ``exp(logp - logp_old)`` is then ``2 std^2`` times flatter than the Gaussian one, which is what Flow-GRPO's
+  CPS clip range is tuned for.
 """
 
 from __future__ import annotations
@@ -31,8 +45,6 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-
-METHODS = ("sde", "cps", "ode", "dpm2")
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, ...), sigma (B,)) -> v (B, ...)
 
@@ -81,17 +93,102 @@ def cps_coefs(
     return coef_x, coef_v, std
 
 
+def _ode_coefs4(sigma, sigma_next, noise_level, sigma_cap):  # noqa: ARG001 - the table's common signature
+    return ode_coefs(sigma, sigma_next)
+
+
+def _cps_coefs4(sigma, sigma_next, noise_level, sigma_cap):  # noqa: ARG001
+    return cps_coefs(sigma, sigma_next, noise_level)
+
+
+def _sde_kl_std(std: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    return std / torch.sqrt(-dt)  # Flow-GRPO's std_dev_t = noise_level * sqrt(sigma / (1 - sigma)), without sqrt(-dt)
+
+
+def _cps_kl_std(std: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:  # noqa: ARG001
+    return std  # Flow-GRPO's CPS branch returns the whole step std as std_dev_t
+
+
+CoefFn = Callable[[torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SamplerMethod:
+    """One sampler method: what every caller needs to know about it.
+
+    Attributes:
+        name: the YAML name (``module.sampler.method``).
+        stochastic: its steps draw noise and carry a log-prob (a policy-gradient algorithm can train on them).
+        coefs: ``(sigma, sigma_next, noise_level, sigma_cap) -> (coef_x, coef_v, std)`` of one step; for a multistep
+            solver, the coefficients of its first (Euler) step.
+        log_prob: the default log-prob form of its steps (``gaussian`` | ``residual``; see the module docstring).
+        kl_std: ``(std, dt) -> s`` such that Flow-GRPO's KL of step means is ``mean((mu - mu_ref)^2) / (2 s^2)``.
+        multistep: a multistep deterministic solver (DPM-Solver++(2M)) that carries state between steps.
+    """
+
+    name: str
+    stochastic: bool
+    coefs: CoefFn
+    log_prob: str = "gaussian"
+    kl_std: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    multistep: bool = False
+
+
+SAMPLERS: dict[str, SamplerMethod] = {
+    "sde": SamplerMethod("sde", True, sde_coefs, "gaussian", _sde_kl_std),
+    "cps": SamplerMethod("cps", True, _cps_coefs4, "residual", _cps_kl_std),
+    "ode": SamplerMethod("ode", False, _ode_coefs4),
+    "dpm2": SamplerMethod("dpm2", False, _ode_coefs4, multistep=True),
+}
+LOG_PROB_FORMS = ("gaussian", "residual")
+DETERMINISTIC_SOLVERS = tuple(n for n, m in SAMPLERS.items() if not m.stochastic)  # ("ode", "dpm2")
+
+
+def sampler_method(name: str) -> SamplerMethod:
+    """The :class:`SamplerMethod` called ``name``; a clear error naming the known ones otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler method {name!r}; one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
 def step_coefs(
     method: str, sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float, sigma_cap: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coefficients of a stochastic (``sde`` / ``cps``) or Euler (``ode``) step."""
-    if method == "sde":
-        return sde_coefs(sigma, sigma_next, noise_level, sigma_cap)
-    if method == "cps":
-        return cps_coefs(sigma, sigma_next, noise_level)
-    if method in ("ode", "dpm2"):
-        return ode_coefs(sigma, sigma_next)
-    raise ValueError(f"unknown sampler method {method!r}; one of {METHODS}")
+    """Coefficients ``(coef_x, coef_v, std)`` of one step of ``method`` (Euler for the deterministic ones)."""
+    return sampler_method(method).coefs(sigma, sigma_next, noise_level, sigma_cap)
+
+
+def kl_std(method: str, sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B,) the std Flow-GRPO's KL of step means divides by (``2 s^2``) for a stochastic ``method``."""
+    m = sampler_method(method)
+    if m.kl_std is None:
+        raise ValueError(f"sampler method {method!r} is deterministic: it has no step distribution to take a KL of")
+    return m.kl_std(std, sigma_next - sigma)
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def step_log_prob(
+    form: str,
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    next_sample: torch.Tensor,
+    coefs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ref_velocity: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B,) log-prob of ``next_sample`` under one step, in the given form, and (B,) ``mean((v - v_ref)^2)``.
+
+    Both forms come from one fused ``kernels.step_log_prob`` pass (float32). ``residual`` is the Gaussian form with
+    its normalisers added back and the ``1 / (2 std^2)`` factor multiplied out: ``mean(-(x' - mu)^2)``.
+    """
+    logp, sq = kernels.step_log_prob(sample, velocity, next_sample, *coefs, ref_velocity=ref_velocity)
+    if form == "gaussian":
+        return logp, sq
+    if form == "residual":
+        std = coefs[2].to(logp.dtype)
+        return (logp + torch.log(std) + _HALF_LOG_2PI) * (2.0 * std * std), sq
+    raise ValueError(f"unknown log-prob form {form!r}; one of {LOG_PROB_FORMS}")
 
 
 def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +257,7 @@ class Trajectory:
         sigmas: (T + 1,) float32 noise levels of the schedule (``sigmas[T] == 0``).
         stochastic: (T,) bool, which steps were sampled stochastically (and carry a log-prob).
         sigma_cap: the value used for ``sigma = 1`` in the SDE std (the schedule's second sigma).
+        means: (B, T, ...) the mean of each stochastic step (0 elsewhere), when asked for (``record_means``).
     """
 
     latents: torch.Tensor
@@ -167,6 +265,7 @@ class Trajectory:
     sigmas: torch.Tensor
     stochastic: torch.Tensor
     sigma_cap: float
+    means: torch.Tensor | None = None
 
     @property
     def final(self) -> torch.Tensor:
@@ -204,6 +303,9 @@ def sample(
     stochastic: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     record: bool = True,
+    deterministic: str = "ode",
+    log_prob: str | None = None,
+    record_means: bool = False,
 ) -> Trajectory:
     """Sample from ``noise`` along ``sigmas`` with the given method.
 
@@ -211,25 +313,33 @@ def sample(
         velocity_fn: ``(x (B, ...), sigma (B,)) -> v (B, ...)``; it applies conditioning and CFG itself.
         noise: (B, ...) the initial latents at ``sigmas[0]``.
         sigmas: (T + 1,) decreasing noise levels ending at 0.
-        method: ``sde`` (Flow-GRPO), ``cps``, ``ode`` (Euler) or ``dpm2`` (DPM-Solver++(2M), deterministic).
-        noise_level: noise scale of the stochastic steps (0 gives the Euler ODE).
-        stochastic: (T,) bool, the SDE window; default every step for sde / cps, none for ode / dpm2.
+        method: a name of :data:`SAMPLERS`: ``sde`` (Flow-GRPO), ``cps``, ``ode`` (Euler) or ``dpm2``.
+        noise_level: noise scale of the stochastic steps (0 gives the deterministic solver everywhere).
+        stochastic: (T,) bool, the SDE window; default every step for a stochastic method, none otherwise.
         generator: draws the step noise (on the CPU, so results do not depend on the device).
         record: keep every latent (Flow-GRPO training needs them); else only the first and last.
+        deterministic: the solver of the steps outside the window, ``ode`` (Euler) or ``dpm2`` (MixGRPO-Flash's
+            higher-order ODE); a deterministic ``method`` is its own solver. DPM-Solver++(2M) restarts at first order
+            after each stochastic step (the noise breaks its multistep history).
+        log_prob: the log-prob form of the stochastic steps (default: the method's, :data:`SAMPLERS`).
+        record_means: also keep the mean of every stochastic step (GRPO-Guard's RatioNorm needs it).
 
     Returns:
         A :class:`Trajectory`. Log-probs are computed with ``kernels.step_log_prob`` in float32.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown sampler method {method!r}; one of {METHODS}")
+    spec = sampler_method(method)
+    solver = method if not spec.stochastic else deterministic
+    if sampler_method(solver).stochastic:
+        raise ValueError(f"the solver outside the SDE window must be one of {DETERMINISTIC_SOLVERS}, got {solver!r}")
+    form = log_prob or spec.log_prob
     sigmas = sigmas.detach().to("cpu", torch.float32)
     t = sigmas.numel() - 1
     if t < 1 or not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas[-1]) != 0.0:
         raise ValueError(f"sigmas must decrease strictly to 0, got {sigmas.tolist()}")
     if stochastic is None:
-        stochastic = torch.full((t,), method in ("sde", "cps"), dtype=torch.bool)
+        stochastic = torch.full((t,), spec.stochastic, dtype=torch.bool)
     stochastic = stochastic.to("cpu", torch.bool).clone()
-    if method in ("ode", "dpm2") or noise_level <= 0:
+    if not spec.stochastic or noise_level <= 0:
         stochastic[:] = False
     if method == "cps":
         stochastic &= sigmas[1:] > 0  # CPS has std = sigma_next = 0 on the last step: deterministic there
@@ -238,21 +348,25 @@ def sample(
     x = noise
     latents = [x]
     log_probs = torch.zeros(b, t, dtype=torch.float32, device=noise.device)
+    means = torch.zeros(b, t, *noise.shape[1:], dtype=noise.dtype, device=noise.device) if record_means else None
     state = DPMState()
     for i in range(t):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         sig = _as_batch(s, x)
         v = velocity_fn(x, sig)
-        if method == "dpm2":
-            x, state = dpm2_step(x, v, s, s_next, state)
-        elif bool(stochastic[i]):
+        if bool(stochastic[i]):
             coefs = step_coefs(method, sig, _as_batch(s_next, x), noise_level, sigma_cap)
             eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
             x_next = apply_step(x, v, coefs, eps)
-            log_probs[:, i], _ = kernels.step_log_prob(x, v, x_next, *coefs)
+            log_probs[:, i], _ = step_log_prob(form, x, v, x_next, coefs)
+            if means is not None:
+                means[:, i] = apply_step(x, v, coefs)
             x = x_next
+            state = DPMState()
+        elif sampler_method(solver).multistep:
+            x, state = dpm2_step(x, v, s, s_next, state)
         else:
             x = apply_step(x, v, ode_coefs(sig, _as_batch(s_next, x)))
         if record or i == t - 1:
             latents.append(x)
-    return Trajectory(torch.stack(latents, dim=1), log_probs, sigmas, stochastic, sigma_cap)  # (B, T+1, ...)
+    return Trajectory(torch.stack(latents, dim=1), log_probs, sigmas, stochastic, sigma_cap, means)  # (B, T+1, ...)

@@ -46,7 +46,7 @@ def run_ablation(
     """Run ``experiment`` for every reward and training seed, then write the table and plot into ``out``.
 
     Args:
-        experiment: the RL experiment YAML (a ``shapes_diffusion_nft`` / ``shapes_flow_grpo`` module with a report).
+        experiment: the RL experiment YAML (an RL module with the ``shapes_report`` callback).
         rewards: reward registry names (``module.reward.name``).
         seeds: training seeds (``seed``, ``module.seed``, ``data.seed``); the held-out evaluation seeds stay fixed.
         out: output folder; runs go to ``out/runs/<reward>/``.

@@ -1,4 +1,4 @@
-"""The shapes-world RL demo: RL modules that evaluate base vs trained on held-out tasks and write a report.
+"""The shapes-world RL demo: a report callback that evaluates base vs trained on held-out tasks, and RL prompts.
 
 ``firm run experiments/demo/shapes_edit_cme.yaml`` (what ``make demo`` runs) trains the committed tiny editor with
 DiffusionNFT on the CME reward of the rule critic, then writes into the run directory::
@@ -8,9 +8,8 @@ DiffusionNFT on the CME reward of the rule critic, then writes into the run dire
     report/curves.png     training reward and components per RL step, held-out evaluations with their spread
     report/grid.png       held-out tasks: source | right answer | base | trained, with the critic's scores
 
-The RL itself is the library's: :class:`ShapesDiffusionNFT` and :class:`ShapesFlowGRPO` are
-:class:`~firm.policies.modules.DiffusionNFTModule` / :class:`~firm.policies.modules.FlowGRPOModule` plus a
-``report`` section; the work is done by the :class:`ShapesReport` callback they register. Prompts come from
+The RL itself is the library's, any algorithm of :mod:`firm.algorithms`; the report is the :class:`ShapesReport`
+callback, named in the experiment's ``module.callbacks: [{name: shapes_report, ...}]``. Prompts come from
 :class:`ShapesPromptDataModule`, which exports the train split as an RL prompt file on first use.
 
 **Held-out and spread.** Held-out tasks are the ``test`` split (a hash of each task's content decides, so no task is
@@ -36,7 +35,6 @@ from typing import Any
 import lightning as L
 
 from datamodules.prompts import PromptDataModule
-from firm.policies.modules import DiffusionNFTConfig, DiffusionNFTModule, FlowGRPOConfig, FlowGRPOModule
 from firm.synthetic.tasks import SplitConfig, edit_tasks, gen_tasks
 from firm.synthetic.world import WorldConfig
 
@@ -106,38 +104,37 @@ class ShapesPromptDataModule(PromptDataModule):
 # The report
 
 
-@dataclass
-class ReportConfig:
-    """Held-out evaluation and report of a shapes-world RL run."""
-
-    enabled: bool = True  # evaluate base and trained, write report/ (false: plain RL)
-    world: WorldConfig = field(default_factory=WorldConfig)  # scene settings (YAML: ${data.world})
-    split: SplitConfig = field(default_factory=SplitConfig)  # the split settings (YAML: ${data.split})
-    n_tasks: int = 128  # held-out (test split) tasks
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # evaluation seeds (initial noise)
-    num_steps: int | None = None  # sampling steps of the evaluation (null: module.sampler.num_steps)
-    method: str = "dpm2"  # deterministic evaluation sampler: dpm2 | ode
-    every: int = 0  # also evaluate the trained policy every N RL steps on `curve_tasks` tasks, seed 0 (0: never)
-    curve_tasks: int = 32  # held-out tasks of those intermediate evaluations
-    grid_tasks: int = 8  # held-out tasks shown in grid.png
-    batch_size: int = 64  # tasks per sampling batch
-    progress: bool = True  # progress bars for the evaluations
-
-
 class ShapesReport(L.Callback):
-    """Evaluates the base (adapters off) and trained policy on held-out tasks and writes ``report/``."""
+    """Evaluates the base (adapters off) and trained policy on held-out tasks and writes ``report/``.
 
-    def __init__(self, config: ReportConfig, task: str) -> None:
+    A Lightning callback for any RL algorithm; the task (edit / gen) is the module's ``task``.
+    """
+
+    @dataclass
+    class Config:
+        """Held-out evaluation and report of a shapes-world RL run."""
+
+        name: str = "shapes_report"
+        world: WorldConfig = field(default_factory=WorldConfig)  # scene settings (YAML: ${data.world})
+        split: SplitConfig = field(default_factory=SplitConfig)  # the split settings (YAML: ${data.split})
+        n_tasks: int = 128  # held-out (test split) tasks
+        seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # evaluation seeds (initial noise)
+        num_steps: int | None = None  # sampling steps of the evaluation (null: module.sampler.num_steps)
+        method: str = "dpm2"  # deterministic evaluation sampler: dpm2 | ode
+        every: int = 0  # also evaluate the trained policy every N RL steps on `curve_tasks` tasks, seed 0 (0: never)
+        curve_tasks: int = 32  # held-out tasks of those intermediate evaluations
+        grid_tasks: int = 8  # held-out tasks shown in grid.png
+        batch_size: int = 64  # tasks per sampling batch
+        progress: bool = True  # progress bars for the evaluations
+
+    def __init__(self, config: Config) -> None:
         from firm.synthetic.critic import ShapesRuleCritic
 
         self.config = c = config
-        self.task = task
-        if task == "edit":
-            self.tasks: list[Any] = list(edit_tasks("test", world=c.world, split_config=c.split, limit=c.n_tasks))
-        else:
-            self.tasks = list(gen_tasks("test", world=c.world, split_config=c.split, limit=c.n_tasks))
         if not c.seeds:
-            raise ValueError("module.report.seeds must list at least one evaluation seed")
+            raise ValueError("the shapes_report callback needs at least one evaluation seed (seeds: [...])")
+        self.task: str | None = None
+        self.tasks: list[Any] = []
         self.critic = ShapesRuleCritic(
             ShapesRuleCritic.Config(shapes=list(c.world.shapes), object_scale=c.world.shape_scale)
         )
@@ -146,6 +143,12 @@ class ShapesReport(L.Callback):
         self.curve: list[tuple[int, float, dict[str, float]]] = []
         self.timing: dict[str, float] = {}
         self._t0 = time.perf_counter()
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        c = self.config
+        self.task = module.config.task
+        tasks = edit_tasks if self.task == "edit" else gen_tasks
+        self.tasks = list(tasks("test", world=c.world, split_config=c.split, limit=c.n_tasks))
 
     # ---------------------------------------------------------------------------------------------------- evaluation
 
@@ -171,6 +174,8 @@ class ShapesReport(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         if not trainer.is_global_zero:
             return
+        if not self.tasks:
+            self.setup(trainer, module, "fit")
         t = time.perf_counter()
         self.base = self._evaluate(module, None, self.tasks, self.config.seeds, "base model (held-out)")
         self.timing["eval_base_s"] = time.perf_counter() - t
@@ -367,68 +372,3 @@ critic's scores (E = execution, C = consistency, I = instruction, Q = quality; 1
 def _group_size(module: Any) -> Any:
     dm = getattr(module.trainer, "datamodule", None)
     return getattr(getattr(dm, "config", None), "group_size", "?")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# RL modules with the report
-
-
-@dataclass
-class ShapesDiffusionNFTConfig(DiffusionNFTConfig):
-    """DiffusionNFT plus the shapes-world held-out report."""
-
-    name: str = "shapes_diffusion_nft"
-    report: ReportConfig = field(default_factory=ReportConfig)
-    num_threads: int | None = None  # torch CPU threads (null: torch's default); 1 is faster on a busy machine
-
-
-@dataclass
-class ShapesFlowGRPOConfig(FlowGRPOConfig):
-    """Flow-GRPO plus the shapes-world held-out report."""
-
-    name: str = "shapes_flow_grpo"
-    report: ReportConfig = field(default_factory=ReportConfig)
-    num_threads: int | None = None  # torch CPU threads (null: torch's default); 1 is faster on a busy machine
-
-
-def resolve_checkpoint(path: str | None) -> str | None:
-    """A relative ``policy.pretrained`` that does not exist from the working directory is looked up from the
-    repository root, so the shipped YAMLs (``firm/synthetic/checkpoints/...``) run from anywhere."""
-    if path is None or Path(path).is_absolute() or Path(path).exists():
-        return path
-    root = Path(__file__).resolve().parents[2] / path
-    return str(root) if root.exists() else path
-
-
-class _ReportMixin:
-    def _setup(self, config: Any) -> None:
-        if config.num_threads:
-            import torch
-
-            torch.set_num_threads(config.num_threads)
-        config.policy.pretrained = resolve_checkpoint(config.policy.pretrained)
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        c = self.config
-        return [ShapesReport(c.report, c.task)] if c.report.enabled else []
-
-
-class ShapesDiffusionNFT(_ReportMixin, DiffusionNFTModule):
-    """:class:`~firm.policies.modules.DiffusionNFTModule` + :class:`ShapesReport` (registry key
-    ``shapes_diffusion_nft``)."""
-
-    Config = ShapesDiffusionNFTConfig
-
-    def __init__(self, config: ShapesDiffusionNFTConfig) -> None:
-        self._setup(config)
-        super().__init__(config)
-
-
-class ShapesFlowGRPO(_ReportMixin, FlowGRPOModule):
-    """:class:`~firm.policies.modules.FlowGRPOModule` + :class:`ShapesReport` (registry key ``shapes_flow_grpo``)."""
-
-    Config = ShapesFlowGRPOConfig
-
-    def __init__(self, config: ShapesFlowGRPOConfig) -> None:
-        self._setup(config)
-        super().__init__(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from firm.policies.modules import DiffusionNFTConfig, DiffusionNFTModule
+from firm.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from firm.registry import register
 
 
@@ -18,7 +18,7 @@ class ProbeNFTConfig(DiffusionNFTConfig):
     name: str = "probe_nft"
 
 
-class ProbeNFTModule(DiffusionNFTModule):
+class ProbeNFTModule(DiffusionNFT):
     Config = ProbeNFTConfig
 
     def _probe_dir(self) -> Path:

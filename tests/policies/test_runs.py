@@ -116,7 +116,7 @@ def probe_yaml(tmp_path: Path, **trainer) -> Path:
     path = tmp_path / "probe.yaml"
     path.write_text(
         f"base: {RL / 'tiny_sd3_nft.yaml'}\nname: probe\noutput_root: {tmp_path / 'runs'}\n"
-        f"imports: [{HELPERS / 'stats_critic.py'}, {HELPERS / 'rl_probe.py'}]\n"
+        f"imports: [{HELPERS / 'rl_probe.py'}]\n"
         "module:\n  name: probe_nft\n  critic: {name: image_stats}\n  lr: 0.01\n  log_images_every: 0\n"
         "  policy: {resolution: 16}\n  sampler: {num_steps: 3}\n"
         "data:\n  prompts: [a red circle, a blue square at the top, green triangle]\n"  # 3 steps per epoch

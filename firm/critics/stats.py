@@ -1,10 +1,16 @@
-"""A deterministic test critic that scores images from simple pixel statistics (no model, no network).
+"""A deterministic critic that scores images from pixel statistics: no model, no network, varied scores.
 
-Generation: Instruction = how red the image is, Quality = how close its mean brightness is to mid-grey
-(both amplified, so that the nearly-grey images of tiny random policies still get different scores).
-Editing: Execution and Consistency are fractional parts of the amplified mean change (arbitrary but varied).
-Each maps to an integer 1..5. ``missing_frac`` makes that fraction of requests (chosen by a hash of the image, so
-reproducible) come back with every score missing, as an unparseable critic answer would.
+Random tiny policies make nearly grey images, which a rule critic of the shapes world scores 1 every time, so every
+reward and every advantage is 0 and a smoke run never trains. This critic amplifies small differences instead, so
+tiny runs (``experiments/rl/tiny_*.yaml``) and the RL tests see real, varied rewards and nonzero advantages:
+
+* generation: Instruction = how red the image is, Quality = how close its mean brightness is to mid-grey;
+* editing: Execution and Consistency = fractional parts of the amplified mean change from the source.
+
+Each maps to an integer 1..5. It judges nothing real: it is a learning signal for plumbing, nothing more.
+``missing_frac`` makes that fraction of requests (chosen by a hash of the image, so reproducible) come back with
+every score missing, as an unparseable critic answer would; ``fail`` / ``fail_first`` simulate a dead or flaky
+endpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from firm.critics.types import (
     EditRequest,
     GenRequest,
 )
-from firm.registry import register
 
 
 def _arr(image, size=None) -> np.ndarray:
@@ -37,6 +42,8 @@ def _score(x: float) -> int:
 
 
 class ImageStatsCritic:
+    """Pixel-statistics critic (registry name ``image_stats``); see the module docstring."""
+
     @dataclass
     class Config:
         name: str = "image_stats"
@@ -87,5 +94,3 @@ class ImageStatsCritic:
                 out.append(CriticResult(scores=scores, key=r.key))
         return out
 
-
-register("critics", "image_stats", ImageStatsCritic, overwrite=True)

@@ -1,4 +1,5 @@
-"""Flow-GRPO and DiffusionNFT train tiny models; on-policy ratio 1; missing scores; non-finite losses; overlap."""
+"""The shared RL step: Flow-GRPO and DiffusionNFT train tiny models; on-policy ratio 1; missing scores; non-finite
+losses; critic overlap; clear errors for bad settings."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-import firm.policies.modules as modules_mod
+import firm.algorithms.diffusion_nft as nft_mod
+import firm.algorithms.flow_grpo as grpo_mod
+import firm.policies.samplers as samplers_mod
 from datamodules.prompts import PromptDataModule
-from firm.policies.modules import DiffusionNFTModule, FlowGRPOModule, SamplerConfig
+from firm.algorithms.config import SamplerConfig
+from firm.algorithms.diffusion_nft import DiffusionNFT as DiffusionNFTModule
+from firm.algorithms.flow_grpo import FlowGRPO as FlowGRPOModule
+from firm.critics.stats import ImageStatsCritic
 from firm.policies.scoring import OverlappedScorer
 from firm.rewards.combiners import CMEReward, QMAReward
 from firm.rewards.functions import RewardOutput
-from tests.helpers.stats_critic import ImageStatsCritic
 from tests.policies.conftest import tiny_policy_config
 
 PROMPTS = ["a red circle", "a blue square top left", "green triangle", "a big yellow circle"]
@@ -169,23 +174,23 @@ def test_diffusion_nft_trains_a_tiny_editing_model(tmp_path):
 @pytest.mark.slow
 def test_first_inner_step_ratio_is_exactly_one(tmp_path, monkeypatch):
     calls = []
-    real = modules_mod.kernels.clipped_surrogate
+    real = grpo_mod.kernels.clipped_surrogate
 
     def spy(log_prob, old, adv, clip_range):
         calls.append((log_prob.detach().clone(), old.clone()))
         return real(log_prob, old, adv, clip_range)
 
-    monkeypatch.setattr(modules_mod.kernels, "clipped_surrogate", spy)
+    monkeypatch.setattr(grpo_mod.kernels, "clipped_surrogate", spy)
     module = grpo(inner_epochs=2, train_batch_size=4, lr=1e-2)
     gaps = []
-    real_lp = modules_mod.kernels.step_log_prob
+    real_lp = samplers_mod.kernels.step_log_prob
 
     def lp_spy(*a, **k):
         out = real_lp(*a, **k)
         gaps.append(out[0].detach())
         return out
 
-    monkeypatch.setattr(modules_mod.kernels, "step_log_prob", lp_spy)
+    monkeypatch.setattr(samplers_mod.kernels, "step_log_prob", lp_spy)
     fit(module, gen_data(), 4, tmp_path)  # one RL step: 2 epochs x 2 minibatches
     n_t = 3  # stochastic steps per sample (all 3 with the default window)
     first = calls[:n_t]  # the first optimizer step's micro-steps
@@ -241,7 +246,7 @@ def test_critic_failures_raise_or_count_as_missing(tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch):
-    real = modules_mod.kernels.nft_loss
+    real = nft_mod.kernels.nft_loss
     state = {"n": 0}
 
     def nan_once(*a, **k):
@@ -249,7 +254,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch)
         state["n"] += 1
         return (loss * float("nan"), stats) if state["n"] == 1 else (loss, stats)
 
-    monkeypatch.setattr(modules_mod.kernels, "nft_loss", nan_once)
+    monkeypatch.setattr(nft_mod.kernels, "nft_loss", nan_once)
     module = nft(lr=1e-2)
     lora0, _ = snapshot(module)
     after_first = {}

@@ -1,0 +1,405 @@
+"""The RL step every algorithm shares, as a LightningModule with a few hooks.
+
+One ``training_step`` is one RL step on this rank's share of the batch (``data.batch_size`` samples; a prompt's G
+copies may sit on different ranks):
+
+1. **Rollout** (:func:`firm.algorithms.rollout.run_rollout`) in chunks of ``rollout_chunk`` samples with the
+   ``rollout_adapter``; each chunk is scored by the critic on a worker thread while the next one is sampled.
+2. **Advantages**: rewards and group labels are all-gathered and ``kernels.group_advantages`` normalises per prompt
+   group over the whole world (NaN rewards excluded, advantage 0); each rank keeps its slice and a training mask
+   (missing rewards, optionally zero-std groups and zero advantages, are left out of the loss).
+3. **Update** (manual optimisation): ``inner_epochs`` passes over the batch in optimizer steps of
+   ``train_batch_size`` samples; each sample trains on ``timestep_fraction`` of the algorithm's candidate steps, in
+   micro-batches of ``micro_batch_size``. The algorithm supplies only the loss of one micro-batch.
+
+Every rank runs the same number of forward / backward passes (masked samples contribute zero), so DDP stays in step.
+A non-finite loss or gradient skips the optimizer step on every rank. The optimizer step clips the gradient norm and
+updates the EMA (with the peers' warm-up ``min((1 + n) / (10 + n), ema_decay)``).
+
+**Hooks** (see docs/rl.md, "Adding an algorithm"):
+
+* ``Config`` — a dataclass extending :class:`~firm.algorithms.config.RLConfig`; ``validate()`` checks its ranges.
+* ``rollout_adapter`` / ``needs_old_adapter`` — which LoRA adapter samples, and whether an ``old`` copy is kept.
+* :meth:`sde_window` — which sampling steps are stochastic this RL step.
+* :meth:`train_candidates` — which steps of a rollout can be trained on.
+* :meth:`begin_epoch` — per-epoch state for the loss (e.g. a seeded generator).
+* :meth:`micro_loss` — the loss of one micro-batch at one step per sample, summed over its kept samples.
+* :meth:`after_update` — anything after the RL step's optimizer steps (e.g. move the old policy).
+
+Checkpoints hold the adapters (trained and old), the optimizer state, the EMA, the RL step and the RNG states; the
+frozen base weights are left out and re-loaded from ``policy.pretrained`` (a fingerprint catches a different base).
+``trainer.max_steps`` counts optimizer steps: ``inner_epochs x ceil(data.batch_size / train_batch_size)`` per RL step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+
+import kernels
+from firm.algorithms.config import RLConfig
+from firm.algorithms.reporting import log_samples, rollout_metrics
+from firm.algorithms.rollout import Rollout, run_rollout
+from firm.algorithms.state import generator, rng_state, set_rng_state
+from firm.critics.factory import build_critic
+from firm.module import FirmModule
+from firm.policies.policy import FlowPolicy
+from firm.policies.samplers import sde_window
+from firm.policies.scoring import OverlappedScorer
+from firm.rewards.functions import FirmEditReward, FirmGenReward, build_combiner
+
+
+def build_callbacks(specs: dict[str, Any]) -> list[L.Callback]:
+    """Callbacks from ``{registry name: settings}`` (``{}`` for the defaults; ``null`` leaves one out)."""
+    from firm.config import build_component
+
+    out = []
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        cls, cfg = build_component("callbacks", {**dict(spec), "name": name}, source=f"module.callbacks.{name}")
+        out.append(cls(cfg))
+    return out
+
+
+class RLAlgorithm(FirmModule):
+    """The shared RL step; subclasses implement the hooks listed in the module docstring."""
+
+    Config = RLConfig
+    rollout_adapter: str | None = "default"  # which adapter samples the rollouts (None: the base model)
+    needs_old_adapter = False  # keep a second, slowly moving `old` adapter (DiffusionNFT's sampling policy)
+    records_means = False  # the rollout also keeps every stochastic step's mean (GRPO-Guard)
+    ddp_find_unused_parameters = False
+
+    def __init__(self, config: RLConfig) -> None:
+        super().__init__()
+        # Frozen encoders stay in eval mode on purpose, and manual optimisation checkpoints after the step.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+        config.validate()
+        self.config = c = config
+        if c.num_threads:
+            torch.set_num_threads(c.num_threads)
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave out the frozen base weights
+        self.policy = FlowPolicy(c.policy, old_adapter=self.needs_old_adapter)
+        if c.task == "edit" and not self.policy.family.uses_source_image:
+            raise ValueError(f"module.task=edit needs an editing policy; policy.family={c.policy.family!r} is not one")
+        reward_cls = FirmEditReward if c.task == "edit" else FirmGenReward
+        self.reward_fn = reward_cls(build_critic(c.critic), build_combiner(c.reward), dimensions=c.critic_dimensions)
+        self.rl_step = 0
+        self.ema: dict[str, torch.Tensor] | None = None
+        self._fresh = True  # no optimizer step since the last rollout: the policy *is* the sampling policy
+        self._scorer: OverlappedScorer | None = None
+        self._idle_rl_steps = 0
+        self._callbacks = build_callbacks(c.callbacks)
+
+    # ---------------------------------------------------------------------------------------------------- hooks
+
+    def sde_window(self, num_steps: int) -> torch.Tensor:
+        """(T,) bool: the stochastic steps of this RL step's rollouts (a random window, or every step)."""
+        s = self.config.sampler
+        g = generator("window", self.config.seed, self.rl_step)
+        return sde_window(num_steps, s.sde_window_size, s.sde_window_max_start, g)
+
+    def train_candidates(self, roll: Rollout) -> torch.Tensor:
+        """(n,) step indices of a rollout that can be trained on (default: the stochastic ones)."""
+        return torch.nonzero(roll.stochastic).flatten()
+
+    def begin_epoch(self, roll: Rollout, adv: dict[str, Any], epoch: int) -> Any:
+        """Per-epoch state handed to :meth:`micro_loss` (default: none)."""
+        return None
+
+    def micro_loss(
+        self, roll: Rollout, adv: dict[str, Any], ctx: Any, m: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """The loss of micro-batch ``m`` (sample indices) at step ``idx[i]`` of each sample.
+
+        Returns ``(loss_sum, stat_sums, n)``: the per-sample losses summed over the kept samples (``keep``, bool
+        (b,)), each logged statistic summed over them, and their number. The base scales ``loss_sum`` into this
+        micro-batch's share of the optimizer step's mean.
+        """
+        raise NotImplementedError
+
+    def after_update(self) -> dict[str, float]:
+        """Called after each RL step's optimizer steps; returns metrics to log."""
+        return {}
+
+    # ---------------------------------------------------------------------------------------------------- Lightning
+
+    @property
+    def fsdp_wrap_modules(self) -> set[type]:
+        return self.policy.fsdp_wrap_modules()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.AdamW(
+            self.policy.trainable_parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay
+        )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return self._callbacks
+
+    def on_fit_start(self) -> None:
+        if self.config.ema_decay is not None and self.ema is None:
+            self.ema = {n: p.detach().clone() for n, p in self.policy.named_adapter_parameters("default").items()}
+        per_rl = self.optimizer_steps_per_rl_step()
+        for cb in self.trainer.checkpoint_callbacks:
+            every = getattr(cb, "_every_n_train_steps", 0)
+            if every and every % per_rl:
+                warnings.warn(
+                    f"trainer.checkpoint_every_n_steps={every} is not a multiple of the {per_rl} optimizer steps per "
+                    "RL step: some checkpoints will be skipped",
+                    stacklevel=1,
+                )
+
+    def on_train_end(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
+
+    def optimizer_steps_per_rl_step(self, local_batch: int | None = None) -> int:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        b = local_batch or getattr(getattr(dm, "config", None), "batch_size", None) or 1
+        tb = self.config.train_batch_size or b
+        return self.config.inner_epochs * math.ceil(b / min(tb, b))
+
+    @property
+    def world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @property
+    def scorer(self) -> OverlappedScorer:
+        if self._scorer is None:
+            c = self.config
+            self._scorer = OverlappedScorer(
+                self.reward_fn,
+                self.reward_fn.dimensions,
+                max_pending=c.critic_queue,
+                threads=c.critic_threads,
+                on_failure=c.critic_failure,
+            )
+        return self._scorer
+
+    # ---------------------------------------------------------------------------------------------------- the step
+
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        return run_rollout(self, batch)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' ``x`` concatenated along dim 0 (rank order)."""
+        if self.world == 1:
+            return x
+        return self.all_gather(x).reshape(-1, *x.shape[1:])  # (W, B, ...) -> (W * B, ...)
+
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
+        """Group-normalised advantages over the whole world and the training mask of this rank's samples."""
+        c = self.config
+        b = rewards.shape[0]
+        all_r = self.gather(rewards.to(self.device, torch.float32))
+        all_g = self.gather(groups.to(self.device, torch.int64))
+        adv, stats = kernels.group_advantages(
+            all_r, all_g, scale=c.adv_scale, eps=c.adv_eps, clip=c.adv_clip_max, return_stats=True
+        )
+        valid = ~torch.isnan(all_r)
+        keep = valid.clone()
+        per_std, per_count = stats.std[stats.index], stats.count[stats.index]
+        if c.drop_zero_std_groups:
+            keep &= ~((per_count >= 2) & (per_std < c.zero_std_eps))
+        if c.drop_zero_adv:
+            keep &= adv != 0  # Flow-GRPO trains only on samples with a nonzero advantage
+        lo = (self.global_rank if self._trainer is not None else 0) * b
+        g_zero = ((stats.count >= 2) & (stats.std < c.zero_std_eps)).float().sum()
+        return {
+            "adv": adv[lo : lo + b],
+            "keep": keep[lo : lo + b],
+            "global_keep": int(keep.sum()),
+            "all_rewards": all_r,
+            "all_adv": adv,
+            "all_valid": valid,
+            "zero_std_group_frac": float(g_zero) / max(stats.labels.numel(), 1),
+            "group_std_mean": float(torch.nan_to_num(stats.std, nan=0.0).mean()),
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        t_step = time.perf_counter()
+        roll = self.rollout(batch)
+        adv = self.advantages(roll.reward.rewards, batch["group"])
+        self._fresh = True
+        t_upd = time.perf_counter()
+        steps_before = self.global_step
+        metrics = self.update(roll, adv) if adv["global_keep"] > 0 else {"train/skipped_no_valid": 1.0}
+        update_s = time.perf_counter() - t_upd
+        # trainer.max_steps counts optimizer steps: RL steps without one (no valid reward, non-finite losses) do not
+        # advance the run, so a critic that never answers must stop it rather than spin forever.
+        self._idle_rl_steps = 0 if self.global_step > steps_before else self._idle_rl_steps + 1
+        if self._idle_rl_steps >= self.config.max_idle_rl_steps:
+            raise RuntimeError(
+                f"{self._idle_rl_steps} RL steps in a row made no optimizer step (missing fraction of the last one: "
+                f"{1 - adv['global_keep'] / max(adv['all_rewards'].numel(), 1):.2f}); is the critic answering? "
+                "Raise module.max_idle_rl_steps to wait longer"
+            )
+        self.rl_step += 1
+        metrics.update(self.after_update())
+        metrics.update(rollout_metrics(self, roll, adv))
+        n = roll.images.shape[0] * self.world
+        metrics.update(
+            {
+                "perf/rollout_s": roll.rollout_s,
+                "perf/critic_wait_s": roll.critic_wait_s,
+                "perf/update_s": update_s,
+                "perf/step_s": time.perf_counter() - t_step,
+                "perf/images_per_s": n / roll.rollout_s if roll.rollout_s > 0 else math.nan,
+                "rl_step": float(self.rl_step),
+            }
+        )
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
+        self.log("reward", metrics.get("reward/mean", math.nan), prog_bar=True, on_step=True, rank_zero_only=True)
+        if self.config.log_images_every and self.rl_step % self.config.log_images_every == 0:
+            log_samples(self, batch, roll, adv)
+
+    def update(self, roll: Rollout, adv: dict[str, Any]) -> dict[str, float]:
+        """The masked update loop: epochs -> optimizer steps -> trained steps -> micro-batches."""
+        c, dev = self.config, self.device
+        b = roll.latents.shape[0]
+        keep = adv["keep"].to(dev)
+        candidates = self.train_candidates(roll)
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), device=dev)
+        norms: list[float] = []
+        skipped_steps = 0
+        for epoch in range(c.inner_epochs):
+            subsets = self.timestep_subsets(b, candidates, epoch)  # (B, n)
+            n_t = subsets.shape[1]
+            ctx = self.begin_epoch(roll, adv, epoch)
+            for mb in self.minibatches(b, epoch):
+                scale = self.world / max(self.global_count(keep[mb.to(dev)]) * n_t, 1.0)
+                skipped = False
+                for j in range(n_t):
+                    for micro in self.micro_batches(mb):
+                        m = micro.to(dev)
+                        loss_sum, stats, n = self.micro_loss(roll, adv, ctx, m, subsets[micro, j].to(dev), keep[m])
+                        loss = self.finite_or_skip(loss_sum * scale)  # this micro-batch's share of the mean
+                        if loss is None:
+                            skipped = True
+                            break
+                        self.manual_backward(loss)
+                        for key, val in stats.items():
+                            sums[key] = sums.get(key, 0.0) + val.detach()
+                        count = count + n
+                    if skipped:
+                        break
+                norm = self.apply_optimizer_step(skipped)
+                if norm is None:
+                    skipped_steps += 1
+                else:
+                    norms.append(norm)
+        n_obs = float(count)
+        out = {k: float(v) / n_obs for k, v in sums.items()} if n_obs > 0 else {}
+        if norms:
+            out["train/grad_norm"] = sum(norms) / len(norms)
+        if skipped_steps:
+            out["train/skipped_steps"] = float(skipped_steps)
+        return out
+
+    # --------------------------------------------------------------------------------------------------- update helpers
+
+    def minibatches(self, b: int, epoch: int) -> list[torch.Tensor]:
+        """This epoch's shuffled sample indices, split into optimizer-step minibatches."""
+        c = self.config
+        order = torch.randperm(b, generator=generator("order", c.seed, self.rl_step, epoch, self.global_rank))
+        tb = c.train_batch_size or b
+        return [order[i : i + tb] for i in range(0, b, tb)]
+
+    def micro_batches(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        mb = self.config.micro_batch_size or idx.numel()
+        return [idx[i : i + mb] for i in range(0, idx.numel(), mb)]
+
+    def timestep_subsets(self, b: int, candidates: torch.Tensor, epoch: int) -> torch.Tensor:
+        """(B, n) per-sample random subsets of the candidate step indices, n = ceil(fraction * len(candidates))."""
+        n = max(1, math.ceil(self.config.timestep_fraction * candidates.numel()))
+        g = generator("timesteps", self.config.seed, self.rl_step, epoch, self.global_rank)
+        rows = [candidates[torch.randperm(candidates.numel(), generator=g)[:n]] for _ in range(b)]
+        return torch.stack(rows)  # (B, n)
+
+    def global_count(self, mask: torch.Tensor) -> float:
+        """Number of ``True`` in ``mask`` over all ranks."""
+        n = mask.sum().to(self.device, torch.float32)
+        if self.world > 1:
+            n = self.trainer.strategy.reduce(n, reduce_op="sum")
+        return float(n)
+
+    def apply_optimizer_step(self, skipped: bool) -> float | None:
+        """Check, clip and step (or skip) the optimizer; the gradient norm, or None when the step was skipped."""
+        opt = self.optimizers()
+        norm = None
+        if not skipped:
+            grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
+            norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+            total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+            finite = torch.isfinite(total).float().to(self.device)
+            if self.world > 1:
+                finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+            if float(finite) < 1.0:
+                self.skipped_nonfinite += 1
+                warnings.warn(
+                    f"non-finite gradient at step {self.global_step}: optimizer step skipped", RuntimeWarning, stacklevel=2
+                )
+                skipped = True
+            else:
+                norm = float(total)
+                if self.config.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=self.config.max_grad_norm, gradient_clip_algorithm="norm")
+        if skipped:
+            opt.zero_grad(set_to_none=True)
+            return None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self._fresh = False
+        if self.ema is not None:
+            d = self.config.ema_decay
+            if self.config.ema_warmup:  # DiffusionNFT's EMAModuleWrapper.get_current_decay, at optimizer step n
+                n = self.global_step
+                d = min((1 + n) / (10 + n), d)
+            with torch.no_grad():
+                for name, p in self.policy.named_adapter_parameters("default").items():
+                    self.ema[name].lerp_(p.detach(), 1.0 - d)
+        return norm
+
+    # ---------------------------------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        sd = checkpoint.get("state_dict", {})
+        checkpoint["state_dict"] = {k: v for k, v in sd.items() if "lora_" in k}
+        checkpoint["firm_rl"] = {
+            "rl_step": self.rl_step,
+            "fingerprint": self.policy.base_fingerprint(),
+            "ema": None if self.ema is None else {k: v.detach().cpu() for k, v in self.ema.items()},
+            "rng": rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("firm_rl")
+        if state is None:
+            raise ValueError("this checkpoint was not written by a FIRM RL module (no `firm_rl` entry)")
+        fp = self.policy.base_fingerprint()
+        if not torch.allclose(state["fingerprint"].double(), fp, rtol=1e-6, atol=1e-6):
+            raise ValueError(
+                "the checkpoint was trained on a different base model than policy.pretrained / policy.tiny now builds "
+                f"(fingerprint {state['fingerprint'].tolist()} vs {fp.tolist()}); resume with the same policy settings"
+            )
+        own = {f"policy.{n}" for n, _ in self.policy.named_parameters() if "lora_" in n}
+        missing = sorted(own - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
+        self.rl_step = int(state["rl_step"])
+        if state.get("ema") is not None:
+            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
+        set_rng_state(state.get("rng") or {})

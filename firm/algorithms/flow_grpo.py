@@ -1,0 +1,133 @@
+"""Flow-GRPO (Liu et al., 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"), with Flow-GRPO-Fast's SDE
+window and the coefficients-preserving sampler (CPS, Wang & Yu, 2025).
+
+Rollouts sample with the current policy through stochastic steps (``sde`` or ``cps``), recording every latent and
+the behaviour log-prob of each stochastic step. Training recomputes the log-prob of the recorded transition
+``x_t -> x_{t-1}`` under the current policy and minimises, per sample and trained step (reference:
+flow_grpo/scripts/train_sd3.py, the inner loop; flow_grpo/diffusers_patch/sd3_sde_with_logprob.py)::
+
+    ratio  = exp(logp - logp_old)
+    policy = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+    kl     = mean_d((mu - mu_ref)^2) / (2 s^2)          # KL of the step means to the reference (adapters off)
+    loss   = policy + kl_beta * kl
+
+with ``s`` Flow-GRPO's ``std_dev_t``: ``noise_level * sqrt(sigma / (1 - sigma))`` for ``sde`` (the step std *without*
+its ``sqrt(-dt)`` factor) and the whole step std for ``cps``. ``kl_form: step_variance`` divides by the full step
+variance instead (the exact KL between the two Gaussian steps); that is ``1 / |dt|`` times larger on ``sde`` steps.
+Log-probs default to Flow-GRPO's forms: the full Gaussian one on ``sde`` steps, the constant-free ``-(x - mu)^2`` on
+``cps`` steps (``module.sampler.log_prob`` overrides it). Samples with a zero advantage are left out of the loss,
+as Flow-GRPO filters them before training (``drop_zero_adv``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+import kernels
+from firm.algorithms.base import RLAlgorithm
+from firm.algorithms.config import RLConfig, SamplerConfig
+from firm.algorithms.rollout import Rollout
+from firm.policies.samplers import SAMPLERS, apply_step, kl_std, step_coefs, step_log_prob
+
+KL_FORMS = ("flow_grpo", "step_variance")
+
+
+@dataclass
+class FlowGRPOConfig(RLConfig):
+    """Flow-GRPO: stochastic rollouts, clipped surrogate on the step log-probs, KL of step means to the reference."""
+
+    name: str = "flow_grpo"
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(method="sde", noise_level=0.7))
+    clip_range: float = 1e-4  # PPO clip range of the probability ratio (Flow-GRPO: 1e-4)
+    kl_form: str = "flow_grpo"  # flow_grpo (divide by 2 std_dev_t^2, as Flow-GRPO) | step_variance (by 2 std^2)
+    drop_zero_adv: bool = True  # Flow-GRPO trains only on samples with a nonzero advantage
+
+    def validate(self) -> None:
+        super().validate()
+        s = self.sampler
+        if not SAMPLERS[s.method].stochastic:
+            stochastic = [n for n, m in SAMPLERS.items() if m.stochastic]
+            raise ValueError(
+                f"{self.name} needs stochastic rollouts: module.sampler.method must be one of {stochastic}, "
+                f"got {s.method!r}"
+            )
+        if s.noise_level <= 0:
+            raise ValueError(f"{self.name} needs module.sampler.noise_level > 0 (log-probs of stochastic steps)")
+        if not self.clip_range > 0:
+            raise ValueError(f"module.clip_range must be > 0, got {self.clip_range}")
+        if self.kl_form not in KL_FORMS:
+            raise ValueError(f"module.kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
+
+
+class StepTerms(NamedTuple):
+    """What the current policy says about one recorded transition per sample (all (b,) float32)."""
+
+    logp: torch.Tensor  # log-prob of x_{t-1} under the current policy (differentiable)
+    old: torch.Tensor  # the behaviour log-prob the ratio divides by (detached)
+    rollout_lp: torch.Tensor  # the log-prob recorded at rollout time
+    kl: torch.Tensor  # KL of the step means to the reference (0 when kl_beta = 0)
+    std: torch.Tensor  # the step std
+    dt: torch.Tensor  # sigma_next - sigma (< 0)
+    mean: torch.Tensor  # (b, C, h, w) the current policy's step mean (differentiable)
+
+
+class FlowGRPO(RLAlgorithm):
+    """Flow-GRPO on a LoRA-adapted flow policy; see the module docstring."""
+
+    Config = FlowGRPOConfig
+    rollout_adapter = "default"
+
+    def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor) -> StepTerms:
+        """Recompute the transition ``latents[m, idx] -> latents[m, idx + 1]`` under the current policy."""
+        c, s, dev = self.config, self.config.sampler, self.device
+        latents = roll.latents
+        x, x_next = latents[m.cpu(), idx.cpu()].to(dev), latents[m.cpu(), idx.cpu() + 1].to(dev)
+        sigmas = roll.sigmas.to(dev)
+        sig, sig_next = sigmas[idx], sigmas[idx + 1]
+        coefs = step_coefs(s.method, sig, sig_next, s.noise_level, roll.sigma_cap)
+        cond = roll.cond.index(m)
+        uncond = roll.uncond.index(m) if roll.uncond is not None else None
+        v_ref = None
+        if c.kl_beta > 0:
+            with torch.no_grad(), self.policy.adapter(None):
+                v_ref = self.policy.velocity(x, sig, cond, guidance_scale=s.guidance_scale, uncond=uncond)
+        v = self.policy.velocity(x, sig, cond, guidance_scale=s.guidance_scale, uncond=uncond)
+        form = s.log_prob or SAMPLERS[s.method].log_prob
+        logp, sq = step_log_prob(form, x, v, x_next, coefs, ref_velocity=v_ref)
+        rollout_lp = roll.log_probs.to(dev)[m, idx]
+        # Before any update since the rollout the current policy *is* the sampling policy: use its own (detached)
+        # log-prob so the ratio is exactly 1, and log how far the rollout's was.
+        old = logp.detach() if self._fresh else rollout_lp
+        if sq is None:
+            kl = torch.zeros_like(logp)
+        else:
+            denom = kl_std(s.method, sig, sig_next, coefs[2]) if c.kl_form == "flow_grpo" else coefs[2]
+            kl = coefs[1] ** 2 * sq / (2 * denom**2)  # mu - mu_ref = coef_v * (v - v_ref)
+        return StepTerms(logp, old, rollout_lp, kl, coefs[2], sig_next - sig, apply_step(x, v, coefs))
+
+    def surrogate(self, t: StepTerms, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b,) clipped policy loss and (b,) the ratio it used."""
+        sur = kernels.clipped_surrogate(t.logp, t.old, a, self.config.clip_range)
+        return sur.loss, torch.exp(t.logp.detach() - t.old)
+
+    def micro_loss(
+        self, roll: Rollout, adv: dict[str, Any], ctx: Any, m: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        c = self.config
+        t = self.step_terms(roll, m, idx)
+        policy_loss, ratio = self.surrogate(t, adv["adv"].to(self.device)[m])
+        w = keep.float()
+        loss_sum = ((policy_loss + c.kl_beta * t.kl) * w).sum()
+        lp = t.logp.detach()
+        stats = {
+            "train/policy_loss": (policy_loss.detach() * w).sum(),
+            "train/kl": (t.kl.detach() * w).sum(),
+            "train/clip_frac": (((ratio - 1).abs() > c.clip_range).float() * w).sum(),
+            "train/approx_kl": (0.5 * (lp - t.old) ** 2 * w).sum(),
+            "train/ratio_mean": (ratio * w).sum(),
+            "train/logp_rollout_gap": ((lp - t.rollout_lp).abs() * w).sum(),
+        }
+        return loss_sum, stats, w.sum()

@@ -1,0 +1,93 @@
+"""What an RL step reports: reward / advantage statistics of the whole world and sample grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from firm.critics.types import CONSISTENCY, EXECUTION
+from firm.policies.policy import pil_to_tensor, tensor_to_pil
+
+if TYPE_CHECKING:
+    from firm.algorithms.base import RLAlgorithm
+    from firm.algorithms.rollout import Rollout
+
+
+def rollout_metrics(module: RLAlgorithm, roll: Rollout, adv: dict[str, Any]) -> dict[str, float]:
+    """Reward (and each component), missing rate, advantage and critic statistics of the whole world."""
+    r = adv["all_rewards"]
+    valid = adv["all_valid"]
+    vr = r[valid]
+    out = {
+        "reward/mean": float(vr.mean()) if vr.numel() else math.nan,
+        "reward/std": float(vr.std(unbiased=False)) if vr.numel() else math.nan,
+        "reward/missing_frac": 1.0 - float(valid.float().mean()),
+        "reward/critic_failures": float(roll.critic_failures),
+        "adv/mean": float(adv["all_adv"].mean()),
+        "adv/abs_mean": float(adv["all_adv"].abs().mean()),
+        "adv/std": float(adv["all_adv"].std(unbiased=False)),
+        "adv/max": float(adv["all_adv"].max()),
+        "adv/min": float(adv["all_adv"].min()),
+        "adv/zero_std_group_frac": adv["zero_std_group_frac"],
+        "adv/group_std_mean": adv["group_std_mean"],
+        "adv/trained_frac": adv["global_keep"] / max(r.numel(), 1),
+    }
+    comps = roll.reward.components
+    if comps:
+        names = sorted(comps)
+        stacked = module.gather(torch.stack([comps[k] for k in names], dim=1).to(module.device))  # (N, K)
+        for j, k in enumerate(names):
+            col = stacked[:, j]
+            ok = ~torch.isnan(col)
+            out[f"reward/{k}"] = float(col[ok].mean()) if bool(ok.any()) else math.nan
+            out[f"reward/{k}_missing_frac"] = 1.0 - float(ok.float().mean())
+        if EXECUTION in comps and CONSISTENCY in comps:
+            e, cns = stacked[:, names.index(EXECUTION)], stacked[:, names.index(CONSISTENCY)]
+            ok = ~(torch.isnan(e) | torch.isnan(cns))
+            lazy = (cns >= 0.75) & (e <= 0.25) & ok
+            out["reward/lazy_editor_frac"] = float(lazy.sum()) / max(int(ok.sum()), 1)
+    return out
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """(N, 3, H, W) images -> one (3, H', W') grid image, ``nrow`` images per row."""
+    n, ch, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((ch, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def log_samples(module: RLAlgorithm, batch: dict[str, Any], roll: Rollout, adv: dict[str, Any]) -> None:
+    """A grid of this rank-0 batch's samples (source | output for edits): PNG + TensorBoard + captions."""
+    if module.global_rank != 0 or module._trainer is None:
+        return
+    n = min(module.config.log_images_max, roll.images.shape[0])
+    outs = roll.images[:n]
+    if module.config.task == "edit":
+        src = pil_to_tensor(batch["image"][:n], outs.shape[-1])
+        tiles = torch.stack([src, outs], dim=1).reshape(-1, *outs.shape[1:])  # (2n, 3, H, W) source, output
+        nrow = 2 * max(1, int(math.sqrt(n)))
+    else:
+        tiles, nrow = outs, max(1, int(math.ceil(math.sqrt(n))))
+    grid = make_grid(tiles, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
+    out_dir = Path(module.trainer.default_root_dir) / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"step{module.rl_step:06d}"
+    tensor_to_pil(grid[None])[0].save(out_dir / f"{stem}.png")
+    rewards = roll.reward.rewards[:n].tolist()
+    lines = [
+        f"{i}\treward={r:.3f}\tadv={float(a):.3f}\t{p}"
+        for i, (r, a, p) in enumerate(zip(rewards, adv["adv"][:n].tolist(), batch["prompt"][:n]))
+    ]
+    (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    for logger in module.loggers:
+        exp = getattr(logger, "experiment", None)
+        if hasattr(exp, "add_image"):
+            exp.add_image("samples", grid, module.rl_step)

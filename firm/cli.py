@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from firm.config import ConfigError
 
@@ -33,16 +34,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if experiment is not None and "=" in experiment and not experiment.endswith((".yaml", ".yml")):
         overrides.insert(0, experiment)
         experiment = None
+    resume = args.resume
+    # `firm run X.yaml --resume key=value`: argparse takes the override for RUN_DIR; it is an override, and the run
+    # to resume is the experiment's newest.
+    if resume is not None and "=" in resume and not Path(resume).is_dir():
+        overrides.insert(0, resume)
+        resume = "latest"
     if experiment is not None:
         experiment = _find_experiment(experiment)
-    run(experiment, overrides, dry_run=args.dry_run, resume=args.resume)
+    run(experiment, overrides, dry_run=args.dry_run, resume=resume)
     return 0
 
 
 def _find_experiment(spec: str) -> str:
     """A YAML path as given, or a shipped experiment named relative to `experiments/` (with or without .yaml)."""
-    from pathlib import Path
-
     from firm.runner import experiments_root
 
     if Path(spec).exists():

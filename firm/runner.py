@@ -11,6 +11,7 @@ A run writes everything to ``<output_root>/<name>/<timestamp>/``::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -174,6 +175,30 @@ def build_strategy(tc: Any, module: Any) -> Any:
     return tc.strategy
 
 
+@functools.cache
+def _final_checkpoint_callback() -> type:
+    import lightning as L
+
+    class FinalCheckpoint(L.Callback):
+        """Writes ``last.ckpt`` at the end of the batch that reaches ``trainer.max_steps``, inside the training loop.
+
+        There the loops and the data loader are mid-epoch, exactly as in a periodic checkpoint, so resuming it with a
+        larger ``max_steps`` continues the same epoch bit for bit.
+        """
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+            self.saved_step: int | None = None
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+                if self.saved_step != trainer.global_step:
+                    trainer.save_checkpoint(self.path, weights_only=False)
+                    self.saved_step = trainer.global_step
+
+    return FinalCheckpoint
+
+
 def build_trainer(
     cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callbacks: list | None = None, datamodule: Any = None
 ):
@@ -193,7 +218,9 @@ def build_trainer(
         save_top_k=tc.keep_checkpoints,
         save_last=True,
     )
-    callbacks = [ckpt, LearningRateMonitor(logging_interval="step"), *(extra_callbacks or [])]
+    final = _final_checkpoint_callback()(run_dir / "checkpoints" / LAST_CKPT)
+    callbacks = [ckpt, final, LearningRateMonitor(logging_interval="step")]
+    callbacks += list(extra_callbacks or [])
     kwargs: dict[str, Any] = {}
     for key in ("val_check_interval", "limit_train_batches", "limit_val_batches"):
         if getattr(tc, key) is not None:
@@ -280,8 +307,12 @@ def run(
     module, datamodule = build_components(cfg)
     trainer = build_trainer(cfg, run_dir, module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    # Every rank calls it; rank 0 writes.
-    trainer.save_checkpoint(run_dir / "checkpoints" / LAST_CKPT, weights_only=False)
+    # A run that stopped at max_steps saved last.ckpt inside the loop (FinalCheckpoint): saving it again here would
+    # record the data epoch as finished and lose the loader's position, so that `--resume` with a larger max_steps
+    # would start a new epoch on other prompts. Runs that stopped otherwise (max_epochs) are saved here.
+    final = next((cb for cb in trainer.callbacks if isinstance(cb, _final_checkpoint_callback())), None)
+    if final is None or final.saved_step != trainer.global_step:
+        trainer.save_checkpoint(run_dir / "checkpoints" / LAST_CKPT, weights_only=False)  # every rank; rank 0 writes
     if trainer.is_global_zero:
         print(f"[firm] done after {trainer.global_step} steps. Outputs: {run_dir}")
         print(f"[firm]   config: {run_dir / 'config.yaml'}  checkpoints: {run_dir / 'checkpoints'}")

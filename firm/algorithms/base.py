@@ -139,7 +139,11 @@ class RLAlgorithm(FirmModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         c = self.config
         return torch.optim.AdamW(
-            self.policy.trainable_parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay
+            self.policy.trainable_parameters(),
+            lr=c.lr,
+            betas=tuple(c.betas),
+            eps=c.adam_eps,
+            weight_decay=c.weight_decay,
         )
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -348,13 +352,17 @@ class RLAlgorithm(FirmModule):
             if float(finite) < 1.0:
                 self.skipped_nonfinite += 1
                 warnings.warn(
-                    f"non-finite gradient at step {self.global_step}: optimizer step skipped", RuntimeWarning, stacklevel=2
+                    f"non-finite gradient at step {self.global_step}: optimizer step skipped",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 skipped = True
             else:
                 norm = float(total)
                 if self.config.max_grad_norm is not None:
-                    self.clip_gradients(opt, gradient_clip_val=self.config.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(
+                        opt, gradient_clip_val=self.config.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
         if skipped:
             opt.zero_grad(set_to_none=True)
             return None
@@ -402,4 +410,11 @@ class RLAlgorithm(FirmModule):
         self.rl_step = int(state["rl_step"])
         if state.get("ema") is not None:
             self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
-        set_rng_state(state.get("rng") or {})
+        # Restored at the first batch, not now: the data loader's iterator, created after this hook, draws its base
+        # seed from the global RNG, as the uninterrupted run's iterator did before this checkpoint was written.
+        self._pending_rng = state.get("rng") or {}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_pending_rng", None) is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None

@@ -325,8 +325,11 @@ class RLAlgorithm(FirmModule):
         return [idx[i : i + mb] for i in range(0, idx.numel(), mb)]
 
     def timestep_subsets(self, b: int, candidates: torch.Tensor, epoch: int) -> torch.Tensor:
-        """(B, n) per-sample random subsets of the candidate step indices, n = ceil(fraction * len(candidates))."""
-        n = max(1, math.ceil(self.config.timestep_fraction * candidates.numel()))
+        """(B, n) per-sample random subsets of the candidate step indices, ``n = max(1, int(fraction * len))``.
+
+        ``int()`` as Flow-GRPO and DiffusionNFT count ``num_train_timesteps``: 0.99 of 10 steps trains 9.
+        """
+        n = max(1, int(self.config.timestep_fraction * candidates.numel() + 1e-9))
         g = generator("timesteps", self.config.seed, self.rl_step, epoch, self.global_rank)
         rows = [candidates[torch.randperm(candidates.numel(), generator=g)[:n]] for _ in range(b)]
         return torch.stack(rows)  # (B, n)

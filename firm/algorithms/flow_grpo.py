@@ -62,6 +62,24 @@ class FlowGRPOConfig(RLConfig):
             raise ValueError(f"module.kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
 
 
+def step_mean_kl(
+    method: str,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    coefs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sq_dist: torch.Tensor,
+    form: str = "flow_grpo",
+) -> torch.Tensor:
+    """(B,) KL of the step means to the reference from ``sq_dist = mean_d((v - v_ref)^2)``.
+
+    ``mu - mu_ref = coef_v * (v - v_ref)``, so ``mean_d((mu - mu_ref)^2) = coef_v^2 * sq_dist``; ``flow_grpo`` divides
+    by ``2 std_dev_t^2`` (flow_grpo/scripts/train_sd3.py, ``kl_loss``), ``step_variance`` by ``2 std^2``.
+    """
+    std = coefs[2]
+    s = kl_std(method, sigma, sigma_next, std) if form == "flow_grpo" else std
+    return coefs[1] ** 2 * sq_dist / (2 * s**2)
+
+
 class StepTerms(NamedTuple):
     """What the current policy says about one recorded transition per sample (all (b,) float32)."""
 
@@ -101,11 +119,7 @@ class FlowGRPO(RLAlgorithm):
         # Before any update since the rollout the current policy *is* the sampling policy: use its own (detached)
         # log-prob so the ratio is exactly 1, and log how far the rollout's was.
         old = logp.detach() if self._fresh else rollout_lp
-        if sq is None:
-            kl = torch.zeros_like(logp)
-        else:
-            denom = kl_std(s.method, sig, sig_next, coefs[2]) if c.kl_form == "flow_grpo" else coefs[2]
-            kl = coefs[1] ** 2 * sq / (2 * denom**2)  # mu - mu_ref = coef_v * (v - v_ref)
+        kl = torch.zeros_like(logp) if sq is None else step_mean_kl(s.method, sig, sig_next, coefs, sq, c.kl_form)
         return StepTerms(logp, old, rollout_lp, kl, coefs[2], sig_next - sig, apply_step(x, v, coefs))
 
     def surrogate(self, t: StepTerms, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,26 @@ def guard_ratio(
     return torch.exp((logp - logp_old + bias) * std.float())
 
 
+def guard_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    mean: torch.Tensor,
+    mean_old: torch.Tensor,
+    std: torch.Tensor,
+    dt: torch.Tensor,
+    adv: torch.Tensor,
+    clip_range: float,
+    *,
+    reweight: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b,) GRPO-Guard's clipped loss on the RatioNorm ratio (divided by ``|dt|`` with ``reweight``), and the ratio."""
+    ratio = guard_ratio(logp, logp_old, mean, mean_old, std)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    if reweight:
+        loss = loss / (-dt)
+    return loss, ratio.detach()
+
+
 class GRPOGuard(FlowGRPO):
     """GRPO-Guard on a LoRA-adapted flow policy; see the module docstring."""
 
@@ -71,11 +91,7 @@ class GRPOGuard(FlowGRPO):
             mean_old, logp_old = t.mean.detach(), t.logp.detach()
         else:
             mean_old, logp_old = self._ctx_mean_old, t.rollout_lp
-        ratio = guard_ratio(t.logp, logp_old, t.mean, mean_old, t.std)
-        loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
-        if self.config.reweight:
-            loss = loss / (-t.dt)
-        return loss, ratio.detach()
+        return guard_loss(t.logp, logp_old, t.mean, mean_old, t.std, t.dt, a, eps, reweight=self.config.reweight)
 
     def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor) -> StepTerms:
         if roll.means is None:

@@ -34,15 +34,27 @@ def test_full_size_experiments_validate_without_loading_weights():
     for name, family, algo in [
         ("firm_sd35_qma", "sd3", "diffusion_nft"),
         ("firm_sd35_qma_grpo", "sd3", "flow_grpo"),
+        ("firm_sd35_qma_mixgrpo", "sd3", "mix_grpo"),
+        ("firm_sd35_qma_grpo_guard", "sd3", "grpo_guard"),
         ("firm_qwen_edit_cme", "qwen_image_edit", "diffusion_nft"),
     ]:
         cfg = to_object(load_experiment(RL / f"{name}.yaml"))
         m = cfg.module
+        m.validate()
+        grpo_family = algo != "diffusion_nft"
         assert (m.name, m.policy.family, m.critic.name) == (algo, family, "http")
         assert m.policy.lora.rank == 32 and m.policy.lora.alpha == 64 and m.policy.resolution == 512
-        assert m.kl_beta == (0.04 if algo == "flow_grpo" else 1e-4) and m.adv_clip_max == 5.0
+        assert m.kl_beta == (0.04 if grpo_family else 1e-4) and m.adv_clip_max == 5.0
         assert cfg.trainer.strategy in ("ddp", "fsdp") and 12 <= cfg.data.group_size <= 16
-        assert m.sampler.num_steps == (6 if family == "qwen_image_edit" else 10)
+        # the official configs' settings: batch-std advantages, EMA 0.9, 0.99 of the steps (MixGRPO: its window)
+        assert m.adv_scale == "batch" and m.ema_decay == 0.9 and m.ema_warmup
+        assert m.timestep_fraction == (1.0 if algo == "mix_grpo" else 0.99)
+        steps = {"qwen_image_edit": 6}.get(family, 25 if algo == "mix_grpo" else 10)
+        assert m.sampler.num_steps == steps
+        if grpo_family:
+            assert m.kl_form == "flow_grpo" and m.drop_zero_adv and m.clip_range == 1e-4
+        else:
+            assert m.old_decay_unit == "optimizer_step" and (m.old_decay_rate, m.old_decay_max) == (0.001, 0.5)
 
 
 @pytest.mark.slow
@@ -117,7 +129,8 @@ def probe_yaml(tmp_path: Path, **trainer) -> Path:
     path.write_text(
         f"base: {RL / 'tiny_sd3_nft.yaml'}\nname: probe\noutput_root: {tmp_path / 'runs'}\n"
         f"imports: [{HELPERS / 'rl_probe.py'}]\n"
-        "module:\n  name: probe_nft\n  critic: {name: image_stats}\n  lr: 0.01\n  log_images_every: 0\n  num_threads: 1\n"
+        "module:\n  name: probe_nft\n  critic: {name: image_stats}\n  lr: 0.01\n  log_images_every: 0\n"
+        "  num_threads: 1\n"
         "  policy: {resolution: 16}\n  sampler: {num_steps: 3}\n"
         "data:\n  prompts: [a red circle, a blue square at the top, green triangle]\n"  # 3 steps per epoch
         f"  batch_size: 4\n  group_size: 4\ntrainer:\n  enable_progress_bar: false\n{lines}"

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from datamodules.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
-from firm.critics.parsing import coerce_score, find_json, strip_thinking
+from firm.critics.parsing import MAX_ANSWER_CHARS, coerce_score, find_json, strip_thinking
 
 Parsed = tuple[Any, str | None]
 
@@ -130,9 +130,10 @@ def parse_plan(text: str | None) -> Parsed:
         obj, _ = find_json(text, dict)  # {"checklist": [...]}
         if isinstance(obj, dict):
             items = next((v for v in obj.values() if isinstance(v, list)), None)
-    if items is None:
+    if items is None and len((text or "").strip()) <= MAX_ANSWER_CHARS:
         body = strip_thinking(text or "")
-        lines = [m.group(1).strip() for m in re.finditer(r"^\s*(?:\d+[.)]|[-*])\s+(.+)$", body, re.MULTILINE)]
+        # [ \t], not \s: a repeat that can cross lines makes a run of blank lines cost quadratic time
+        lines = [m.group(1).strip() for m in re.finditer(r"^[ \t]*(?:\d+[.)]|[-*])[ \t]+(\S.*)$", body, re.MULTILINE)]
         items = lines or None
     if not items:
         return None, why or "no checklist found"

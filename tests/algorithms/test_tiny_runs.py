@@ -62,3 +62,21 @@ def test_mix_grpo_trains_only_its_window_and_slides_it():
     assert masks == [[0, 1], [0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [3, 4], [3, 4]]
     with pytest.raises(ValueError, match="window_size"):
         MixGRPOConfig(window_size=11).validate()  # more than the 10 sampling steps
+
+
+@pytest.mark.slow
+def test_the_documented_new_algorithm_is_one_file_one_registry_line_one_yaml(tmp_path, monkeypatch):
+    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    exp = tmp_path / "tiny_sd3_asym_grpo.yaml"
+    exp.write_text(
+        f"base: {REPO / 'experiments' / 'rl' / 'tiny_sd3_grpo.yaml'}\nname: tiny_sd3_asym_grpo\n"
+        "description: asymmetric-clip Flow-GRPO smoke run on CPU\n"
+        f"imports: [{REPO / 'tests' / 'helpers' / 'asym_grpo.py'}]\n"
+        "module: {name: asym_grpo, clip_high: 2.0e-4, log_images_every: 0}\n"
+    )
+    run_dir = run(str(exp), [f"output_root={tmp_path}", "trainer.max_steps=2"])
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("adv/abs_mean")]
+    assert rows and float(rows[0]["adv/abs_mean"]) > 0 and float(rows[0]["train/grad_norm"]) > 0
+    doc = (REPO / "docs" / "rl.md").read_text()
+    assert "class AsymGRPO(FlowGRPO):" in doc  # the guide shows this very file

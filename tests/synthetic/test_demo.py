@@ -207,12 +207,12 @@ def _short_demo(yaml: Path, tmp_path: Path, monkeypatch, *extra: str) -> Path:
             f"output_root={tmp_path / 'runs'}",
             "trainer.max_steps=2",
             "trainer.enable_progress_bar=false",
-            "module.report.n_tasks=4",
-            "module.report.seeds=[0,1]",
-            "module.report.every=1",
-            "module.report.curve_tasks=2",
-            "module.report.grid_tasks=2",
-            "module.report.progress=false",
+            "module.callbacks.shapes_report.n_tasks=4",
+            "module.callbacks.shapes_report.seeds=[0,1]",
+            "module.callbacks.shapes_report.every=1",
+            "module.callbacks.shapes_report.curve_tasks=2",
+            "module.callbacks.shapes_report.grid_tasks=2",
+            "module.callbacks.shapes_report.progress=false",
             "module.rollout_chunk=8",
             "data.n_prompts=6",
             "data.group_size=4",
@@ -267,8 +267,8 @@ def test_ablation_driver_writes_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     overrides = [
         "trainer.max_steps=1",
-        "module.report.n_tasks=3",
-        "module.report.seeds=[0]",
+        "module.callbacks.shapes_report.n_tasks=3",
+        "module.callbacks.shapes_report.seeds=[0]",
         "module.rollout_chunk=8",
         "data.n_prompts=4",
         "data.group_size=4",
@@ -288,17 +288,20 @@ def test_ablation_driver_writes_table_and_plot(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_short_edit_demo_with_flow_grpo(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm,extra", [("flow_grpo", []), ("mix_grpo", ["module.window_size=2"])])
+def test_short_edit_demo_with_a_policy_gradient_algorithm(tmp_path, monkeypatch, algorithm, extra):
+    # the same report callback serves every algorithm: no per-algorithm report subclass
     run_dir = _short_demo(
         DEMO / "shapes_edit_cme.yaml",
         tmp_path,
         monkeypatch,
-        "module.name=shapes_flow_grpo",
+        f"module.name={algorithm}",
         "module.sampler.method=sde",
         "module.sampler.noise_level=0.7",
         "module.timestep_fraction=0.5",
+        *extra,
     )
     s = _check_report(run_dir, ("execution", "consistency"))
-    assert s["algorithm"] == "shapes_flow_grpo"
+    assert s["algorithm"] == algorithm
     rows = [r for r in read_metrics(run_dir) if r.get("reward/mean")]
     assert all(r.get("train/clip_frac") not in (None, "") for r in rows)

@@ -27,7 +27,7 @@ def main() -> None:
     sched.set_timesteps(a.steps)
     s = sched.sigmas.float()
     print(f"schedule: {a.steps} steps, shift {a.shift}, noise level {a.noise_level}")
-    print("| step | sigma | |dt| | step-variance KL / Flow-GRPO KL (sde) | CPS std | Gaussian / residual CPS log-ratio |")
+    print("| step | sigma | |dt| | step-variance KL / Flow-GRPO KL (sde) | CPS std | Gaussian / residual log-ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     for i in range(a.steps):
         sig, nxt = s[i : i + 1], s[i + 1 : i + 2]

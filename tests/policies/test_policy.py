@@ -97,8 +97,10 @@ def test_prompt_embeddings_are_cached_and_padded_independently_of_the_batch():
     policy.text_encoder.encode = lambda p, i=None: calls.append(list(p)) or orig(p, i)
     a = policy.encode_prompts(["a red circle", "a red circle", "blue"])
     b = policy.encode_prompts(["a red circle", "green big triangle top left of the centre"])
-    assert calls == [["a red circle", "blue"], ["green big triangle top left of the centre"]]
-    torch.testing.assert_close(a.embeds[0], b.embeds[0])  # same row whatever else is in the batch
+    # one encoder call per prompt that missed the cache: an embedding never depends on its batch mates, so a resumed
+    # run (empty cache, other groupings) computes the same bits
+    assert calls == [["a red circle"], ["blue"], ["green big triangle top left of the centre"]]
+    assert torch.equal(a.embeds[0], b.embeds[0])  # bitwise the same row whatever else is in the batch
 
 
 def test_cfg_combines_conditional_and_unconditional_velocities():

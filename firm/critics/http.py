@@ -3,9 +3,14 @@
 Async and concurrent: every judgement is one ``POST {endpoint}/chat/completions`` with the images as base64 data
 URLs; at most ``max_concurrency`` requests are in flight, spread over several endpoints by picking the one with
 the fewest requests in flight. Each request has a timeout; connection errors, timeouts, HTTP 429 and 5xx are
-retried with exponential backoff (on another endpoint when there is one). When the retry budget is spent the call
-raises :class:`CriticEndpointError` naming the endpoint(s); a request the server rejects (other 4xx) raises
-:class:`CriticRequestError` at once. Answers that cannot be parsed are asked again (sampling at
+retried with exponential backoff (on another endpoint when there is one), and so are structurally bad replies (a
+200 whose body is not JSON, or is not a chat completion: ``{"choices": []}``, no message, content that is not
+text), within the same retry budget. When the budget is spent on transport errors the call raises
+:class:`CriticEndpointError` naming the endpoint(s); a request the server rejects (other 4xx) raises
+:class:`CriticRequestError` at once. Two failures cost only their own judgement instead, as a missing score with the
+reason (counted in ``stats["reply_failures"]``), and the other judgements of the same call are kept: a judgement
+whose replies stayed malformed after all retries, and one whose request the server refused as too large (HTTP 413:
+a prompt or an image over the server's limits). Answers that cannot be parsed are asked again (sampling at
 ``retry_temperature``) up to ``parse_retries`` times, then give a ``None`` score with the reason.
 
 ``score()`` is synchronous and works from plain code and from inside a running event loop (it then runs the
@@ -34,6 +39,7 @@ import httpx
 
 from datamodules.chat import prepare_messages
 from firm.critics.base import Completion, Job, PromptedCritic, now
+from firm.critics.parsing import ParseResult
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CriticRequest, CriticResult
 
@@ -56,6 +62,50 @@ class CriticTimeoutError(CriticEndpointError):
 
 class CriticRequestError(RuntimeError):
     """The endpoint rejected the request (HTTP 4xx other than 408/429): a bug or a misconfiguration, not retried."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CriticReplyError(CriticEndpointError):
+    """The endpoint kept answering with replies that are not chat completions, through every retry."""
+
+
+class _BadReply(ValueError):
+    """A reply that is not what the API promises (retried like a transport error)."""
+
+
+def _shown(data: Any, n: int = 200) -> str:
+    try:
+        text = data if isinstance(data, str) else repr(data)
+    except RecursionError:
+        return f"<{type(data).__name__} nested too deeply to show>"
+    return text[:n] + ("..." if len(text) > n else "")
+
+
+def chat_content(data: Any) -> str:
+    """The answer text of a chat-completions reply (``""`` when the server gave none).
+
+    Raises:
+        _BadReply: the reply is not a chat completion (no choices, no message, content that is not text).
+    """
+    if not isinstance(data, dict):
+        raise _BadReply(f"the reply is not a JSON object: {_shown(data)}")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise _BadReply(f"the reply has no choices: {_shown(data)}")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        raise _BadReply(f"the first choice has no message: {_shown(choices[0])}")
+    content = message.get("content")
+    if isinstance(content, list):  # some servers answer in content parts
+        texts = [p.get("text") for p in content if isinstance(p, dict)]
+        content = "".join(t for t in texts if isinstance(t, str))
+    if content is not None and not isinstance(content, str):
+        raise _BadReply(f"the message content is {type(content).__name__}, not text: {_shown(content)}")
+    # Lone surrogates ("\ud800" escapes) cannot be written as UTF-8 later (JSONL, shards): replace them here.
+    return (content or "").encode("utf-8", "replace").decode("utf-8")
 
 
 def normalize_endpoint(url: str) -> str:
@@ -187,12 +237,20 @@ class HTTPCritic(PromptedCritic):
         return d * random.uniform(0.75, 1.25)
 
     async def _request(
-        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, method: str, path: str, body: Any = None
+        self,
+        client: httpx.AsyncClient,
+        sem: asyncio.Semaphore,
+        method: str,
+        path: str,
+        body: Any = None,
+        read: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """One API call with retries; returns the decoded JSON body."""
+        """One API call with retries; returns the decoded JSON body, or ``read(body)`` (which raises
+        :class:`_BadReply` for a reply to retry)."""
         tried: list[str] = []
         last: str = ""
-        timeouts = 0
+        timeouts = bad_replies = 0
+        last_was_bad_reply = False
         for attempt in range(1 + self.config.max_retries):
             if attempt:
                 await asyncio.sleep(self._delay(attempt - 1))
@@ -213,6 +271,7 @@ class HTTPCritic(PromptedCritic):
                     continue
                 finally:
                     self._done(endpoint)
+            last_was_bad_reply = False
             if resp.status_code in RETRYABLE_STATUS:
                 last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
                 log.warning("critic endpoint %s answered HTTP %d (attempt %d)", endpoint, resp.status_code, attempt + 1)
@@ -220,16 +279,32 @@ class HTTPCritic(PromptedCritic):
             if resp.status_code in (401, 403):
                 raise CriticRequestError(
                     f"{url} refused the request (HTTP {resp.status_code}): check the API key "
-                    f"(${self.config.api_key_env}, or --api-key on the command line). Server said: {resp.text[:300]}"
+                    f"(${self.config.api_key_env}, or --api-key on the command line). Server said: {resp.text[:300]}",
+                    resp.status_code,
                 )
             if resp.status_code >= 400:
-                raise CriticRequestError(f"{url} rejected the request: HTTP {resp.status_code}: {resp.text[:500]}")
+                raise CriticRequestError(
+                    f"{url} rejected the request: HTTP {resp.status_code}: {resp.text[:500]}", resp.status_code
+                )
             try:
-                return resp.json()
-            except ValueError:
-                raise CriticRequestError(f"{url} answered HTTP {resp.status_code} with non-JSON: {resp.text[:300]}")
+                try:
+                    data = resp.json()
+                except (ValueError, RecursionError):
+                    raise _BadReply(f"HTTP {resp.status_code} with a body that is not JSON: {resp.text[:200]!r}")
+                return data if read is None else read(data)
+            except _BadReply as e:
+                bad_replies += 1
+                last_was_bad_reply = True
+                last = f"{url}: {e}"
+                log.warning("critic endpoint %s gave a malformed reply (attempt %d): %s", endpoint, attempt + 1, e)
+                continue
         names = ", ".join(dict.fromkeys(tried))
         n = 1 + self.config.max_retries
+        if last_was_bad_reply:
+            raise CriticReplyError(
+                f"critic endpoint {names}: no usable reply after {n} attempts ({bad_replies} malformed; last: {last})",
+                tried,
+            )
         if timeouts == n:
             raise CriticTimeoutError(
                 f"critic endpoint {names}: all {n} attempts timed out after {self.config.timeout_s:g} s each; "
@@ -244,7 +319,10 @@ class HTTPCritic(PromptedCritic):
 
     async def _resolve_model(self, client: httpx.AsyncClient, sem: asyncio.Semaphore) -> str:
         if self.model is None:
-            data = await self._request(client, sem, "GET", "/models")
+            try:
+                data = await self._request(client, sem, "GET", "/models")
+            except CriticReplyError as e:  # no model name: every judgement would fail, so this one raises
+                raise CriticEndpointError(f"{e}; set `model:` in the config to skip GET /models", e.endpoints) from None
             try:
                 self.model = str(data["data"][0]["id"])
             except (KeyError, IndexError, TypeError):
@@ -270,14 +348,24 @@ class HTTPCritic(PromptedCritic):
             "temperature": temperature,
             **self.config.extra_body,
         }
-        data = await self._request(client, sem, "POST", "/chat/completions", body)
+        return await self._request(client, sem, "POST", "/chat/completions", body, read=chat_content)
+
+    async def _chat_or_reason(
+        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, messages: list[dict], *, temperature: float
+    ) -> tuple[str | None, str | None]:
+        """``(answer, None)``, or ``(None, why)`` for the failures that cost only this conversation: replies that
+        stayed malformed through every retry, and HTTP 413 (this request is over the server's limits)."""
         try:
-            content = data["choices"][0]["message"].get("content")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise CriticRequestError(f"unexpected chat-completions answer: {str(data)[:300]}") from None
-        if isinstance(content, list):  # some servers answer in content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return content or ""
+            return await self.chat(client, sem, messages, temperature=temperature), None
+        except CriticReplyError as e:
+            why = f"no usable reply from the endpoint: {e}"
+        except CriticRequestError as e:
+            if e.status != 413:
+                raise
+            why = f"the endpoint refused this request as too large: {e}"
+        self.stats["reply_failures"] += 1
+        log.warning("critic judgement without a reply: %s", why[:300])
+        return None, why
 
     # ---- scoring
 
@@ -290,7 +378,9 @@ class HTTPCritic(PromptedCritic):
             temperature = self.config.temperature if attempt == 0 else self.config.retry_temperature
             if attempt:
                 self.stats["parse_retries"] += 1
-            text = await self.chat(client, sem, messages, temperature=temperature)
+            text, why = await self._chat_or_reason(client, sem, messages, temperature=temperature)
+            if why is not None:  # a missing score with the reason; the other judgements of the call are kept
+                return Completion(None, ParseResult(value=None, reason=why), attempt + 1, start, now())
             self.stats["generations"] += 1
             parsed = job.parser(text)
             if parsed.ok:
@@ -331,7 +421,8 @@ class HTTPCritic(PromptedCritic):
         Raises:
             CriticEndpointError: an endpoint stayed unreachable / failing after ``max_retries`` retries.
             CriticTimeoutError: every attempt of a request timed out.
-            CriticRequestError: the server rejected a request (e.g. wrong API key or model name).
+            CriticRequestError: the server rejected a request (e.g. wrong API key or model name); not for HTTP 413,
+                which costs only that judgement.
         """
         return run_blocking(lambda: self.ascore(requests))
 
@@ -352,7 +443,12 @@ class HTTPCritic(PromptedCritic):
         limits = httpx.Limits(max_connections=self.config.max_concurrency, max_keepalive_connections=32)
         sem = asyncio.Semaphore(self.config.max_concurrency)
         async with httpx.AsyncClient(headers=self._headers(), limits=limits) as client:
-            tasks = [asyncio.ensure_future(self.chat(client, sem, p, temperature=temp)) for p in payload]
+
+            async def one(p: list) -> str:
+                text, _ = await self._chat_or_reason(client, sem, p, temperature=temp)
+                return "" if text is None else text  # no reply: an empty answer, which no parser accepts
+
+            tasks = [asyncio.ensure_future(one(p)) for p in payload]
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:
@@ -366,8 +462,10 @@ class HTTPCritic(PromptedCritic):
 
         Sent concurrently (at most ``max_concurrency`` in flight) with the client's retries, endpoint balancing,
         timeouts, image preparation (``max_image_pixels``) and encoding; ``max_tokens`` and ``extra_body`` from the
-        config. ``temperature`` defaults to the config's. Nothing is parsed: an empty answer is ``""``. Blocking,
-        and safe to call from inside a running event loop.
+        config. ``temperature`` defaults to the config's. Nothing is parsed: an empty answer is ``""``, and so is a
+        conversation whose replies stayed malformed through every retry or that the server refused as too large
+        (HTTP 413; logged and counted in ``stats["reply_failures"]``). Blocking, and safe to call from inside a
+        running event loop.
 
         Raises:
             CriticEndpointError, CriticTimeoutError, CriticRequestError: as :meth:`score`.

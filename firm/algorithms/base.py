@@ -45,7 +45,7 @@ import kernels
 from firm.algorithms.config import RLConfig
 from firm.algorithms.reporting import log_samples, rollout_metrics
 from firm.algorithms.rollout import Rollout, run_rollout
-from firm.algorithms.state import generator, rng_state, set_rng_state
+from firm.algorithms.state import generator, load_rl_state, save_rl_state, set_rng_state
 from firm.critics.factory import build_critic
 from firm.module import FirmModule
 from firm.policies.policy import FlowPolicy
@@ -386,36 +386,13 @@ class RLAlgorithm(FirmModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        sd = checkpoint.get("state_dict", {})
-        checkpoint["state_dict"] = {k: v for k, v in sd.items() if "lora_" in k}
-        checkpoint["firm_rl"] = {
-            "rl_step": self.rl_step,
-            "fingerprint": self.policy.base_fingerprint(),
-            "ema": None if self.ema is None else {k: v.detach().cpu() for k, v in self.ema.items()},
-            "rng": rng_state(),
-        }
+        save_rl_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("firm_rl")
-        if state is None:
-            raise ValueError("this checkpoint was not written by a FIRM RL module (no `firm_rl` entry)")
-        fp = self.policy.base_fingerprint()
-        if not torch.allclose(state["fingerprint"].double(), fp, rtol=1e-6, atol=1e-6):
-            raise ValueError(
-                "the checkpoint was trained on a different base model than policy.pretrained / policy.tiny now builds "
-                f"(fingerprint {state['fingerprint'].tolist()} vs {fp.tolist()}); resume with the same policy settings"
-            )
-        own = {f"policy.{n}" for n, _ in self.policy.named_parameters() if "lora_" in n}
-        missing = sorted(own - set(checkpoint.get("state_dict", {})))
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
-        self.rl_step = int(state["rl_step"])
-        if state.get("ema") is not None:
-            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
-        # Restored at the first batch, not now: the data loader's iterator, created after this hook, draws its base
-        # seed from the global RNG, as the uninterrupted run's iterator did before this checkpoint was written.
-        self._pending_rng = state.get("rng") or {}
+        # The RNG states are restored at the first batch, not now: the data loader's iterator, created after this
+        # hook, draws its base seed from the global RNG, as the uninterrupted run's did before this checkpoint.
+        self._pending_rng = load_rl_state(self, checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if getattr(self, "_pending_rng", None) is not None:

@@ -93,4 +93,3 @@ class ImageStatsCritic:
             else:
                 out.append(CriticResult(scores=scores, key=r.key))
         return out
-

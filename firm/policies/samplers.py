@@ -341,8 +341,10 @@ def sample(
     stochastic = stochastic.to("cpu", torch.bool).clone()
     if not spec.stochastic or noise_level <= 0:
         stochastic[:] = False
-    if method == "cps":
-        stochastic &= sigmas[1:] > 0  # CPS has std = sigma_next = 0 on the last step: deterministic there
+    for i in range(t):  # a step whose std is 0 (CPS's last one, to sigma 0) is deterministic and has no log-prob
+        if bool(stochastic[i]):
+            _, _, std = spec.coefs(sigmas[i : i + 1], sigmas[i + 1 : i + 2], noise_level, float(sigmas[1]))
+            stochastic[i] = bool(std[0] > 0)
     sigma_cap = float(sigmas[1]) if t >= 1 else 1.0
     b = noise.shape[0]
     x = noise

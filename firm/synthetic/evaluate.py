@@ -77,10 +77,12 @@ def sample_tasks(
         progress: show a progress bar.
         desc: its label.
     """
-    from firm.policies.samplers import sample
+    from firm.policies.samplers import DETERMINISTIC_SOLVERS, sample
 
-    if method not in ("dpm2", "ode"):
-        raise ValueError(f"evaluation samples deterministically: method must be dpm2 or ode, got {method!r}")
+    if method not in DETERMINISTIC_SOLVERS:
+        raise ValueError(
+            f"evaluation samples deterministically: method must be one of {DETERMINISTIC_SOLVERS}, got {method!r}"
+        )
     kind = task_kind(tasks)
     sigmas = policy.sigmas(num_steps)
     shape = policy.latent_shape()

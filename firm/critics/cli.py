@@ -261,7 +261,7 @@ def _cmd_critic_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_critic(args: argparse.Namespace) -> int:
-    from firm.critics.server import build_server
+    from firm.critics.server import build_server, serve
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.host not in ("127.0.0.1", "localhost") and not api_key:
@@ -281,13 +281,14 @@ def _cmd_serve_critic(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels or None,
         max_request_bytes=int(args.max_request_mb * 2**20) if args.max_request_mb else None,
+        max_prompt_tokens=args.max_prompt_tokens or None,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
         workers_per_device=args.workers_per_device,
         timeout=args.timeout,
     )
     print(f"serving {args.model} at http://{host}:{args.port}/v1/chat/completions", flush=True)
-    server.run(host=host, port=args.port, generate_client_file=False, log_level=args.log_level)
+    serve(server, host=host, port=args.port, log_level=args.log_level)  # SIGTERM / SIGINT stop every process
     return 0
 
 
@@ -321,6 +322,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=64.0,
         help="largest request body in MiB; larger requests get HTTP 413 (default 64; 0: no limit)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=8192,
+        help="longest prompt text accepted, in tokens; longer prompts get HTTP 413 before any model work "
+        "(default 8192; 0: no limit)",
     )
     p.add_argument("--workers-per-device", type=int, default=1, help="model copies per device")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait in the queue")

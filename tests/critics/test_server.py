@@ -33,7 +33,7 @@ def served(tiny_vlm, tmp_path_factory):
     env.pop("FIRM_CRITIC_API_KEY", None)
     cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", str(tiny_vlm), "--port", str(port)]
     cmd += ["--api-key", KEY, "--max-batch-size", "4", "--batch-timeout", "0.05", "--max-new-tokens", "8"]
-    cmd += ["--max-image-pixels", "4096", "--max-request-mb", "1"]  # small limits, to test them
+    cmd += ["--max-image-pixels", "4096", "--max-request-mb", "1", "--max-prompt-tokens", "2048"]  # small limits
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -109,6 +109,8 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
     url = served + "/chat/completions"
     good_image = image_data_url(_img((1, 2, 3)))
     bad_png = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
+    png = base64.b64decode(image_data_url(_img((1, 2, 3), (32, 32))).split(",", 1)[1])
+    truncated_png = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
     cases = [
         (b'{"messages": [', 422, "JSON decode error"),
         (json.dumps({"messages": []}).encode(), 422, "at least 1"),
@@ -117,7 +119,8 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
         (json.dumps(_chat_body(good_image, n=2)).encode(), 422, "n must be 1"),
         (json.dumps(_chat_body(good_image, stream=True)).encode(), 422, "stream=true is not supported"),
         (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 422, "role"),
-        (json.dumps(_chat_body(bad_png)).encode(), 400, "image does not decode"),
+        (json.dumps(_chat_body(bad_png)).encode(), 415, "not PNG, JPEG or WEBP"),
+        (json.dumps(_chat_body(truncated_png)).encode(), 400, "image does not decode"),
     ]
     headers = {**_auth(), "Content-Type": "application/json"}
     for raw, status, needle in cases:
@@ -152,7 +155,7 @@ def test_a_bad_request_in_a_batch_does_not_fail_its_neighbours(served):
             return await asyncio.gather(*[client.post(url, json=b) for b in [good, bad, good, good]])
 
     statuses = [r.status_code for r in asyncio.run(go())]
-    assert statuses == [200, 400, 200, 200]
+    assert statuses == [200, 415, 200, 200]
 
 
 def test_concurrent_load_is_all_answered(served):
@@ -189,3 +192,154 @@ def test_cli_scores_a_folder_through_the_served_critic(served, tmp_path, capsys)
     assert all(r["reward"] is None and r["scores"]["execution"] is None and r["errors"] for r in rows)
     assert "missing 3" in capsys.readouterr().out
     assert Image.open(io.BytesIO((tmp_path / "edited" / "000.png").read_bytes())).size == (48, 40)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hostile requests: long prompts, other image formats, invalid parameters, docs, signals
+
+
+def _encoded(fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    _img((10, 20, 30), (16, 16)).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def _as_png_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_a_long_prompt_gets_413_before_any_model_work_and_the_server_keeps_serving(served):
+    url = served + "/chat/completions"
+    huge = _chat_body(text="x " * 400_000)  # 800 KB of text (under the 1 MiB body limit): rejected unread
+    r = httpx.post(url, json=huge, headers=_auth(), timeout=60)
+    assert r.status_code == 413, r.text[:300]
+    assert "accepts at most 2048 (--max-prompt-tokens)" in r.json()["error"]["message"]
+    words = _chat_body(text=" ".join(f"word{i}" for i in range(3000)))  # short in characters, long in tokens
+    r = httpx.post(url, json=words, headers=_auth(), timeout=60)
+    assert r.status_code == 413 and "tokens; this server accepts at most 2048" in r.text
+    assert httpx.get(served.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+    assert httpx.post(url, json=_chat_body(text="short"), headers=_auth(), timeout=60).status_code == 200
+
+
+def test_only_png_jpeg_and_webp_are_decoded(served):
+    url = served + "/chat/completions"
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
+    for name, data in [
+        ("TIFF", _encoded("TIFF")),
+        ("ICO", _encoded("ICO")),
+        ("PCX", _encoded("PCX")),
+        ("TGA", _encoded("TGA")),
+        ("BMP", _encoded("BMP")),
+        ("GIF", _encoded("GIF")),
+        ("EPS", eps),
+    ]:
+        r = httpx.post(url, json=_chat_body(_as_png_url(data)), headers=_auth(), timeout=60)
+        assert r.status_code == 415, (name, r.text[:300])  # was 200 for TIFF/ICO/PCX/TGA sent as image/png
+        assert "not PNG, JPEG or WEBP" in r.text
+    declared = "data:image/tiff;base64," + base64.b64encode(_encoded("TIFF")).decode()
+    r = httpx.post(url, json=_chat_body(declared), headers=_auth(), timeout=60)
+    assert r.status_code == 422 and "'tiff' is not accepted" in r.text
+    for fmt in ("JPEG", "WEBP", "PNG"):
+        data_url = f"data:image/{fmt.lower()};base64," + base64.b64encode(_encoded(fmt)).decode()
+        r = httpx.post(url, json=_chat_body(data_url), headers=_auth(), timeout=60)
+        assert r.status_code == 200, (fmt, r.text[:300])
+
+
+def test_invalid_parameters_get_4xx_never_500(served):
+    url = served + "/chat/completions"
+    headers = {**_auth(), "Content-Type": "application/json"}
+    body = json.dumps(_chat_body())
+    raws = [
+        body[:-1] + ', "temperature": NaN}',
+        body[:-1] + ', "temperature": Infinity}',
+        body[:-1] + ', "temperature": -Infinity}',
+        body[:-1] + ', "temperature": "hot"}',
+        body[:-1] + ', "temperature": 3}',
+        body[:-1] + ', "max_tokens": 0}',
+        body[:-1] + ', "max_tokens": "many"}',
+        body[:-1] + ', "n": "x"}',
+        body[:-1] + ', "stream": "maybe"}',
+        json.dumps({"messages": [{"role": "user", "content": []}]}),
+        json.dumps({"messages": [{"role": "user"}]}),
+        json.dumps({"messages": "hi"}),
+        json.dumps([1, 2]),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]}),
+    ]
+    for raw in raws:
+        r = httpx.post(url, content=raw.encode(), headers=headers, timeout=60)
+        assert 400 <= r.status_code < 500, (raw[-60:], r.status_code, r.text[:300])
+    assert httpx.post(url, json=_chat_body(), headers=_auth(), timeout=60).status_code == 200
+
+
+def test_docs_and_openapi_are_off(served):
+    root = served.removesuffix("/v1")
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(root + path, timeout=10).status_code == 404
+        assert httpx.get(root + path, headers=_auth(), timeout=10).status_code == 404
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if not stat.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_stops_every_process_and_frees_the_port(tiny_vlm, tmp_path, sig):
+    import socket
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", str(tiny_vlm), "--port", str(port)]
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        # its own session, so that the test can clean up whatever is left; the signal goes to the main process only
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        started = _descendants(proc.pid)
+        assert started, "LitServe starts worker processes"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=90)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in started if _alive(p)], log_path.read_text()[-3000:]
+        with socket.socket() as s:  # the port is free again
+            s.bind(("127.0.0.1", port))
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)

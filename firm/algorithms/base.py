@@ -33,18 +33,19 @@ frozen base weights are left out and re-loaded from ``policy.pretrained`` (a fin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 
-import kernels
+from firm.algorithms.advantages import world_advantages
 from firm.algorithms.config import RLConfig
 from firm.algorithms.reporting import log_samples, rollout_metrics
-from firm.algorithms.rollout import Rollout, run_rollout
+from firm.algorithms.rollout import Rollout, collect_rewards, run_rollout
 from firm.algorithms.state import generator, load_rl_state, save_rl_state, set_rng_state
 from firm.critics.factory import build_critic
 from firm.module import FirmModule
@@ -65,6 +66,16 @@ def build_callbacks(specs: dict[str, Any]) -> list[L.Callback]:
         cls, cfg = build_component("callbacks", {**dict(spec), "name": name}, source=f"module.callbacks.{name}")
         out.append(cls(cfg))
     return out
+
+
+class Micro(NamedTuple):
+    """One micro-batch of the update loop."""
+
+    m: torch.Tensor  # (b,) sample indices, on the device
+    idx: torch.Tensor  # (b,) the trained step of each sample, on the device
+    keep: torch.Tensor  # (b,) bool, trained (not masked out), on the device
+    n_keep: int  # kept samples (from the host mask: no sync)
+    kl_weight: float  # weight of the KL term here (0: leave the reference forward out)
 
 
 class RLAlgorithm(FirmModule):
@@ -97,6 +108,7 @@ class RLAlgorithm(FirmModule):
         self._fresh = True  # no optimizer step since the last rollout: the policy *is* the sampling policy
         self._scorer: OverlappedScorer | None = None
         self._idle_rl_steps = 0
+        self._pending: tuple[dict[str, Any], Rollout] | None = None  # asynchronous mode: the rollout being scored
         self._callbacks = build_callbacks(c.callbacks)
 
     # ---------------------------------------------------------------------------------------------------- hooks
@@ -116,13 +128,14 @@ class RLAlgorithm(FirmModule):
         return None
 
     def micro_loss(
-        self, roll: Rollout, adv: dict[str, Any], ctx: Any, m: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """The loss of micro-batch ``m`` (sample indices) at step ``idx[i]`` of each sample.
+        self, roll: Rollout, adv: dict[str, Any], ctx: Any, mic: Micro
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """The loss of micro-batch ``mic.m`` (sample indices) at step ``mic.idx[i]`` of each sample.
 
-        Returns ``(loss_sum, stat_sums, n)``: the per-sample losses summed over the kept samples (``keep``, bool
-        (b,)), each logged statistic summed over them, and their number. The base scales ``loss_sum`` into this
-        micro-batch's share of the optimizer step's mean.
+        Returns ``(loss_sum, stat_sums, n)``: the per-sample losses summed over the kept samples (``mic.keep``),
+        each logged statistic summed over them (device scalars, read once per RL step), and their number
+        (``mic.n_keep``). The base scales ``loss_sum`` into this micro-batch's share of the optimizer step's mean.
+        The KL term's weight is ``mic.kl_weight`` (0: skip the reference forward).
         """
         raise NotImplementedError
 
@@ -202,39 +215,27 @@ class RLAlgorithm(FirmModule):
         return self.all_gather(x).reshape(-1, *x.shape[1:])  # (W, B, ...) -> (W * B, ...)
 
     def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
-        """Group-normalised advantages over the whole world and the training mask of this rank's samples."""
-        c = self.config
-        b = rewards.shape[0]
-        all_r = self.gather(rewards.to(self.device, torch.float32))
-        all_g = self.gather(groups.to(self.device, torch.int64))
-        adv, stats = kernels.group_advantages(
-            all_r, all_g, scale=c.adv_scale, eps=c.adv_eps, clip=c.adv_clip_max, return_stats=True
-        )
-        valid = ~torch.isnan(all_r)
-        keep = valid.clone()
-        per_std, per_count = stats.std[stats.index], stats.count[stats.index]
-        if c.drop_zero_std_groups:
-            keep &= ~((per_count >= 2) & (per_std < c.zero_std_eps))
-        if c.drop_zero_adv:
-            keep &= adv != 0  # Flow-GRPO trains only on samples with a nonzero advantage
-        lo = (self.global_rank if self._trainer is not None else 0) * b
-        g_zero = ((stats.count >= 2) & (stats.std < c.zero_std_eps)).float().sum()
-        return {
-            "adv": adv[lo : lo + b],
-            "keep": keep[lo : lo + b],
-            "global_keep": int(keep.sum()),
-            "all_rewards": all_r,
-            "all_adv": adv,
-            "all_valid": valid,
-            "zero_std_group_frac": float(g_zero) / max(stats.labels.numel(), 1),
-            "group_std_mean": float(torch.nan_to_num(stats.std, nan=0.0).mean()),
-        }
+        """Group-normalised advantages over the whole world and the training mask (:func:`world_advantages`)."""
+        return world_advantages(self, rewards, groups)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         t_step = time.perf_counter()
-        roll = self.rollout(batch)
+        if self.config.async_rollout:
+            # Sample (and hand to the critic) this step's batch with the current policy, then train on the previous
+            # step's rollout, whose scores arrived meanwhile: one step off-policy (docs/rl.md, "Asynchronous").
+            new = run_rollout(self, batch, collect=False)
+            prev, self._pending = self._pending, (batch, new)
+            if prev is None:  # the first step only samples
+                self.rl_step += 1
+                return
+            batch, roll = prev
+            collect_rewards(self, roll)
+            roll.rollout_s += new.rollout_s  # what this step spent sampling
+            self._fresh = False  # the behaviour policy is one optimizer step old: use the rollout's log-probs
+        else:
+            roll = self.rollout(batch)
+            self._fresh = True
         adv = self.advantages(roll.reward.rewards, batch["group"])
-        self._fresh = True
         t_upd = time.perf_counter()
         steps_before = self.global_step
         metrics = self.update(roll, adv) if adv["global_keep"] > 0 else {"train/skipped_no_valid": 1.0}
@@ -251,14 +252,13 @@ class RLAlgorithm(FirmModule):
         self.rl_step += 1
         metrics.update(self.after_update())
         metrics.update(rollout_metrics(self, roll, adv))
-        n = roll.images.shape[0] * self.world
         metrics.update(
             {
                 "perf/rollout_s": roll.rollout_s,
                 "perf/critic_wait_s": roll.critic_wait_s,
                 "perf/update_s": update_s,
                 "perf/step_s": time.perf_counter() - t_step,
-                "perf/images_per_s": n / roll.rollout_s if roll.rollout_s > 0 else math.nan,
+                "perf/images_per_s": roll.images.shape[0] * self.world / max(roll.rollout_s, 1e-9),
                 "rl_step": float(self.rl_step),
             }
         )
@@ -268,55 +268,75 @@ class RLAlgorithm(FirmModule):
             log_samples(self, batch, roll, adv)
 
     def update(self, roll: Rollout, adv: dict[str, Any]) -> dict[str, float]:
-        """The masked update loop: epochs -> optimizer steps -> trained steps -> micro-batches."""
+        """The masked update loop: epochs -> optimizer steps -> trained steps -> micro-batches.
+
+        No host sync per micro-batch: indices live on the device, the kept counts come from the host mask of the
+        step, metrics and the finite flag accumulate on the device, and the optimizer step reads the flag and the
+        gradient norm together (one sync per optimizer step); the metrics are read once at the end.
+        """
         c, dev = self.config, self.device
         b = roll.latents.shape[0]
-        keep = adv["keep"].to(dev)
+        keep, keep_host = adv["keep"].to(dev), adv["keep_host"]
         candidates = self.train_candidates(roll)
         sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros((), device=dev)
-        norms: list[float] = []
-        skipped_steps = 0
+        count, norms, skipped_steps = 0, [], 0
         for epoch in range(c.inner_epochs):
-            subsets = self.timestep_subsets(b, candidates, epoch)  # (B, n)
+            subsets = self.timestep_subsets(b, candidates, epoch)  # (B, n) on the host
+            sub_dev = subsets.to(dev)
             n_t = subsets.shape[1]
+            n_kl = max(1, math.ceil(c.kl_fraction * n_t)) if c.kl_beta > 0 else 0
             ctx = self.begin_epoch(roll, adv, epoch)
-            for mb in self.minibatches(b, epoch):
-                scale = self.world / max(self.global_count(keep[mb.to(dev)]) * n_t, 1.0)
-                skipped = False
-                for j in range(n_t):
-                    for micro in self.micro_batches(mb):
-                        m = micro.to(dev)
-                        loss_sum, stats, n = self.micro_loss(roll, adv, ctx, m, subsets[micro, j].to(dev), keep[m])
-                        loss = self.finite_or_skip(loss_sum * scale)  # this micro-batch's share of the mean
-                        if loss is None:
-                            skipped = True
-                            break
+            for k, mb in enumerate(self.minibatches(b, epoch)):
+                scale = self.world / max(self.world_kept(adv["world_keep_host"], b, epoch, k) * n_t, 1.0)
+                parts = [(j, micro) for j in range(n_t) for micro in self.micro_batches(mb)]
+                finite = torch.ones((), dtype=torch.bool, device=dev)
+                for i, (j, micro) in enumerate(parts):
+                    m = micro.to(dev)
+                    kl_w = c.kl_beta * n_t / n_kl if j < n_kl else 0.0  # the KL on a subset, unbiased
+                    mic = Micro(m, sub_dev[m, j], keep[m], int(keep_host[micro].sum()), kl_w)
+                    with self.gradient_sync(i == len(parts) - 1):  # DDP all-reduces on the last micro-batch only
+                        loss_sum, stats, n = self.micro_loss(roll, adv, ctx, mic)
+                        loss = loss_sum * scale  # this micro-batch's share of the optimizer step's mean
+                        finite &= torch.isfinite(loss.detach())
                         self.manual_backward(loss)
-                        for key, val in stats.items():
-                            sums[key] = sums.get(key, 0.0) + val.detach()
-                        count = count + n
-                    if skipped:
-                        break
-                norm = self.apply_optimizer_step(skipped)
+                    for key, val in stats.items():
+                        sums[key] = sums.get(key, 0.0) + val.detach()
+                    count += n
+                norm = self.apply_optimizer_step(finite)
                 if norm is None:
                     skipped_steps += 1
                 else:
                     norms.append(norm)
-        n_obs = float(count)
-        out = {k: float(v) / n_obs for k, v in sums.items()} if n_obs > 0 else {}
+        keys = sorted(sums)
+        values = torch.stack([sums[k].float().reshape(()) for k in keys]).tolist() if keys else []  # one read
+        out = {k: v / count for k, v in zip(keys, values)} if count > 0 else {}
         if norms:
-            out["train/grad_norm"] = sum(norms) / len(norms)
+            out["train/grad_norm"] = float(torch.stack(norms).mean())
         if skipped_steps:
             out["train/skipped_steps"] = float(skipped_steps)
         return out
 
+    def gradient_sync(self, sync: bool):
+        """A context that skips DDP's gradient all-reduce unless ``sync`` (gradient accumulation, as ``no_sync``)."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None
+        return contextlib.nullcontext() if sync or self.world == 1 or block is None else block()
+
+    def world_kept(self, world_keep: torch.Tensor, b: int, epoch: int, k: int) -> float:
+        """Kept samples of optimizer step ``k`` of ``epoch`` over every rank, from the host mask: each rank's
+        minibatch order is a function of (seed, RL step, epoch, rank), so no communication is needed."""
+        total = 0
+        for rank in range(self.world):
+            mb = self.minibatches(b, epoch, rank=rank)[k]
+            total += int(world_keep[rank * b + mb].sum())
+        return float(total)
+
     # --------------------------------------------------------------------------------------------------- update helpers
 
-    def minibatches(self, b: int, epoch: int) -> list[torch.Tensor]:
-        """This epoch's shuffled sample indices, split into optimizer-step minibatches."""
+    def minibatches(self, b: int, epoch: int, rank: int | None = None) -> list[torch.Tensor]:
+        """This epoch's shuffled sample indices (of ``rank``, default this one), split into optimizer steps."""
         c = self.config
-        order = torch.randperm(b, generator=generator("order", c.seed, self.rl_step, epoch, self.global_rank))
+        rank = self.global_rank if rank is None else rank
+        order = torch.randperm(b, generator=generator("order", c.seed, self.rl_step, epoch, rank))
         tb = c.train_batch_size or b
         return [order[i : i + tb] for i in range(0, b, tb)]
 
@@ -334,41 +354,28 @@ class RLAlgorithm(FirmModule):
         rows = [candidates[torch.randperm(candidates.numel(), generator=g)[:n]] for _ in range(b)]
         return torch.stack(rows)  # (B, n)
 
-    def global_count(self, mask: torch.Tensor) -> float:
-        """Number of ``True`` in ``mask`` over all ranks."""
-        n = mask.sum().to(self.device, torch.float32)
-        if self.world > 1:
-            n = self.trainer.strategy.reduce(n, reduce_op="sum")
-        return float(n)
-
-    def apply_optimizer_step(self, skipped: bool) -> float | None:
-        """Check, clip and step (or skip) the optimizer; the gradient norm, or None when the step was skipped."""
+    def apply_optimizer_step(self, finite: torch.Tensor) -> torch.Tensor | None:
+        """Check, clip and step (or skip) the optimizer, reading the losses' finite flag and the gradient norm in one
+        host sync; returns the norm (a device scalar), or None when the step was skipped on every rank."""
         opt = self.optimizers()
-        norm = None
-        if not skipped:
-            grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-            norms = [torch.linalg.vector_norm(g.float()) for g in grads]
-            total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
-            finite = torch.isfinite(total).float().to(self.device)
-            if self.world > 1:
-                finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-            if float(finite) < 1.0:
-                self.skipped_nonfinite += 1
-                warnings.warn(
-                    f"non-finite gradient at step {self.global_step}: optimizer step skipped",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                skipped = True
-            else:
-                norm = float(total)
-                if self.config.max_grad_norm is not None:
-                    self.clip_gradients(
-                        opt, gradient_clip_val=self.config.max_grad_norm, gradient_clip_algorithm="norm"
-                    )
-        if skipped:
+        grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+        ok = (finite & torch.isfinite(total)).float()
+        if self.world > 1:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
+        if float(ok) < 1.0:  # the one host sync of the optimizer step
+            self.skipped_nonfinite += 1
+            warnings.warn(
+                f"non-finite loss or gradient at step {self.global_step}: optimizer step skipped "
+                f"({self.skipped_nonfinite} skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             opt.zero_grad(set_to_none=True)
             return None
+        if self.config.max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.config.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
         self._fresh = False
@@ -380,7 +387,7 @@ class RLAlgorithm(FirmModule):
             with torch.no_grad():
                 for name, p in self.policy.named_adapter_parameters("default").items():
                     self.ema[name].lerp_(p.detach(), 1.0 - d)
-        return norm
+        return total.detach()
 
     # ---------------------------------------------------------------------------------------------------- checkpoints
 

@@ -63,6 +63,8 @@ class RLConfig:
     drop_zero_adv: bool = False  # leave out of the loss the samples whose advantage is exactly 0 (Flow-GRPO does)
     zero_std_eps: float = 1e-6  # what counts as zero std
     kl_beta: float = 1e-4  # weight of the KL to the reference policy (adapters disabled); 0 skips its forward
+    kl_fraction: float = 1.0  # share of each sample's trained steps that run the reference forward (KL reweighted)
+    async_rollout: bool = False  # sample and score step k + 1 while training on step k (one step off-policy)
     ema_decay: float | None = None  # keep an EMA of the LoRA weights with this decay (null: none); exportable
     ema_warmup: bool = True  # EMA decay min((1 + n) / (10 + n), ema_decay) at optimizer step n, as the peers' EMA
     log_images_every: int = 0  # write a grid of samples every N RL steps (0: never); TensorBoard + PNG
@@ -96,6 +98,8 @@ class RLConfig:
             raise ValueError(f"module.lr must be finite and > 0, got {self.lr}")
         if not (math.isfinite(self.kl_beta) and self.kl_beta >= 0):
             raise ValueError(f"module.kl_beta must be finite and >= 0, got {self.kl_beta}")
+        if not 0 < self.kl_fraction <= 1:
+            raise ValueError(f"module.kl_fraction must be in (0, 1], got {self.kl_fraction}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"module.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
         for key in ("rollout_chunk", "inner_epochs", "critic_queue", "critic_threads", "max_idle_rl_steps"):

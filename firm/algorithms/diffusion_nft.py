@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import kernels
-from firm.algorithms.base import RLAlgorithm
+from firm.algorithms.base import Micro, RLAlgorithm
 from firm.algorithms.config import RLConfig, SamplerConfig
 from firm.algorithms.rollout import Rollout
 from firm.algorithms.state import generator
@@ -83,16 +83,17 @@ class DiffusionNFT(RLAlgorithm):
         return {
             "r": (a.clamp(-c.adv_clip_max, c.adv_clip_max) / c.adv_clip_max / 2 + 0.5).clamp(0, 1),  # (B,)
             "x0": roll.latents[:, -1].to(self.device),  # (B, C, h, w) the rollouts' final samples
-            "noise": generator("renoise", c.seed, self.rl_step, epoch, self.global_rank),
+            "noise": generator("renoise", c.seed, self.rl_step, epoch, self.global_rank, device=self.device),
+            "sigmas": roll.sigmas.to(self.device),
         }
 
     def micro_loss(
-        self, roll: Rollout, adv: dict[str, Any], ctx: Any, m: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        c = self.config
+        self, roll: Rollout, adv: dict[str, Any], ctx: Any, mic: Micro
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        c, m = self.config, mic.m
         x0, r = ctx["x0"][m], ctx["r"][m]
-        t = roll.sigmas.to(self.device)[idx]  # (b,)
-        noise = torch.randn(x0.shape, generator=ctx["noise"]).to(self.device)
+        t = ctx["sigmas"][mic.idx]  # (b,)
+        noise = torch.randn(x0.shape, generator=ctx["noise"], device=self.device)  # drawn on the device
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * noise
         cond = roll.cond.index(m)
@@ -100,26 +101,18 @@ class DiffusionNFT(RLAlgorithm):
             with self.policy.adapter(OLD_ADAPTER):
                 v_old = self.policy.velocity(x_t, t, cond)
             v_ref = None
-            if c.kl_beta > 0:
+            if mic.kl_weight > 0:  # the reference forward only where its term is on
                 with self.policy.adapter(None):
                     v_ref = self.policy.velocity(x_t, t, cond)
         v = self.policy.velocity(x_t, t, cond)
-        n_valid = int(keep.sum())
+        n_valid = mic.n_keep
         if not n_valid:
-            return v.sum() * 0.0, {}, torch.zeros((), device=self.device)  # keeps every rank's backward count equal
-        sel = keep.nonzero().flatten()
-        loss, st = kernels.nft_loss(
-            v[sel],
-            v_old[sel],
-            None if v_ref is None else v_ref[sel],
-            x_t[sel],
-            x0[sel],
-            t[sel],
-            r[sel],
-            beta=c.beta,
-            adv_clip_max=c.adv_clip_max,
-            kl_beta=c.kl_beta,
-        )
+            return v.sum() * 0.0, {}, 0  # keeps every rank's backward count equal
+        args = [v, v_old, v_ref, x_t, x0, t, r]
+        if n_valid < m.numel():  # gather the kept samples (skipped when all are kept)
+            sel = mic.keep.nonzero().flatten()
+            args = [None if a is None else a[sel] for a in args]
+        loss, st = kernels.nft_loss(*args, beta=c.beta, adv_clip_max=c.adv_clip_max, kl_beta=mic.kl_weight)
         stats = {f"train/{k}": st[k].sum() for k in ("policy", "kl", "loss_pos", "loss_neg")}
-        stats["train/r_mean"] = r[sel].sum()
-        return loss * n_valid, stats, torch.tensor(float(n_valid), device=self.device)
+        stats["train/r_mean"] = args[6].sum()
+        return loss * n_valid, stats, n_valid

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 import kernels
-from firm.algorithms.base import RLAlgorithm
+from firm.algorithms.base import Micro, RLAlgorithm
 from firm.algorithms.config import RLConfig, SamplerConfig
 from firm.algorithms.rollout import Rollout
 from firm.policies.samplers import SAMPLERS, apply_step, kl_std, step_coefs, step_log_prob
@@ -98,18 +98,19 @@ class FlowGRPO(RLAlgorithm):
     Config = FlowGRPOConfig
     rollout_adapter = "default"
 
-    def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor) -> StepTerms:
-        """Recompute the transition ``latents[m, idx] -> latents[m, idx + 1]`` under the current policy."""
+    def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor, kl_weight: float = 1.0) -> StepTerms:
+        """Recompute the transition ``latents[m, idx] -> latents[m, idx + 1]`` under the current policy (and the
+        reference's step mean when ``kl_weight > 0``)."""
         c, s, dev = self.config, self.config.sampler, self.device
-        latents = roll.latents
-        x, x_next = latents[m.cpu(), idx.cpu()].to(dev), latents[m.cpu(), idx.cpu() + 1].to(dev)
+        latents = roll.latents.to(dev)  # already there: the rollout samples on the device
+        x, x_next = latents[m, idx], latents[m, idx + 1]
         sigmas = roll.sigmas.to(dev)
         sig, sig_next = sigmas[idx], sigmas[idx + 1]
         coefs = step_coefs(s.method, sig, sig_next, s.noise_level, roll.sigma_cap)
         cond = roll.cond.index(m)
         uncond = roll.uncond.index(m) if roll.uncond is not None else None
         v_ref = None
-        if c.kl_beta > 0:
+        if kl_weight > 0:
             with torch.no_grad(), self.policy.adapter(None):
                 v_ref = self.policy.velocity(x, sig, cond, guidance_scale=s.guidance_scale, uncond=uncond)
         v = self.policy.velocity(x, sig, cond, guidance_scale=s.guidance_scale, uncond=uncond)
@@ -128,13 +129,13 @@ class FlowGRPO(RLAlgorithm):
         return sur.loss, torch.exp(t.logp.detach() - t.old)
 
     def micro_loss(
-        self, roll: Rollout, adv: dict[str, Any], ctx: Any, m: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        self, roll: Rollout, adv: dict[str, Any], ctx: Any, mic: Micro
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         c = self.config
-        t = self.step_terms(roll, m, idx)
-        policy_loss, ratio = self.surrogate(t, adv["adv"].to(self.device)[m])
-        w = keep.float()
-        loss_sum = ((policy_loss + c.kl_beta * t.kl) * w).sum()
+        t = self.step_terms(roll, mic.m, mic.idx, mic.kl_weight)
+        policy_loss, ratio = self.surrogate(t, adv["adv"].to(self.device)[mic.m])
+        w = mic.keep.float()
+        loss_sum = ((policy_loss + mic.kl_weight * t.kl) * w).sum()
         lp = t.logp.detach()
         stats = {
             "train/policy_loss": (policy_loss.detach() * w).sum(),
@@ -144,4 +145,4 @@ class FlowGRPO(RLAlgorithm):
             "train/ratio_mean": (ratio * w).sum(),
             "train/logp_rollout_gap": ((lp - t.rollout_lp).abs() * w).sum(),
         }
-        return loss_sum, stats, w.sum()
+        return loss_sum, stats, mic.n_keep

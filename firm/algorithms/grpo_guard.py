@@ -93,8 +93,8 @@ class GRPOGuard(FlowGRPO):
             mean_old, logp_old = self._ctx_mean_old, t.rollout_lp
         return guard_loss(t.logp, logp_old, t.mean, mean_old, t.std, t.dt, a, eps, reweight=self.config.reweight)
 
-    def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor) -> StepTerms:
+    def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor, kl_weight: float = 1.0) -> StepTerms:
         if roll.means is None:
             raise RuntimeError("grpo_guard needs the rollout's step means (Rollout.means); none were recorded")
-        self._ctx_mean_old = roll.means[m.cpu(), idx.cpu()].to(self.device)  # (b, C, h, w) behaviour step means
-        return super().step_terms(roll, m, idx)
+        self._ctx_mean_old = roll.means.to(self.device)[m, idx]  # (b, C, h, w) behaviour step means
+        return super().step_terms(roll, m, idx, kl_weight)

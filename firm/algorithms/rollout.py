@@ -36,11 +36,12 @@ class Rollout:
     stochastic: torch.Tensor  # (T,) bool
     sigma_cap: float
     images: torch.Tensor  # (B, 3, H, W) in [0, 1], on the CPU
-    reward: RewardOutput
+    reward: RewardOutput | None  # None until collected (asynchronous rollouts: while the critic still scores)
     rollout_s: float
     critic_wait_s: float
     critic_failures: int
     means: torch.Tensor | None = None  # (B, T, C, h, w) behaviour step means, when the algorithm records them
+    group: int = 0  # the scorer group of this rollout's chunks (its RL step)
 
 
 def initial_noise(module: RLAlgorithm, groups: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,12 @@ def initial_noise(module: RLAlgorithm, groups: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_rollout(module: RLAlgorithm, batch: dict[str, Any]) -> Rollout:
-    """Sample, decode and score this rank's batch (see the module docstring)."""
+def run_rollout(module: RLAlgorithm, batch: dict[str, Any], *, collect: bool = True) -> Rollout:
+    """Sample, decode and score this rank's batch (see the module docstring).
+
+    With ``collect=False`` the chunks are left with the critic and ``reward`` is None: :func:`collect_rewards` waits
+    for them later (the asynchronous RL step samples rollout k + 1 while rollout k is scored and trained on).
+    """
     c, s = module.config, module.config.sampler
     policy = module.policy
     t0 = time.perf_counter()
@@ -73,7 +78,11 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any]) -> Rollout:
     window = module.sde_window(s.num_steps)
     record = SAMPLERS[s.method].stochastic  # policy-gradient training needs every latent of the trajectory
     scorer = module.scorer
+    n_chunks = -(-noise.shape[0] // c.rollout_chunk)
+    # asynchronous: the previous rollout's chunks may all still be queued; only this rollout's count against the queue
+    scorer.max_pending = c.critic_queue + (n_chunks if not collect else 0)
     wait0, fail0 = scorer.wait_s, scorer.failures
+    group = module.rl_step
     latents, log_probs, images, means = [], [], [], []
     traj = None
     b = noise.shape[0]
@@ -93,7 +102,7 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any]) -> Rollout:
                 method=s.method,
                 noise_level=s.noise_level,
                 stochastic=window,
-                generator=generator("sde", c.seed, module.rl_step, module.global_rank, k),
+                generator=generator("sde", c.seed, module.rl_step, module.global_rank, k, device=module.device),
                 record=record,
                 deterministic=s.deterministic_solver,
                 log_prob=s.log_prob,
@@ -108,14 +117,14 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any]) -> Rollout:
             sources[sl] if c.task == "edit" else None,
             batch.get("checklist", [None] * b)[sl],
         )
-        scorer.submit(reqs)
+        scorer.submit(reqs, group)
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
         images.append(imgs)
         if traj.means is not None:
             means.append(traj.means)
-    reward = scorer.collect()
-    return Rollout(
+    rollout_s = time.perf_counter() - t0
+    roll = Rollout(
         cond=cond,
         uncond=uncond,
         latents=torch.cat(latents),
@@ -124,9 +133,21 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any]) -> Rollout:
         stochastic=traj.stochastic,
         sigma_cap=traj.sigma_cap,
         images=torch.cat(images),
-        reward=reward,
-        rollout_s=time.perf_counter() - t0,
+        reward=None,
+        rollout_s=rollout_s,
         critic_wait_s=scorer.wait_s - wait0,
-        critic_failures=scorer.failures - fail0,
+        critic_failures=0,
         means=torch.cat(means) if means else None,
+        group=group,
     )
+    return collect_rewards(module, roll, fail0) if collect else roll
+
+
+def collect_rewards(module: RLAlgorithm, roll: Rollout, failures_before: int | None = None) -> Rollout:
+    """Wait for the critic's scores of ``roll`` (counted as critic wait) and store them in it."""
+    scorer = module.scorer
+    wait0, fail0 = scorer.wait_s, scorer.failures if failures_before is None else failures_before
+    roll.reward = scorer.collect(roll.group)
+    roll.critic_wait_s += scorer.wait_s - wait0
+    roll.critic_failures = scorer.failures - fail0
+    return roll

@@ -24,9 +24,14 @@ def seed_of(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def generator(*parts: Any) -> torch.Generator:
-    """A CPU generator seeded by :func:`seed_of` ``(*parts)``."""
-    return torch.Generator().manual_seed(seed_of(*parts))
+def generator(*parts: Any, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator seeded by :func:`seed_of` ``(*parts)``, on ``device`` (default CPU).
+
+    Noise drawn on the device needs no host copy; on the CPU the draws are those of a CPU generator, so CPU runs are
+    unchanged. A CUDA generator gives other numbers than a CPU one with the same seed, but the same ones every run.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.Generator(device=dev).manual_seed(seed_of(*parts))
 
 
 def rng_state() -> dict[str, Any]:

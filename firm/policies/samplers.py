@@ -316,7 +316,7 @@ def sample(
         method: a name of :data:`SAMPLERS`: ``sde`` (Flow-GRPO), ``cps``, ``ode`` (Euler) or ``dpm2``.
         noise_level: noise scale of the stochastic steps (0 gives the deterministic solver everywhere).
         stochastic: (T,) bool, the SDE window; default every step for a stochastic method, none otherwise.
-        generator: draws the step noise (on the CPU, so results do not depend on the device).
+        generator: draws the step noise, on its own device (a CPU generator gives the same noise on every device).
         record: keep every latent (Flow-GRPO training needs them); else only the first and last.
         deterministic: the solver of the steps outside the window, ``ode`` (Euler) or ``dpm2`` (MixGRPO-Flash's
             higher-order ODE); a deterministic ``method`` is its own solver. DPM-Solver++(2M) restarts at first order
@@ -358,7 +358,8 @@ def sample(
         v = velocity_fn(x, sig)
         if bool(stochastic[i]):
             coefs = step_coefs(method, sig, _as_batch(s_next, x), noise_level, sigma_cap)
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            dev = generator.device if generator is not None else x.device  # a device generator: no host copy
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=dev).to(x.device, x.dtype)
             x_next = apply_step(x, v, coefs, eps)
             log_probs[:, i], _ = step_log_prob(form, x, v, x_next, coefs)
             if means is not None:

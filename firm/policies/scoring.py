@@ -9,6 +9,9 @@ critic is fully hidden behind sampling.
 A chunk whose critic call raises is either an error (``on_failure="raise"``, the default: a dead endpoint should stop
 the run with a clear message) or, with ``on_failure="missing"``, a chunk of missing scores (NaN rewards, counted and
 logged), so that a flaky endpoint costs samples rather than the run.
+
+Chunks can be tagged with a *group* (one rollout): :meth:`OverlappedScorer.collect` with a group waits only for that
+rollout's chunks, so an asynchronous RL step can collect rollout k while rollout k + 1's chunks are still scored.
 """
 
 from __future__ import annotations
@@ -86,22 +89,31 @@ class OverlappedScorer:
         self.max_pending = max_pending
         self.on_failure = on_failure
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="firm-critic")
-        self._pending: deque[tuple[int, int, Future]] = deque()
-        self._done: list[tuple[int, RewardOutput]] = []
+        self._pending: deque[tuple[int, int, Future, Any]] = deque()
+        self._done: list[tuple[int, RewardOutput, Any]] = []
         self.wait_s = 0.0
+        self.busy_s = 0.0  # time the critic spent inside reward_fn calls (summed over threads)
         self.failures = 0
         self._chunk = 0
 
-    def submit(self, requests: list[Any]) -> None:
-        """Queue a chunk for scoring; blocks (counted as wait time) while ``max_pending`` chunks are pending."""
+    def _timed(self, requests: list[Any]) -> RewardOutput:
+        t0 = time.perf_counter()
+        try:
+            return self.reward_fn(requests)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    def submit(self, requests: list[Any], group: Any = None) -> None:
+        """Queue a chunk (of rollout ``group``) for scoring; blocks (counted as wait time) while ``max_pending``
+        chunks are pending."""
         while len(self._pending) >= self.max_pending:
             self._finish_oldest()
-        fut = self._pool.submit(self.reward_fn, requests)
-        self._pending.append((self._chunk, len(requests), fut))
+        fut = self._pool.submit(self._timed, requests)
+        self._pending.append((self._chunk, len(requests), fut, group))
         self._chunk += 1
 
     def _finish_oldest(self) -> None:
-        idx, n, fut = self._pending.popleft()
+        idx, n, fut, group = self._pending.popleft()
         t0 = time.perf_counter()
         try:
             out = fut.result()
@@ -120,17 +132,24 @@ class OverlappedScorer:
             self.wait_s += time.perf_counter() - t0
             if len(out.rewards) != n:
                 raise RuntimeError(f"the reward function returned {len(out.rewards)} rewards for {n} requests")
-        self._done.append((idx, out))
+        self._done.append((idx, out, group))
 
-    def collect(self) -> RewardOutput:
-        """Wait for every pending chunk; the chunks' outputs concatenated in submission order."""
-        while self._pending:
-            self._finish_oldest()
-        if not self._done:
+    def collect(self, group: Any = None) -> RewardOutput:
+        """Wait for the chunks of ``group`` (None: every pending chunk); their outputs concatenated in submission
+        order. Chunks of other groups submitted earlier are finished first (first in, first out)."""
+        if group is None:
+            while self._pending:
+                self._finish_oldest()
+        else:
+            while any(p[3] == group for p in self._pending):
+                self._finish_oldest()
+        mine = [d for d in self._done if group is None or d[2] == group]
+        if not mine:
             raise RuntimeError("OverlappedScorer.collect: nothing was submitted")
-        outs = [o for _, o in sorted(self._done, key=lambda t: t[0])]
-        self._done, self._chunk = [], 0
-        return concat_outputs(outs)
+        self._done = [d for d in self._done if not (group is None or d[2] == group)]
+        if not self._pending and not self._done:
+            self._chunk = 0
+        return concat_outputs([o for _, o, _ in sorted(mine, key=lambda t: t[0])])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -16,6 +16,10 @@ Pipeline of :class:`ShardDataset` (one per rank; its copy in each DataLoader wor
   and counts it (:attr:`ShardDataset.stats`, shared across workers); a shard that ends early (truncated tar, also when
   cut exactly between two members) loses the sample it was cut in and the rest of that shard, and keeps every sample
   completed before the cut. ``on_corrupt: fail`` raises :class:`CorruptShardError` naming the shard and the sample.
+  Whatever goes wrong while decoding one sample (bad JSON, JSON nested too deeply, an image that does not decode or
+  has more than ``max_image_pixels`` pixels, a schema mismatch) is that sample's error under either policy.
+- **Duplicate keys.** A key that appears again later in the same shard is a duplicate: the first sample is kept, the
+  later one is dropped with a warning and counted (``stats["duplicates"]``). Keys are compared within a shard only.
 - **Exact resume.** The dataset is ``Stateful`` for torchdata's ``StatefulDataLoader``: each worker's state is
   ``(epoch, records yielded, items yielded of the next record)``; the order of an epoch is a pure function of
   (seed, epoch, rank, worker), so a resumed worker regenerates it and skips what it had already yielded.
@@ -38,7 +42,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from datamodules.schema import Schema, SchemaError, decode_record, get_schema, member_suffixes
+from datamodules.schema import MAX_IMAGE_PIXELS, Schema, SchemaError, decode_record, get_schema, member_suffixes
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,21 @@ class ReaderConfig:
     seed: int = 0  # seed of shard and sample shuffling; epoch, rank and worker are mixed in
     on_corrupt: str = "skip"  # skip (warn + count) | fail (raise naming the shard)
     split: str = "auto"  # auto | shard | sample: how readers (rank x worker) divide the data, see reader.py
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS  # larger images (width x height) are a corrupt sample; null: none
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks (also run by the config loader, which names the file and the key)."""
         if self.on_corrupt not in CORRUPT_POLICIES:
-            raise ValueError(f"on_corrupt must be one of {CORRUPT_POLICIES}, got {self.on_corrupt!r}")
+            raise ValueError(f"on_corrupt: must be one of {CORRUPT_POLICIES}, got {self.on_corrupt!r}")
         if self.split not in SPLIT_MODES:
-            raise ValueError(f"split must be one of {SPLIT_MODES}, got {self.split!r}")
+            raise ValueError(f"split: must be one of {SPLIT_MODES}, got {self.split!r}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels: must be >= 1 or null (no cap), got {self.max_image_pixels}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -134,7 +147,7 @@ def worker_info(worker: int | None = None, num_workers: int | None = None) -> tu
 class ReadStats:
     """Counts of samples read and corrupt samples skipped, shared with DataLoader worker processes."""
 
-    FIELDS = ("samples", "skipped", "truncated_shards")
+    FIELDS = ("samples", "skipped", "truncated_shards", "duplicates")
 
     def __init__(self) -> None:
         self._values = {f: mp.Value("q", 0) for f in self.FIELDS}
@@ -197,6 +210,19 @@ def iter_shard_records(
         return False  # stop reading this shard: a tar stream cannot resynchronise after a bad member
 
     current: dict[str, Any] | None = None
+    seen: set[str] = set()  # keys yielded from this shard
+
+    def first(record: dict[str, Any]) -> bool:
+        """Whether ``record`` is the first of its key in this shard (a later one is warned about and counted)."""
+        key = record["__key__"]
+        if key in seen:
+            log.warning("shard %s: sample key %r appears again; keeping the first, dropping this one", url, key)
+            if stats is not None:
+                stats.add("duplicates")
+            return False
+        seen.add(key)
+        return True
+
     try:
         stream = _EndWatch(wds.gopen(url, "rb"))
     except Exception as e:  # noqa: BLE001 - any opener error means the shard is unreadable
@@ -210,7 +236,8 @@ def iter_shard_records(
                 continue
             suffix = suffix.lower()
             if current is not None and current["__key__"] != key:
-                yield current
+                if first(current):
+                    yield current
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
@@ -241,7 +268,8 @@ def iter_shard_records(
             # The damage starts after this record's members (e.g. inside the next sample's first member), so the
             # record holds every member the shard has for its key. If the damage hit a header between two of its
             # members instead (the broken key is then unknown), schema validation rejects it as incomplete.
-            yield current
+            if first(current):
+                yield current
         _corrupt(
             url,
             f"shard ends early or is damaged ({type(errors[0]).__name__}: {errors[0]}); lost {lost} in this shard",
@@ -251,7 +279,7 @@ def iter_shard_records(
             lost_sample=broken is not None,
         )
         return
-    if current is not None:
+    if current is not None and first(current):
         yield current
 
 
@@ -304,6 +332,7 @@ def iter_samples(
     on_corrupt: str = "skip",
     stats: ReadStats | None = None,
     decode_images: bool = True,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> Iterator[dict]:
     """Every sample of ``shards`` in file order, decoded and validated (single process, no shuffling).
 
@@ -312,7 +341,7 @@ def iter_samples(
     suffixes = member_suffixes(schema)
     for url in expand_shards(shards):
         for record in iter_shard_records(url, suffixes=suffixes, on_corrupt=on_corrupt, stats=stats):
-            sample = _decode(record, schema, on_corrupt, stats, decode_images)
+            sample = _decode(record, schema, on_corrupt, stats, decode_images, max_image_pixels)
             if sample is not None:
                 if stats is not None:
                     stats.add("samples")
@@ -320,12 +349,21 @@ def iter_samples(
 
 
 def _decode(
-    record: dict, schema: str | Schema | None, on_corrupt: str, stats: ReadStats | None, decode_images: bool = True
+    record: dict,
+    schema: str | Schema | None,
+    on_corrupt: str,
+    stats: ReadStats | None,
+    decode_images: bool = True,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> dict | None:
     try:
-        sample = decode_record(record, schema, decode_images=decode_images)
+        sample = decode_record(record, schema, decode_images=decode_images, max_image_pixels=max_image_pixels)
     except SchemaError as e:
         _corrupt(record["__url__"], str(e), on_corrupt, stats)
+        return None
+    except Exception as e:  # noqa: BLE001 - anything else that goes wrong with one sample is that sample's error
+        problem = f"sample {record.get('__key__')!r}: {type(e).__name__}: {str(e)[:300]}"
+        _corrupt(record["__url__"], problem, on_corrupt, stats)
         return None
     sample["__url__"] = record["__url__"]
     return sample
@@ -459,7 +497,7 @@ class ShardDataset(IterableDataset):
             n += 1
             if n <= skip:  # resumed: these were yielded before the interruption (not decoded again)
                 continue
-            sample = _decode(rec, self.schema, policy, stats)
+            sample = _decode(rec, self.schema, policy, stats, max_image_pixels=self.config.max_image_pixels)
             if sample is None:
                 continue
             if n > skip + 1 or not skip_items:

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,13 @@ QUALITY_ASPECTS = ("aesthetics", "technical", "structure")
 # Image file types the reader decodes; nothing else is ever decoded (in particular no pickle).
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 IMAGE_MODES = ("RGB", "RGBA", "L")
+# Pillow plugins allowed to read image bytes (MPO: a JPEG with extra frames, as some cameras write).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "MPO")
+# Default pixel cap of one decoded image (width x height), checked from the header before any pixel is decoded: a
+# small PNG can claim 12000 x 12000 pixels (550 MB decoded). Shards hold 512-1024 px images; None lifts the cap.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# Deepest nesting of lists / mappings accepted in a sample's JSON data (provenance, meta, reports).
+MAX_JSON_NESTING = 64
 RL_TASKS = ("edit", "generation")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-:+=@][A-Za-z0-9_\-:+=@/]*$")
@@ -102,26 +110,29 @@ def _check_score(v: Any) -> str | None:
 
 
 def _check_json_value(v: Any, where: str = "") -> str | None:
-    """Plain JSON data only (dict with str keys, list, str, int, finite float, bool, None)."""
-    if v is None or isinstance(v, (str, bool, int)):
-        return None
-    if isinstance(v, float):
-        return None if math.isfinite(v) else f"non-finite number {v!r}{where}"
-    if isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            err = _check_json_value(x, f"{where}[{i}]")
-            if err:
-                return err
-        return None
-    if isinstance(v, dict):
-        for k, x in v.items():
-            if not isinstance(k, str):
-                return f"non-string key {k!r}{where}"
-            err = _check_json_value(x, f"{where}.{k}")
-            if err:
-                return err
-        return None
-    return f"{type(v).__name__} is not JSON data{where}"
+    """Plain JSON data only (dict with str keys, list, str, int, finite float, bool, None), nested at most
+    MAX_JSON_NESTING levels (checked without recursion, so hostile nesting is an error, not a RecursionError)."""
+    stack: list[tuple[Any, str, int]] = [(v, where, 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        if v is None or isinstance(v, (str, bool, int)):
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return f"non-finite number {v!r}{where}"
+            continue
+        if not isinstance(v, (list, tuple, dict)):
+            return f"{type(v).__name__} is not JSON data{where}"
+        if depth >= MAX_JSON_NESTING:
+            return f"nested deeper than {MAX_JSON_NESTING} levels{where[:200]}"
+        if isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                if not isinstance(k, str):
+                    return f"non-string key {k!r}{where}"
+                stack.append((x, f"{where}.{k}", depth + 1))
+        else:
+            stack.extend((x, f"{where}[{i}]", depth + 1) for i, x in reversed(list(enumerate(v))))
+    return None
 
 
 def _check_mapping(v: Any) -> str | None:
@@ -501,13 +512,30 @@ def encode_sample(
     return record
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """A fully loaded PIL image from encoded bytes (PNG, JPEG or WebP); raises on corrupt data."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format not in ("PNG", "JPEG", "WEBP", "MPO"):
-            raise ValueError(f"image format {im.format} is not accepted")
-        im.load()
-        return im.copy() if im.format == "MPO" else im
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the cap (checked from its header, before decoding)."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A fully loaded PIL image from encoded bytes (PNG, JPEG or WebP); raises on corrupt data.
+
+    Only the PNG, JPEG and WebP plugins of Pillow see the bytes. An image of more than ``max_pixels`` pixels
+    (width x height, read from the header) raises :class:`ImageTooLargeError` before any pixel is decoded; None
+    leaves only Pillow's own decompression-bomb limit.
+    """
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # our cap decides; Pillow's warning would only repeat it, later
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise ValueError(f"image format {im.format} is not accepted")
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {im.width}x{im.height} = {im.width * im.height} pixels, more than the cap of "
+                    f"{max_pixels} (max_image_pixels)"
+                )
+            im.load()
+            return im.copy() if im.format == "MPO" else im
 
 
 def member_schema(members: dict[str, bytes]) -> str | None:
@@ -520,19 +548,27 @@ def member_schema(members: dict[str, bytes]) -> str | None:
         return None
 
 
-def decode_record(record: dict[str, Any], schema: str | Schema | None = None, *, decode_images: bool = True) -> dict:
+def decode_record(
+    record: dict[str, Any],
+    schema: str | Schema | None = None,
+    *,
+    decode_images: bool = True,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> dict:
     """A validated sample dict from a raw WebDataset record (member extension -> bytes).
 
     Only the ``json`` member and the schema's image members are decoded; every other member is ignored, unread.
-    Text and JSON are parsed with ``json``; images with PIL. Nothing is ever unpickled.
+    Text and JSON are parsed with ``json``; images with PIL (PNG, JPEG, WebP only). Nothing is ever unpickled.
 
     Args:
         record: ``{"__key__": key, "json": bytes, "<field>.<ext>": bytes, ...}``.
         schema: the expected schema; None takes it from the record's json.
         decode_images: False keeps images as their encoded bytes (skips validation of image fields).
+        max_image_pixels: images with more pixels are an error of this sample (see :func:`decode_image`).
 
     Raises:
-        SchemaError: the record is incomplete, unreadable or does not match the schema.
+        SchemaError: the record is incomplete, unreadable or does not match the schema (also for JSON nested too
+            deeply to parse, and numbers too long to convert).
     """
     key = record.get("__key__")
     if "json" not in record:
@@ -541,8 +577,12 @@ def decode_record(record: dict[str, Any], schema: str | Schema | None = None, *,
         meta = json.loads(record["json"])
     except (ValueError, UnicodeDecodeError) as e:
         raise SchemaError(key, "json", f"unreadable json member: {e}") from None
+    except RecursionError:
+        raise SchemaError(key, "json", "the json member is nested too deeply to read") from None
     if not isinstance(meta, dict):
         raise SchemaError(key, "json", "the json member must hold a mapping")
+    if "key" in meta:
+        raise SchemaError(key, "json", "the json member sets 'key'; a sample's key is its tar member name")
     name = meta.pop("schema", None)
     if schema is None:
         if name is None:
@@ -566,7 +606,7 @@ def decode_record(record: dict[str, Any], schema: str | Schema | None = None, *,
             sample[f.name] = data
             continue
         try:
-            sample[f.name] = decode_image(data)
+            sample[f.name] = decode_image(data, max_image_pixels)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
             raise SchemaError(key, f.name, f"cannot decode {f.name}.{ext}: {type(e).__name__}: {e}") from None
     out = validate(sample, schema, check_images=decode_images)

@@ -249,13 +249,32 @@ class PromptDataModule(L.LightningDataModule):
         shuffle: bool = True  # random prompt order per epoch, and group members spread over ranks
         seed: int = 0  # seed of the prompt order (independent of the experiment seed)
         num_workers: int = 0  # dataloader worker processes (they open source images)
+        allow_group_of_one: bool = False  # G = 1 makes every group advantage zero: only for an algorithm without groups
+
+        def validate(self) -> None:
+            """Range checks (run by the config loader, which names the file and the key)."""
+            if self.task not in TASKS:
+                raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
+            if self.group_size < 1:
+                raise ValueError(f"group_size: must be >= 1, got {self.group_size}")
+            if self.group_size == 1 and not self.allow_group_of_one:
+                raise ValueError(
+                    "group_size: 1 gives every sample a zero group advantage, so RL learns nothing; use >= 2 "
+                    "(the reference setups use 12-16), or set allow_group_of_one: true for an algorithm without groups"
+                )
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+            if self.num_workers < 0:
+                raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        if config.task not in TASKS:
-            raise ValueError(f"data.task must be one of {TASKS}, got {config.task!r}")
-        if config.prompts is None and config.path is None:
+        try:
+            config.validate()  # the config loader runs it too; a Config built in code is checked here
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from None
+        if config.prompts is None and config.path is None:  # (a subclass may fill `path` before this runs)
             raise ValueError("data: give `prompts` (an inline list) or `path` (a JSONL file of prompt records)")
         self.dataset: PromptDataset | None = None
 

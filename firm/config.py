@@ -11,6 +11,16 @@ declared with :func:`component_field`; the component is picked by its ``name:`` 
 
 Unknown keys, wrong types and missing required values are errors (:class:`ConfigError`) that name the key and the
 file (or the command-line override) that set it.
+
+Range checks: any config dataclass may define ``validate(self) -> None`` that raises ``ValueError`` for a value out
+of range. Write the message as ``"<field>: <problem and what to do>"`` (e.g. ``"rank: must be >= 1, got -1"``):
+when ``<field>`` is one of the dataclass's fields, the :class:`ConfigError` names the full key
+(``module.policy.lora.rank``) and the file or override that set it; otherwise it names the section. The loader
+(:func:`load_experiment`, :func:`build_component`) calls every ``validate()`` of the resolved config, nested ones
+first, after the types are checked; so ``firm run --dry-run`` catches them, before any run directory or model
+exists. A ``ValueError`` raised by a dataclass's ``__post_init__`` is reported the same way. ``validate()`` sees
+its own section only (not the rest of the experiment); checks across sections belong to the component that joins
+them.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +54,7 @@ __all__ = [
     "parse_overrides",
     "save_config",
     "to_object",
+    "validate_config",
 ]
 
 
@@ -86,6 +98,20 @@ class TrainerConfig:
     enable_progress_bar: bool | None = None  # None: on when stderr is an interactive terminal
     deterministic: bool | None = None  # torch deterministic algorithms (slower)
 
+    def validate(self) -> None:
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ValueError(f"max_steps: must be >= 1, or -1 (bounded by max_epochs), got {self.max_steps}")
+        if self.max_epochs is not None and self.max_epochs < -1:
+            raise ValueError(f"max_epochs: must be >= 0, -1 (no limit) or null, got {self.max_epochs}")
+        for name in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < -1:
+            raise ValueError(f"keep_checkpoints: must be >= 0, or -1 (keep all), got {self.keep_checkpoints}")
+        clip = self.gradient_clip_val
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"gradient_clip_val: must be a finite number > 0 or null, got {clip}")
+
 
 @dataclass
 class ExperimentConfig:
@@ -99,6 +125,11 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     module: Any = component_field("modules")  # the LightningModule: {name: ..., **its Config}
     data: Any = component_field("datamodules")  # the LightningDataModule: {name: ..., **its Config}
+
+    def validate(self) -> None:
+        # the name is a folder of the run directory: one plain path component
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"name: must be a plain folder name (no '/', '..' or NUL), got {self.name!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,6 +387,7 @@ def load_experiment(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_format_omegaconf_error(e, top)) from None
+    validate_config(_checked_object(cfg, layers, top), layers=layers, source=top)
     return cfg
 
 
@@ -409,7 +441,9 @@ def build_component(registry: str, config: Any, *, source: str | None = None) ->
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{where}: missing required value(s) {', '.join(repr(m) for m in missing)}")
-    return comp, OmegaConf.to_object(cfg)
+    obj = _checked_object(cfg, [(where, node)], where)
+    validate_config(obj, source=where)
+    return comp, obj
 
 
 def to_object(cfg: DictConfig) -> Any:
@@ -426,3 +460,80 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Range checks: the validate() hook
+
+
+def _problem(cls_or_obj: Any, prefix: str, e: ValueError) -> tuple[str, str]:
+    """(dotted key, problem) of a ValueError raised for the dataclass at ``prefix`` (``"a.b."``)."""
+    message = str(e)
+    name, sep, rest = message.partition(":")
+    names = {f.name for f in dataclasses.fields(cls_or_obj)} if dataclasses.is_dataclass(cls_or_obj) else set()
+    if sep and name.strip() in names:
+        return prefix + name.strip(), rest.strip()
+    return prefix.rstrip(".") or "<top level>", message
+
+
+def _raise_invalid(key: str, problem: str, layers: list[tuple[str, DictConfig]] | None, source: str) -> None:
+    src = _source_of(layers, key, source) if layers else source
+    raise ConfigError(f"{src}: invalid value for '{key}': {problem}")
+
+
+def validate_config(
+    obj: Any, prefix: str = "", *, layers: list[tuple[str, DictConfig]] | None = None, source: str = "config"
+) -> None:
+    """Call ``validate()`` on every config dataclass in ``obj`` (nested ones first; inside lists and dicts too).
+
+    Raises:
+        ConfigError: ``"<file>: invalid value for '<key>': <problem>"``, the file being the layer that set the key
+            (when ``layers`` are given) or ``source``.
+    """
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            validate_config(v, f"{prefix}{i}.", layers=layers, source=source)
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            validate_config(v, f"{prefix}{k}.", layers=layers, source=source)
+        return
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return
+    for f in dataclasses.fields(obj):
+        validate_config(getattr(obj, f.name), f"{prefix}{f.name}.", layers=layers, source=source)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as e:
+            _raise_invalid(*_problem(obj, prefix, e), layers, source)
+
+
+def _checked_object(cfg: DictConfig, layers: list[tuple[str, DictConfig]] | None, source: str) -> Any:
+    """``OmegaConf.to_object(cfg)``, with a ValueError raised by some dataclass's ``__post_init__`` turned into a
+    :class:`ConfigError` naming the innermost section that raises it."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError as e:
+        err = e
+    # find the innermost structured section that fails on its own, to name its key
+    found: tuple[str, ValueError, type] | None = None
+
+    def visit(node: Any, prefix: str) -> None:
+        nonlocal found
+        if found is not None or not isinstance(node, DictConfig):
+            return
+        for k in node:
+            visit(node._get_node(k), f"{prefix}{k}.")
+        if found is None and prefix and OmegaConf.get_type(node) not in (dict, None):
+            try:
+                OmegaConf.to_object(node)
+            except ValueError as sub:
+                found = (prefix, sub, OmegaConf.get_type(node))
+
+    visit(cfg, "")
+    if found is not None:
+        prefix, sub, cls = found
+        _raise_invalid(*_problem(cls, prefix, sub), layers, source)
+    _raise_invalid("<top level>", str(err), None, source)

@@ -182,3 +182,96 @@ def test_switching_a_component_name_drops_the_previous_components_settings(tmp_p
     switch = write(tmp_path / "switch.yaml", "base: typo.yaml\nmodule: {name: toy_regression}\n")
     with pytest.raises(ConfigError, match="hiden"):
         load_experiment(switch)  # a key of neither component is still an error
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Range checks: the validate() hook
+
+RL_TINY = TOY.parent.parent / "rl" / "tiny_sd3_nft.yaml"
+
+
+@pytest.mark.parametrize(
+    "override,key,needle",
+    [
+        ("module.policy.lora.rank=-1", "module.policy.lora.rank", "must be >= 1, got -1"),
+        ("module.policy.lora.alpha=.nan", "module.policy.lora.alpha", "finite number > 0"),
+        ("module.policy.resolution=0", "module.policy.resolution", "must be >= 1"),
+        ("data.group_size=-2", "data.group_size", "must be >= 1, got -2"),
+        ("data.group_size=1", "data.group_size", "zero group advantage"),
+        ("data.batch_size=0", "data.batch_size", "must be >= 1"),
+        ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps", "must be >= 1"),
+        ("trainer.gradient_clip_val=.inf", "trainer.gradient_clip_val", "finite number > 0"),
+        ("name=../elsewhere", "name", "plain folder name"),
+    ],
+)
+def test_range_checks_run_at_load_time_naming_the_key_and_the_override(override, key, needle):
+    with pytest.raises(ConfigError) as e:
+        load_experiment(RL_TINY, [override])
+    msg = str(e.value)
+    assert msg.startswith(f"command-line override {override!r}: invalid value for '{key}'") and needle in msg
+
+
+def test_group_of_one_is_allowed_only_on_purpose():
+    overrides = ["data.group_size=1", "data.batch_size=1", "data.allow_group_of_one=true"]
+    cfg = to_object(load_experiment(RL_TINY, overrides))
+    assert cfg.data.group_size == 1
+
+
+def test_a_range_error_set_in_a_yaml_names_that_file(tmp_path):
+    exp = write(tmp_path / "bad.yaml", f"base: {TOY}\ntrainer:\n  accumulate_grad_batches: 0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid value for 'trainer\.accumulate_grad_batches': must be"):
+        load_experiment(exp)
+
+
+def test_dry_run_catches_range_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(RL_TINY), "--dry-run", "module.policy.lora.rank=-1"])
+    assert e.value.code == 2
+    assert "'module.policy.lora.rank': must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_post_init_errors_name_their_section():
+    critic = TOY.parent.parent / "critic" / "tiny_shapes_cpu.yaml"
+    with pytest.raises(ConfigError, match=r"invalid value for 'data\.reader\.on_corrupt': must be one of"):
+        load_experiment(critic, ["data.reader.on_corrupt=ignore"])
+    with pytest.raises(ConfigError, match=r"invalid value for 'data\.reader\.max_image_pixels'"):
+        load_experiment(critic, ["data.reader.max_image_pixels=0"])
+
+
+def test_validate_hook_contract():
+    """Any config dataclass may define validate(); "field: problem" names the field, anything else the section."""
+    from firm.config import validate_config
+
+    @dataclasses.dataclass
+    class Inner:
+        lr: float = 1e-4
+
+        def validate(self):
+            if not self.lr > 0:
+                raise ValueError(f"lr: must be a finite number > 0, got {self.lr}")
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        items: list = dataclasses.field(default_factory=list)
+
+        def validate(self):
+            if len(self.items) > 2:
+                raise ValueError("too many items")
+
+    validate_config(Outer(), source="x.yaml")  # valid: no error
+    with pytest.raises(ConfigError, match=r"^x\.yaml: invalid value for 'module\.inner\.lr': must be a finite"):
+        validate_config(Outer(Inner(float("nan"))), "module.", source="x.yaml")
+    with pytest.raises(ConfigError, match=r"invalid value for 'module': too many items"):
+        validate_config(Outer(items=[1, 2, 3]), "module.", source="x.yaml")
+    with pytest.raises(ConfigError, match=r"'module\.items\.0\.lr'"):  # inside lists too
+        validate_config(Outer(items=[Inner(-1.0)]), "module.", source="x.yaml")
+
+
+def test_every_shipped_default_config_passes_its_range_checks():
+    from firm.config import validate_config
+    from firm.policies.policy import LoRAConfig, PolicyConfig
+
+    validate_config(ExperimentConfig(name="x"))
+    validate_config(PolicyConfig())
+    validate_config(LoRAConfig())

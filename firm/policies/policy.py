@@ -79,6 +79,16 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))  # module name suffixes
     init: str = "default"  # peft init: default (B = 0: the policy starts as the base) | gaussian
 
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank: must be >= 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha: must be a finite number > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one module (suffix) to adapt")
+
 
 @dataclass
 class TinyConfig:
@@ -118,6 +128,19 @@ class PolicyConfig:
     cache_size: int = 4096  # prompt embeddings kept in the cache (on the CPU)
     init_seed: int = 0  # seeds the tiny model's weights and the LoRA initialisation
     tiny: TinyConfig = field(default_factory=TinyConfig)
+
+    def validate(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: must be one of {FAMILIES}, got {self.family!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("resolution", "max_sequence_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.cache_size < 0:
+            raise ValueError(f"cache_size: must be >= 0, got {self.cache_size}")
+        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift: must be a finite number > 0 or null, got {self.shift}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

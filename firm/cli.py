@@ -62,6 +62,27 @@ def _find_experiment(spec: str) -> str:
 FOLDER_COMMANDS = {"curation": "firm curate", "bench": "firm bench"}
 
 
+def _cmd_bench_step(args: argparse.Namespace) -> int:
+    from firm.algorithms.bench import main
+
+    return main(args)
+
+
+def _bench_step_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="an RL experiment YAML (a path, or a name under experiments/)")
+    p.add_argument("overrides", nargs="*", help="overrides such as module.async_rollout=true")
+    p.add_argument("--steps", type=int, default=3, help="timed RL steps (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed RL steps first (default 1)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        metavar='"K=V ..."',
+        help="run again with these extra overrides (repeatable); the table shows each run's ratio to the first",
+    )
+    p.add_argument("--out", default="runs/bench-step", help="folder for the JSON results")
+    p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from firm.runner import experiments_root, list_experiments
 
@@ -99,6 +120,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="continue a run from its last checkpoint (without RUN_DIR: the experiment's newest run)",
     )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "bench-step",
+        help="time the parts of an RL experiment's step (forwards, critic, backward, ...), host syncs, memory",
+        description="Runs a few RL steps of an experiment and prints where the time goes; writes JSON with the device.",
+    )
+    _bench_step_arguments(p)
+    p.set_defaults(func=_cmd_bench_step)
 
     p = sub.add_parser("list", help="list the shipped experiments")
     p.set_defaults(func=_cmd_list)

@@ -44,6 +44,7 @@ CRITICS: dict[str, Any] = {
     "http": "firm.critics.http:HTTPCritic",
     "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
     "image_stats": "firm.critics.stats:ImageStatsCritic",  # pixel statistics: varied scores for smoke runs
+    "delayed": "firm.critics.delayed:DelayedCritic",  # another critic's answers after a set latency (benchmarks)
     "constant": "firm.bench.baselines:ConstantCritic",  # prior-only baseline for benchmark tables
 }
 

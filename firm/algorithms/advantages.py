@@ -33,14 +33,14 @@ def world_advantages(module: RLAlgorithm, rewards: torch.Tensor, groups: torch.T
         keep &= adv != 0  # Flow-GRPO trains only on samples with a nonzero advantage
     lo = (module.global_rank if module._trainer is not None else 0) * b
     g_zero = ((stats.count >= 2) & (stats.std < c.zero_std_eps)).float().sum()
-    keep_host = keep.cpu()  # (W * B,) the one host copy of the step's mask
+    keep_host = keep.cpu().numpy()  # (W * B,) the one host copy of the step's mask (numpy: host arithmetic only)
     zero, std_mean = torch.stack([g_zero, torch.nan_to_num(stats.std, nan=0.0).mean()]).tolist()
     return {
         "adv": adv[lo : lo + b],
         "keep": keep[lo : lo + b],
         "keep_host": keep_host[lo : lo + b],
         "world_keep_host": keep_host,
-        "global_keep": int(keep_host.sum()),
+        "global_keep": int(keep_host.sum()),  # numpy: no device read
         "all_rewards": all_r,
         "all_adv": adv,
         "all_valid": valid,

@@ -293,7 +293,7 @@ class RLAlgorithm(FirmModule):
                 for i, (j, micro) in enumerate(parts):
                     m = micro.to(dev)
                     kl_w = c.kl_beta * n_t / n_kl if j < n_kl else 0.0  # the KL on a subset, unbiased
-                    mic = Micro(m, sub_dev[m, j], keep[m], int(keep_host[micro].sum()), kl_w)
+                    mic = Micro(m, sub_dev[m, j], keep[m], int(keep_host[micro.numpy()].sum()), kl_w)
                     with self.gradient_sync(i == len(parts) - 1):  # DDP all-reduces on the last micro-batch only
                         loss_sum, stats, n = self.micro_loss(roll, adv, ctx, mic)
                         loss = loss_sum * scale  # this micro-batch's share of the optimizer step's mean
@@ -308,10 +308,11 @@ class RLAlgorithm(FirmModule):
                 else:
                     norms.append(norm)
         keys = sorted(sums)
-        values = torch.stack([sums[k].float().reshape(()) for k in keys]).tolist() if keys else []  # one read
+        stacked = [sums[k].float().reshape(()) for k in keys] + ([torch.stack(norms).mean()] if norms else [])
+        values = torch.stack(stacked).tolist() if stacked else []  # the metrics' one read per RL step
         out = {k: v / count for k, v in zip(keys, values)} if count > 0 else {}
         if norms:
-            out["train/grad_norm"] = float(torch.stack(norms).mean())
+            out["train/grad_norm"] = values[-1]
         if skipped_steps:
             out["train/skipped_steps"] = float(skipped_steps)
         return out
@@ -327,7 +328,7 @@ class RLAlgorithm(FirmModule):
         total = 0
         for rank in range(self.world):
             mb = self.minibatches(b, epoch, rank=rank)[k]
-            total += int(world_keep[rank * b + mb].sum())
+            total += int(world_keep[rank * b + mb.numpy()].sum())
         return float(total)
 
     # --------------------------------------------------------------------------------------------------- update helpers

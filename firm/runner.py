@@ -74,9 +74,62 @@ def _checkpoint_io():
         def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
             if map_location is None:
                 map_location = "cpu"
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises OSError, RuntimeError, UnpicklingError, ...
+                raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
     return SafeCheckpointIO()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read (truncated, damaged, not a torch checkpoint); the message names the file."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be loaded as a checkpoint (None when it loads).
+
+    Loads it memory-mapped with ``weights_only=True``: the archive's directory and the pickled structure are read
+    (a truncated file fails here) but the tensor data is not, so the check costs little even for large checkpoints.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the answer
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    digits = "".join(c for c in path.stem if c.isdigit())
+    return int(digits) if digits else -1
+
+
+def readable_checkpoint(last: Path) -> Path:
+    """``last`` when it loads; else the newest step checkpoint beside it that loads, saying so on stderr.
+
+    Raises:
+        ConfigError: ``last`` is unreadable and no step checkpoint beside it is readable (the message names them).
+    """
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    print(f"[firm] checkpoint {last} is unreadable ({problem})", file=sys.stderr)
+    steps = sorted(
+        (p for p in last.parent.glob("*.ckpt") if p.name != last.name and not p.name.startswith(".")),
+        key=lambda p: (_step_of(p), p.stat().st_mtime),
+        reverse=True,
+    )
+    for candidate in steps:
+        why = checkpoint_problem(candidate)
+        if why is None:
+            print(
+                f"[firm] falling back to {candidate.name}, the newest readable step checkpoint in {last.parent}",
+                file=sys.stderr,
+            )
+            return candidate
+        print(f"[firm] step checkpoint {candidate} is unreadable too ({why})", file=sys.stderr)
+    tried = f" or the {len(steps)} step checkpoint(s) beside it" if steps else ", and no step checkpoint is beside it"
+    raise ConfigError(f"--resume: cannot read checkpoint {last} ({problem}){tried}; the run cannot be resumed")
 
 
 def _git_commit() -> str | None:
@@ -292,6 +345,7 @@ def run(
         ckpt_path = resume_dir / "checkpoints" / LAST_CKPT
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path} (the run was stopped before its first one)")
+        ckpt_path = readable_checkpoint(ckpt_path)  # a damaged last.ckpt: the newest readable step checkpoint
         run_dir = resume_dir
     else:
         run_dir = new_run_dir(cfg)

@@ -193,3 +193,61 @@ def test_run_dir_under_external_launchers(monkeypatch, tmp_path):
         new_run_dir(cfg)
     monkeypatch.setenv("FIRM_RUN_DIR", str(tmp_path / "chosen"))
     assert new_run_dir(cfg) == tmp_path / "chosen"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_from_a_truncated_last_ckpt_falls_back_to_the_newest_readable_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    first = [f"output_root={tmp_path}", "trainer.max_steps=30", "trainer.checkpoint_every_n_steps=10"]
+    first += ["trainer.keep_checkpoints=-1", "trainer.enable_progress_bar=false", "trainer.val_check_interval=1000"]
+    run_dir = run(str(TOY), first)
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == [f"step00000{s}0.ckpt" for s in (1, 2, 3)]
+    _truncate(ckpts / "last.ckpt")
+    _truncate(ckpts / "step0000030.ckpt")
+    capsys.readouterr()
+    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    run(None, ["trainer.max_steps=40"], resume=str(run_dir))  # raised a bare OSError before
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpts / 'last.ckpt'} is unreadable" in err
+    assert "step0000030.ckpt is unreadable too" in err
+    assert "falling back to step0000020.ckpt, the newest readable step checkpoint" in err
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 40
+    resumed_steps = [int(r["step"]) for r in read_metrics(run_dir, 1) if r.get("train/loss")]
+    assert resumed_steps and min(resumed_steps) >= 20  # continued from step 20, did not start over
+    meta = sorted(run_dir.glob("meta.resume-*.json"))
+    assert meta and "step0000020.ckpt" in meta[-1].read_text()
+
+
+def test_resume_with_no_readable_checkpoint_names_the_file(tmp_path):
+    from firm.config import ConfigError
+
+    ckpts = tmp_path / "r" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (tmp_path / "r" / "config.yaml").write_text(TOY.read_text().replace("${data.in_dim}", "8"))
+    (ckpts / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    (ckpts / "step0000010.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"cannot read checkpoint .*last\.ckpt .* or the 1 step checkpoint"):
+        run(None, resume=str(tmp_path / "r"))
+
+
+def test_checkpoint_io_names_an_unreadable_file(tmp_path):
+    from firm.runner import CheckpointError
+
+    (tmp_path / "bad.ckpt").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="bad.ckpt"):
+        _checkpoint_io().load_checkpoint(tmp_path / "bad.ckpt")
+
+
+@pytest.mark.parametrize("override", ["trainer.checkpoint_every_n_steps=0", "trainer.accumulate_grad_batches=0"])
+def test_a_run_that_fails_validation_creates_no_run_directory(tmp_path, monkeypatch, override):
+    from firm.config import ConfigError
+
+    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    with pytest.raises(ConfigError, match="invalid value"):
+        run(str(TOY), [f"output_root={tmp_path / 'runs'}", override])
+    assert not (tmp_path / "runs").exists()  # left an empty run directory behind before

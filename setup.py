@@ -30,7 +30,7 @@ install_requires = [
 ]
 
 extras_require = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100"],  # hypothesis: tests/fuzz
     "gpu": ["flash-attn>=2.6"],
 }
 

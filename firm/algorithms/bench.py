@@ -304,7 +304,7 @@ ROWS = [
 
 def table(results: list[dict[str, Any]]) -> str:
     """A markdown table: one column per run, with the ratio of each to the first."""
-    head = ["", *[" ".join(r["overrides"][-3:]) or "as configured" for r in results]]
+    head = ["", *[r.get("label") or "as configured" for r in results]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, get in ROWS:
         vals = [get(r) for r in results]
@@ -320,12 +320,15 @@ def main(args: argparse.Namespace) -> int:
     from firm.cli import _find_experiment
 
     experiment = _find_experiment(args.experiment)
-    runs = [list(args.overrides)] + [list(args.overrides) + shlex.split(c) for c in (args.compare or [])]
+    runs = [(list(args.overrides), "base")]
+    runs += [(list(args.overrides) + shlex.split(c), c) for c in (args.compare or [])]
     results = []
-    for ov in runs:
+    for ov, label in runs:
         print(f"[bench-step] {experiment} {' '.join(ov)}", file=sys.stderr)
-        results.append(bench_experiment(experiment, ov, steps=args.steps, warmup=args.warmup, progress=args.progress))
+        res = bench_experiment(experiment, ov, steps=args.steps, warmup=args.warmup, progress=args.progress)
+        results.append({**res, "label": label})
     print(f"device: {results[0]['device']}; {args.steps} timed RL steps after {args.warmup} warm-up")
+    print(f"base: {experiment} {' '.join(args.overrides)}")
     print(table(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,15 @@ def test_chat_content_scrubs_lone_surrogates():
     assert text.encode("utf-8")  # writable as UTF-8 (JSONL, shards)
     assert chat_content({"choices": [{"message": {"content": None}}]}) == ""
     assert chat_content({"choices": [{"message": {"content": [{"type": "text", "text": "a"}, {"text": 3}]}}]}) == "a"
+
+
+def test_a_hostile_answer_text_is_a_missing_score_not_a_failed_call():
+    deep = '{"score": ' + "[" * 5000 + "5" + "]" * 5000 + "}"
+
+    def respond(body):
+        return 200, chat_answer(deep if "Judge CONSISTENCY" in prompt_text(body) else '{"score": 3}')
+
+    with ScriptedServer(respond) as srv:
+        [res] = _critic(srv.url, parse_retries=0).score(_edits(1))  # raised RecursionError before
+    assert res.scores == {"execution": 3, "consistency": None}
+    assert "nested deeper than" in res.errors["consistency"]

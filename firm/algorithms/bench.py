@@ -28,6 +28,7 @@ import platform
 import resource
 import shlex
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -223,7 +224,13 @@ def _callback(profiler: StepProfiler, warmup: int, steps: int) -> Any:
 
 
 def bench_experiment(
-    experiment: str, overrides: list[str], *, steps: int, warmup: int, progress: bool = False
+    experiment: str,
+    overrides: list[str],
+    *,
+    steps: int,
+    warmup: int,
+    progress: bool = False,
+    root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run and time one experiment (see the module docstring); returns the result record."""
     import lightning as L
@@ -242,6 +249,7 @@ def bench_experiment(
     tc = cfg.trainer
     trainer = L.Trainer(
         max_steps=-1,
+        default_root_dir=str(root) if root is not None else tempfile.mkdtemp(prefix="firm-bench-step-"),  # samples/
         max_epochs=10**6,
         accelerator=tc.accelerator,
         devices=tc.devices,
@@ -325,7 +333,9 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for ov, label in runs:
         print(f"[bench-step] {experiment} {' '.join(ov)}", file=sys.stderr)
-        res = bench_experiment(experiment, ov, steps=args.steps, warmup=args.warmup, progress=args.progress)
+        res = bench_experiment(
+            experiment, ov, steps=args.steps, warmup=args.warmup, progress=args.progress, root=Path(args.out) / "root"
+        )
         results.append({**res, "label": label})
     print(f"device: {results[0]['device']}; {args.steps} timed RL steps after {args.warmup} warm-up")
     print(f"base: {experiment} {' '.join(args.overrides)}")

@@ -778,9 +778,7 @@ class FlowPolicy(nn.Module):
             # One prompt per encoder call: an embedding must not depend on which other prompts missed the cache with
             # it (batched matmuls and padding change the last bits), or a resumed run, whose cache starts empty,
             # would drift from the uninterrupted one.
-            embs = [
-                self.text_encoder.encode([k[0]], [use_images[first[k]]] if use_images else None)[0] for k in uniq
-            ]
+            embs = [self.text_encoder.encode([k[0]], [use_images[first[k]]] if use_images else None)[0] for k in uniq]
             for k, e in zip(uniq, embs):
                 self._cache[k] = e.to("cpu")
                 while len(self._cache) > self.config.cache_size:

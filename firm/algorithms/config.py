@@ -78,7 +78,7 @@ class RLConfig:
         """Range checks that `firm run --dry-run` can make before anything is built."""
         s = self.sampler
         if self.task not in TASKS:
-            raise ValueError(f"module.task must be one of {TASKS}, got {self.task!r}")
+            raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
         if s.method not in SAMPLERS:
             raise ValueError(f"module.sampler.method must be one of {tuple(SAMPLERS)}, got {s.method!r}")
         if s.deterministic_solver not in DETERMINISTIC_SOLVERS:
@@ -91,20 +91,20 @@ class RLConfig:
         if s.num_steps < 1:
             raise ValueError(f"module.sampler.num_steps must be >= 1, got {s.num_steps}")
         if self.adv_scale not in ADV_SCALES:
-            raise ValueError(f"module.adv_scale must be one of {ADV_SCALES}, got {self.adv_scale!r}")
+            raise ValueError(f"adv_scale: must be one of {ADV_SCALES}, got {self.adv_scale!r}")
         if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"module.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+            raise ValueError(f"timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"module.lr must be finite and > 0, got {self.lr}")
+            raise ValueError(f"lr: must be finite and > 0, got {self.lr}")
         if not (math.isfinite(self.kl_beta) and self.kl_beta >= 0):
-            raise ValueError(f"module.kl_beta must be finite and >= 0, got {self.kl_beta}")
+            raise ValueError(f"kl_beta: must be finite and >= 0, got {self.kl_beta}")
         if not 0 < self.kl_fraction <= 1:
-            raise ValueError(f"module.kl_fraction must be in (0, 1], got {self.kl_fraction}")
+            raise ValueError(f"kl_fraction: must be in (0, 1], got {self.kl_fraction}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"module.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+            raise ValueError(f"ema_decay: must be in [0, 1) or null, got {self.ema_decay}")
         for key in ("rollout_chunk", "inner_epochs", "critic_queue", "critic_threads", "max_idle_rl_steps"):
             if getattr(self, key) < 1:
-                raise ValueError(f"module.{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("train_batch_size", "micro_batch_size", "num_threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"module.{key} must be >= 1 or null, got {getattr(self, key)}")
+                raise ValueError(f"{key}: must be >= 1 or null, got {getattr(self, key)}")

@@ -48,11 +48,11 @@ class DiffusionNFTConfig(RLConfig):
     def validate(self) -> None:
         super().validate()
         if not self.beta > 0:
-            raise ValueError(f"module.beta must be > 0, got {self.beta}")
+            raise ValueError(f"beta: must be > 0, got {self.beta}")
         if self.old_decay_unit not in DECAY_UNITS:
-            raise ValueError(f"module.old_decay_unit must be one of {DECAY_UNITS}, got {self.old_decay_unit!r}")
+            raise ValueError(f"old_decay_unit: must be one of {DECAY_UNITS}, got {self.old_decay_unit!r}")
         if not 0 <= self.old_decay_max < 1:
-            raise ValueError(f"module.old_decay_max must be in [0, 1), got {self.old_decay_max}")
+            raise ValueError(f"old_decay_max: must be in [0, 1), got {self.old_decay_max}")
 
 
 class DiffusionNFT(RLAlgorithm):

@@ -57,9 +57,9 @@ class FlowGRPOConfig(RLConfig):
         if s.noise_level <= 0:
             raise ValueError(f"{self.name} needs module.sampler.noise_level > 0 (log-probs of stochastic steps)")
         if not self.clip_range > 0:
-            raise ValueError(f"module.clip_range must be > 0, got {self.clip_range}")
+            raise ValueError(f"clip_range: must be > 0, got {self.clip_range}")
         if self.kl_form not in KL_FORMS:
-            raise ValueError(f"module.kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
+            raise ValueError(f"kl_form: must be one of {KL_FORMS}, got {self.kl_form!r}")
 
 
 def step_mean_kl(

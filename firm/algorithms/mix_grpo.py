@@ -41,14 +41,14 @@ class MixGRPOConfig(FlowGRPOConfig):
         super().validate()
         if not 1 <= self.window_size <= self.sampler.num_steps:
             raise ValueError(
-                f"module.window_size must be in [1, sampler.num_steps={self.sampler.num_steps}], got {self.window_size}"
+                f"window_size: must be in [1, sampler.num_steps={self.sampler.num_steps}], got {self.window_size}"
             )
         for key in ("window_stride", "shift_every"):
             if getattr(self, key) < 1:
-                raise ValueError(f"module.{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.window_start <= self.sampler.num_steps - self.window_size:
             raise ValueError(
-                f"module.window_start must be in [0, {self.sampler.num_steps - self.window_size}], "
+                f"window_start: must be in [0, {self.sampler.num_steps - self.window_size}], "
                 f"got {self.window_start}"
             )
         if self.sampler.sde_window_size:

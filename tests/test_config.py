@@ -202,6 +202,14 @@ RL_TINY = TOY.parent.parent / "rl" / "tiny_sd3_nft.yaml"
         ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps", "must be >= 1"),
         ("trainer.gradient_clip_val=.inf", "trainer.gradient_clip_val", "finite number > 0"),
         ("name=../elsewhere", "name", "plain folder name"),
+        ("module.lr=.nan", "module.lr", "must be finite and > 0, got nan"),
+        ("module.lr=-1e-4", "module.lr", "must be finite and > 0"),
+        ("module.kl_beta=-1", "module.kl_beta", "must be finite and >= 0"),
+        ("module.timestep_fraction=0", "module.timestep_fraction", "must be in (0, 1]"),
+        ("module.kl_fraction=2", "module.kl_fraction", "must be in (0, 1]"),
+        ("module.rollout_chunk=0", "module.rollout_chunk", "must be >= 1"),
+        ("module.beta=0", "module.beta", "must be > 0"),
+        ("module.old_decay_unit=epoch", "module.old_decay_unit", "must be one of"),
     ],
 )
 def test_range_checks_run_at_load_time_naming_the_key_and_the_override(override, key, needle):

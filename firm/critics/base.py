@@ -193,7 +193,8 @@ class PromptedCritic:
                 if not comp.parsed.ok:
                     res.scores[d] = None
                     tries = f" (after {comp.attempts} attempts)" if comp.attempts > 1 else ""
-                    res.errors[d] = f"unparseable output{tries}: {comp.parsed.reason}"
+                    what = "no reply" if comp.text is None else "unparseable output"  # no text: the endpoint failed
+                    res.errors[d] = f"{what}{tries}: {comp.parsed.reason}"
                     continue
                 res.reasoning[d] = comp.parsed.reasoning
                 if d == QUALITY:

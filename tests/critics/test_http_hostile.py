@@ -47,7 +47,8 @@ def test_a_bad_reply_costs_only_its_own_judgement(name):
         assert r.scores["consistency"] is None  # a missing score, never a substitute number
         assert "no usable reply from the endpoint" in r.errors["consistency"]
         assert "after 3 attempts" in r.errors["consistency"]
-    assert critic.stats["reply_failures"] == 3
+        assert r.errors["consistency"].startswith("no reply")  # not mistaken for an answer that failed to parse
+    assert critic.stats["reply_failures"] == 3 and critic.stats["parse_failures"] == 0
     n_cons = sum("Judge CONSISTENCY" in prompt_text(b) for b in srv.bodies)
     assert n_cons == 3 * 3  # each bad judgement was tried 1 + max_retries times (no parse retry without a text)
 

@@ -40,6 +40,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 
 from firm.algorithms.advantages import world_advantages
@@ -53,6 +54,12 @@ from firm.policies.policy import FlowPolicy
 from firm.policies.samplers import sde_window
 from firm.policies.scoring import OverlappedScorer
 from firm.rewards.functions import FirmEditReward, FirmGenReward, build_combiner
+
+
+def ema_decay(step: int, decay: float, *, warmup: bool = True) -> float:
+    """The EMA decay at optimizer step ``step``: ``min((1 + step) / (10 + step), decay)`` with the warm-up of
+    DiffusionNFT's ``EMAModuleWrapper.get_current_decay`` (flow_grpo/ema.py), else ``decay``."""
+    return min((1 + step) / (10 + step), decay) if warmup else decay
 
 
 def build_callbacks(specs: dict[str, Any]) -> list[L.Callback]:
@@ -205,8 +212,9 @@ class RLAlgorithm(FirmModule):
 
     # ---------------------------------------------------------------------------------------------------- the step
 
-    def rollout(self, batch: dict[str, Any]) -> Rollout:
-        return run_rollout(self, batch)
+    def rollout(self, batch: dict[str, Any], collect: bool = True) -> Rollout:
+        """This step's rollout (:func:`run_rollout`); ``collect=False`` leaves its scores with the critic."""
+        return run_rollout(self, batch, collect=collect)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' ``x`` concatenated along dim 0 (rank order)."""
@@ -223,7 +231,7 @@ class RLAlgorithm(FirmModule):
         if self.config.async_rollout:
             # Sample (and hand to the critic) this step's batch with the current policy, then train on the previous
             # step's rollout, whose scores arrived meanwhile: one step off-policy (docs/rl.md, "Asynchronous").
-            new = run_rollout(self, batch, collect=False)
+            new = self.rollout(batch, collect=False)
             prev, self._pending = self._pending, (batch, new)
             if prev is None:  # the first step only samples
                 self.rl_step += 1
@@ -286,12 +294,17 @@ class RLAlgorithm(FirmModule):
             n_t = subsets.shape[1]
             n_kl = max(1, math.ceil(c.kl_fraction * n_t)) if c.kl_beta > 0 else 0
             ctx = self.begin_epoch(roll, adv, epoch)
-            for k, mb in enumerate(self.minibatches(b, epoch)):
-                scale = self.world / max(self.world_kept(adv["world_keep_host"], b, epoch, k) * n_t, 1.0)
-                parts = [(j, micro) for j in range(n_t) for micro in self.micro_batches(mb)]
+            mbs = self.minibatches(b, epoch)
+            order_dev = torch.cat(mbs).to(dev)  # the epoch's sample order on the device: one copy, not one per micro
+            kept = self.world_kept(adv["world_keep_host"], b, epoch)
+            mb_size, lo = c.micro_batch_size or b, 0
+            for k, mb in enumerate(mbs):
+                scale = self.world / max(kept[k] * n_t, 1.0)
+                parts = [(j, s) for j in range(n_t) for s in range(0, mb.numel(), mb_size)]
                 finite = torch.ones((), dtype=torch.bool, device=dev)
-                for i, (j, micro) in enumerate(parts):
-                    m = micro.to(dev)
+                for i, (j, s) in enumerate(parts):
+                    micro = mb[s : s + mb_size]  # host indices, for the host mask
+                    m = order_dev[lo + s : lo + s + micro.numel()]  # the same indices, on the device
                     kl_w = c.kl_beta * n_t / n_kl if j < n_kl else 0.0  # the KL on a subset, unbiased
                     mic = Micro(m, sub_dev[m, j], keep[m], int(keep_host[micro.numpy()].sum()), kl_w)
                     with self.gradient_sync(i == len(parts) - 1):  # DDP all-reduces on the last micro-batch only
@@ -302,6 +315,7 @@ class RLAlgorithm(FirmModule):
                     for key, val in stats.items():
                         sums[key] = sums.get(key, 0.0) + val.detach()
                     count += n
+                lo += mb.numel()
                 norm = self.apply_optimizer_step(finite)
                 if norm is None:
                     skipped_steps += 1
@@ -322,14 +336,14 @@ class RLAlgorithm(FirmModule):
         block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None
         return contextlib.nullcontext() if sync or self.world == 1 or block is None else block()
 
-    def world_kept(self, world_keep: torch.Tensor, b: int, epoch: int, k: int) -> float:
-        """Kept samples of optimizer step ``k`` of ``epoch`` over every rank, from the host mask: each rank's
+    def world_kept(self, world_keep: np.ndarray, b: int, epoch: int) -> list[int]:
+        """Kept samples of each optimizer step of ``epoch`` over every rank, from the host mask: each rank's
         minibatch order is a function of (seed, RL step, epoch, rank), so no communication is needed."""
-        total = 0
+        totals = [0] * len(self.minibatches(b, epoch))
         for rank in range(self.world):
-            mb = self.minibatches(b, epoch, rank=rank)[k]
-            total += int(world_keep[rank * b + mb.numpy()].sum())
-        return float(total)
+            for k, mb in enumerate(self.minibatches(b, epoch, rank=rank)):
+                totals[k] += int(world_keep[rank * b + mb.numpy()].sum())
+        return totals
 
     # --------------------------------------------------------------------------------------------------- update helpers
 
@@ -340,10 +354,6 @@ class RLAlgorithm(FirmModule):
         order = torch.randperm(b, generator=generator("order", c.seed, self.rl_step, epoch, rank))
         tb = c.train_batch_size or b
         return [order[i : i + tb] for i in range(0, b, tb)]
-
-    def micro_batches(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        mb = self.config.micro_batch_size or idx.numel()
-        return [idx[i : i + mb] for i in range(0, idx.numel(), mb)]
 
     def timestep_subsets(self, b: int, candidates: torch.Tensor, epoch: int) -> torch.Tensor:
         """(B, n) per-sample random subsets of the candidate step indices, ``n = max(1, int(fraction * len))``.
@@ -381,10 +391,7 @@ class RLAlgorithm(FirmModule):
         opt.zero_grad(set_to_none=True)
         self._fresh = False
         if self.ema is not None:
-            d = self.config.ema_decay
-            if self.config.ema_warmup:  # DiffusionNFT's EMAModuleWrapper.get_current_decay, at optimizer step n
-                n = self.global_step
-                d = min((1 + n) / (10 + n), d)
+            d = ema_decay(self.global_step, self.config.ema_decay, warmup=self.config.ema_warmup)
             with torch.no_grad():
                 for name, p in self.policy.named_adapter_parameters("default").items():
                     self.ema[name].lerp_(p.detach(), 1.0 - d)

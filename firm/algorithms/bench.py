@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -83,14 +82,19 @@ class SyncCounter(TorchDispatchMode):
             src = args[1] if name == "copy_" else args[0]
             dst_dev = kwargs.get("device") if name == "_to_copy" else args[0].device
             if isinstance(src, torch.Tensor) and src.device.type != "cpu" and str(dst_dev) == "cpu":
-                self._hit()
+                self._hit()  # device to host
+            elif isinstance(src, torch.Tensor) and src.device.type == "cpu" and not src.is_pinned():
+                if dst_dev is not None and torch.device(dst_dev).type == "cuda":
+                    self._hit()  # a pageable host-to-device copy waits for the stream too
         return func(*args, **kwargs)
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
+    """The kernel benchmark's device name, plus the torch thread count on a CPU (it changes CPU timings most)."""
+    from kernels.bench import device_name as kernels_device_name
+
+    name = kernels_device_name(device)
+    return name if device.type == "cuda" else f"{name}, {torch.get_num_threads()} torch threads"
 
 
 class StepProfiler:
@@ -109,6 +113,18 @@ class StepProfiler:
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+    def flagged(self, fn: Any, flag: str) -> Any:
+        """``fn`` with this profiler's attribute ``flag`` set to True while it runs."""
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            setattr(self, flag, True)
+            try:
+                return fn(*a, **k)
+            finally:
+                setattr(self, flag, False)
+
+        return wrapper
 
     def _timed(self, fn: Any, key: Any) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -142,16 +158,7 @@ class StepProfiler:
             return step(*a, **k)
 
         m.apply_optimizer_step = self._timed(counted_step, "optimizer")
-        update = m.update
-
-        def flagged_update(*a: Any, **k: Any) -> Any:
-            self.in_update = True
-            try:
-                return update(*a, **k)
-            finally:
-                self.in_update = False
-
-        m.update = flagged_update
+        m.update = self.flagged(m.update, "in_update")
         micro = m.micro_loss
 
         def counted_micro(roll: Any, adv: Any, ctx: Any, mic: Any) -> Any:
@@ -181,16 +188,7 @@ def _callback(profiler: StepProfiler, warmup: int, steps: int) -> Any:
 
         def on_train_start(self, trainer: Any, module: Any) -> None:
             for opt in trainer.optimizers:
-                step = opt.step
-
-                def paused_step(*a: Any, _step: Any = step, **k: Any) -> Any:
-                    profiler.paused = True
-                    try:
-                        return _step(*a, **k)
-                    finally:
-                        profiler.paused = False
-
-                opt.step = paused_step
+                opt.step = profiler.flagged(opt.step, "paused")
 
         def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
             profiler._sync()
@@ -236,7 +234,7 @@ def bench_experiment(
     import lightning as L
 
     from firm.config import load_experiment, to_object
-    from firm.runner import _quiet_third_party_warnings, build_components
+    from firm.runner import _quiet_third_party_warnings, build_components, build_strategy
 
     _quiet_third_party_warnings()
     cfg = to_object(load_experiment(experiment, overrides))
@@ -253,6 +251,8 @@ def bench_experiment(
         max_epochs=10**6,
         accelerator=tc.accelerator,
         devices=tc.devices,
+        num_nodes=tc.num_nodes,
+        strategy=build_strategy(tc, module),
         precision=tc.precision,
         logger=False,
         enable_checkpointing=False,

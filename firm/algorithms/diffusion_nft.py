@@ -55,6 +55,11 @@ class DiffusionNFTConfig(RLConfig):
             raise ValueError(f"old_decay_max: must be in [0, 1), got {self.old_decay_max}")
 
 
+def old_policy_decay(step: int, rate: float, maximum: float, start: int = 0) -> float:
+    """``min(rate * (step - start), maximum)``, 0 before ``start`` (DiffusionNFT's ``return_decay``)."""
+    return 0.0 if step < start else min(rate * (step - start), maximum)
+
+
 class DiffusionNFT(RLAlgorithm):
     """DiffusionNFT on a LoRA-adapted flow policy; see the module docstring."""
 
@@ -64,9 +69,7 @@ class DiffusionNFT(RLAlgorithm):
 
     def old_decay(self, step: int) -> float:
         c = self.config
-        if step < c.old_decay_start:
-            return 0.0
-        return min(c.old_decay_rate * (step - c.old_decay_start), c.old_decay_max)
+        return old_policy_decay(step, c.old_decay_rate, c.old_decay_max, c.old_decay_start)
 
     def after_update(self) -> dict[str, float]:
         n = self.global_step if self.config.old_decay_unit == "optimizer_step" else self.rl_step

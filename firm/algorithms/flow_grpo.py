@@ -90,6 +90,7 @@ class StepTerms(NamedTuple):
     std: torch.Tensor  # the step std
     dt: torch.Tensor  # sigma_next - sigma (< 0)
     mean: torch.Tensor  # (b, C, h, w) the current policy's step mean (differentiable)
+    mean_old: torch.Tensor | None  # (b, C, h, w) the behaviour step mean, when the rollout recorded it
 
 
 class FlowGRPO(RLAlgorithm):
@@ -98,14 +99,16 @@ class FlowGRPO(RLAlgorithm):
     Config = FlowGRPOConfig
     rollout_adapter = "default"
 
-    def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor, kl_weight: float = 1.0) -> StepTerms:
+    def begin_epoch(self, roll: Rollout, adv: dict[str, Any], epoch: int) -> Any:
+        return {"sigmas": roll.sigmas.to(self.device)}  # (T + 1,) once per epoch, not one copy per micro-batch
+
+    def step_terms(self, roll: Rollout, ctx: Any, m: torch.Tensor, idx: torch.Tensor, kl_weight: float) -> StepTerms:
         """Recompute the transition ``latents[m, idx] -> latents[m, idx + 1]`` under the current policy (and the
         reference's step mean when ``kl_weight > 0``)."""
         c, s, dev = self.config, self.config.sampler, self.device
         latents = roll.latents.to(dev)  # already there: the rollout samples on the device
         x, x_next = latents[m, idx], latents[m, idx + 1]
-        sigmas = roll.sigmas.to(dev)
-        sig, sig_next = sigmas[idx], sigmas[idx + 1]
+        sig, sig_next = ctx["sigmas"][idx], ctx["sigmas"][idx + 1]
         coefs = step_coefs(s.method, sig, sig_next, s.noise_level, roll.sigma_cap)
         cond = roll.cond.index(m)
         uncond = roll.uncond.index(m) if roll.uncond is not None else None
@@ -121,7 +124,8 @@ class FlowGRPO(RLAlgorithm):
         # log-prob so the ratio is exactly 1, and log how far the rollout's was.
         old = logp.detach() if self._fresh else rollout_lp
         kl = torch.zeros_like(logp) if sq is None else step_mean_kl(s.method, sig, sig_next, coefs, sq, c.kl_form)
-        return StepTerms(logp, old, rollout_lp, kl, coefs[2], sig_next - sig, apply_step(x, v, coefs))
+        mean_old = roll.means.to(dev)[m, idx] if roll.means is not None else None
+        return StepTerms(logp, old, rollout_lp, kl, coefs[2], sig_next - sig, apply_step(x, v, coefs), mean_old)
 
     def surrogate(self, t: StepTerms, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(b,) clipped policy loss and (b,) the ratio it used."""
@@ -132,7 +136,7 @@ class FlowGRPO(RLAlgorithm):
         self, roll: Rollout, adv: dict[str, Any], ctx: Any, mic: Micro
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         c = self.config
-        t = self.step_terms(roll, mic.m, mic.idx, mic.kl_weight)
+        t = self.step_terms(roll, ctx, mic.m, mic.idx, mic.kl_weight)
         policy_loss, ratio = self.surrogate(t, adv["adv"].to(self.device)[mic.m])
         w = mic.keep.float()
         loss_sum = ((policy_loss + mic.kl_weight * t.kl) * w).sum()

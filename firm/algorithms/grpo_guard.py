@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from firm.algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig, StepTerms
-from firm.algorithms.rollout import Rollout
 from firm.policies.samplers import SAMPLERS
 
 
@@ -89,12 +88,8 @@ class GRPOGuard(FlowGRPO):
         eps = self.config.clip_range
         if self._fresh:  # the current policy is the behaviour policy: ratio exactly 1
             mean_old, logp_old = t.mean.detach(), t.logp.detach()
+        elif t.mean_old is None:
+            raise RuntimeError("grpo_guard needs the rollout's behaviour step means; the rollout recorded none")
         else:
-            mean_old, logp_old = self._ctx_mean_old, t.rollout_lp
+            mean_old, logp_old = t.mean_old, t.rollout_lp
         return guard_loss(t.logp, logp_old, t.mean, mean_old, t.std, t.dt, a, eps, reweight=self.config.reweight)
-
-    def step_terms(self, roll: Rollout, m: torch.Tensor, idx: torch.Tensor, kl_weight: float = 1.0) -> StepTerms:
-        if roll.means is None:
-            raise RuntimeError("grpo_guard needs the rollout's step means (Rollout.means); none were recorded")
-        self._ctx_mean_old = roll.means.to(self.device)[m, idx]  # (b, C, h, w) behaviour step means
-        return super().step_terms(roll, m, idx, kl_weight)

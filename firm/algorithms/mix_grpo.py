@@ -48,8 +48,7 @@ class MixGRPOConfig(FlowGRPOConfig):
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.window_start <= self.sampler.num_steps - self.window_size:
             raise ValueError(
-                f"window_start: must be in [0, {self.sampler.num_steps - self.window_size}], "
-                f"got {self.window_start}"
+                f"window_start: must be in [0, {self.sampler.num_steps - self.window_size}], got {self.window_start}"
             )
         if self.sampler.sde_window_size:
             raise ValueError("mix_grpo places its own window: set module.window_size, not sampler.sde_window_size")

@@ -81,7 +81,7 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any], *, collect: bool = T
     n_chunks = -(-noise.shape[0] // c.rollout_chunk)
     # asynchronous: the previous rollout's chunks may all still be queued; only this rollout's count against the queue
     scorer.max_pending = c.critic_queue + (n_chunks if not collect else 0)
-    wait0, fail0 = scorer.wait_s, scorer.failures
+    wait0 = scorer.wait_s
     group = module.rl_step
     latents, log_probs, images, means = [], [], [], []
     traj = None
@@ -140,14 +140,14 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any], *, collect: bool = T
         means=torch.cat(means) if means else None,
         group=group,
     )
-    return collect_rewards(module, roll, fail0) if collect else roll
+    return collect_rewards(module, roll) if collect else roll
 
 
-def collect_rewards(module: RLAlgorithm, roll: Rollout, failures_before: int | None = None) -> Rollout:
-    """Wait for the critic's scores of ``roll`` (counted as critic wait) and store them in it."""
+def collect_rewards(module: RLAlgorithm, roll: Rollout) -> Rollout:
+    """Wait for the critic's scores of ``roll`` (counted as critic wait) and store them, with its failed chunks."""
     scorer = module.scorer
-    wait0, fail0 = scorer.wait_s, scorer.failures if failures_before is None else failures_before
+    wait0 = scorer.wait_s
     roll.reward = scorer.collect(roll.group)
     roll.critic_wait_s += scorer.wait_s - wait0
-    roll.critic_failures = scorer.failures - fail0
+    roll.critic_failures = scorer.group_failures.pop(roll.group, 0)
     return roll

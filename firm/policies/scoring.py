@@ -94,6 +94,7 @@ class OverlappedScorer:
         self.wait_s = 0.0
         self.busy_s = 0.0  # time the critic spent inside reward_fn calls (summed over threads)
         self.failures = 0
+        self.group_failures: dict[Any, int] = {}  # failed chunks per group, until that group is collected
         self._chunk = 0
 
     def _timed(self, requests: list[Any]) -> RewardOutput:
@@ -126,6 +127,7 @@ class OverlappedScorer:
                     "chunks as missing scores"
                 ) from e
             self.failures += 1
+            self.group_failures[group] = self.group_failures.get(group, 0) + 1
             log.warning("critic failed on chunk %d (%d requests), scores counted as missing: %s", idx, n, e)
             out = missing_output(n, self.dimensions, f"critic call failed: {type(e).__name__}: {e}")
         else:

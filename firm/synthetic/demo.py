@@ -174,8 +174,6 @@ class ShapesReport(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        if not self.tasks:
-            self.setup(trainer, module, "fit")
         t = time.perf_counter()
         self.base = self._evaluate(module, None, self.tasks, self.config.seeds, "base model (held-out)")
         self.timing["eval_base_s"] = time.perf_counter() - t

@@ -15,20 +15,23 @@ import pytest
 import torch
 
 import kernels
-from firm.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
-from firm.algorithms.flow_grpo import step_mean_kl
-from firm.algorithms.grpo_guard import guard_loss
+from firm.algorithms.base import ema_decay
+from firm.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig, old_policy_decay
+from firm.algorithms.flow_grpo import StepTerms, step_mean_kl
+from firm.algorithms.grpo_guard import GRPOGuard, GRPOGuardConfig, guard_loss
 from firm.algorithms.mix_grpo import MixGRPOConfig, window_start
 from firm.policies.samplers import apply_step, cps_coefs, sde_coefs, step_log_prob
 
 B, SHAPE = 5, (4, 6, 6)
 
 
-def shifted_sigmas(n: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's schedule: n steps from 1, shifted (diffusers' FlowMatchEulerDiscreteScheduler, shift 3), then 0."""
-    s = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
-    s = shift * s / (1 + (shift - 1) * s)
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+def sd3_sigmas(n: int, shift: float = 3.0) -> torch.Tensor:
+    """SD3's sampling schedule: diffusers' FlowMatchEulerDiscreteScheduler(shift=3) with n steps, ending at 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(n)
+    return sched.sigmas.double()
 
 
 def inputs(seed: int = 0):
@@ -128,8 +131,8 @@ def ref_grpo_guard_loss(logp, logp_old, mean, mean_old, std_dev_t, dt, adv, clip
 
 # ---------------------------------------------------------------------------------------------------- the tests
 
-SIGMAS = shifted_sigmas(10)
-STEPS = [0, 4, 8]  # the first (sigma = 1), a middle and a late step of SD3's shift-3, 10-step schedule
+SIGMAS = sd3_sigmas(10)
+STEPS = [0, 7, 8]  # the first (sigma = 1) and the steps docs/rl.md quotes, of SD3's shift-3, 10-step schedule
 
 
 @pytest.mark.parametrize("i", STEPS)
@@ -163,8 +166,8 @@ def test_cps_step_and_constant_free_log_prob_match_flow_grpo(i):
     torch.testing.assert_close(gauss.double(), expected_gauss, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("i", STEPS)
-@pytest.mark.parametrize("method", ["sde", "cps"])
+# sde also at the last step (9, sigma 0.009 -> 0), where the old KL was 112x Flow-GRPO's; CPS is deterministic there
+@pytest.mark.parametrize("i,method", [(i, "sde") for i in (*STEPS, 9)] + [(i, "cps") for i in STEPS])
 def test_kl_of_step_means_matches_flow_grpo(i, method):
     x, v, v_ref, eps = inputs(20 + i)
     s, s_prev, s_max = float(SIGMAS[i]), float(SIGMAS[i + 1]), float(SIGMAS[1])
@@ -240,17 +243,21 @@ def test_nft_loss_and_gradient_match_diffusion_nft():
 def test_old_policy_decay_matches_diffusion_nft(decay_type, settings):
     cfg = DiffusionNFTConfig(**settings)
     cfg.validate()
+    nft = DiffusionNFT.__new__(DiffusionNFT)  # the method reads only its config
+    nft.config = cfg
     for step in [0, 1, 10, 74, 75, 76, 200, 499, 500, 501, 5000]:
-        assert DiffusionNFT.old_decay(type("M", (), {"config": cfg})(), step) == pytest.approx(
-            ref_nft_decay(step, decay_type), abs=1e-12
-        ), step
+        expected = ref_nft_decay(step, decay_type)
+        assert nft.old_decay(step) == pytest.approx(expected, abs=1e-12), step
+        rate, top, start = cfg.old_decay_rate, cfg.old_decay_max, cfg.old_decay_start
+        assert old_policy_decay(step, rate, top, start) == pytest.approx(expected, abs=1e-12), step
 
 
 def test_ema_warmup_matches_diffusion_nft():
-    # the base module's EMA decay at optimizer step n: min((1 + n) / (10 + n), ema_decay), as in apply_optimizer_step
+    # the decay RLAlgorithm.apply_optimizer_step uses at optimizer step n
     for n in [0, 1, 5, 80, 1000]:
-        assert min((1 + n) / (10 + n), 0.9) == ref_ema_decay(n, 0.9)
-    assert ref_ema_decay(0, 0.9) == pytest.approx(0.1) and ref_ema_decay(1000, 0.9) == 0.9
+        assert ema_decay(n, 0.9) == pytest.approx(ref_ema_decay(n, 0.9), abs=1e-15), n
+        assert ema_decay(n, 0.9, warmup=False) == 0.9
+    assert ema_decay(0, 0.9) == pytest.approx(0.1) and ema_decay(1000, 0.9) == 0.9
 
 
 @pytest.mark.parametrize("i", STEPS[1:])  # sigma < 1: RatioNorm needs a finite std_dev_t
@@ -275,6 +282,18 @@ def test_grpo_guard_ratio_and_loss_match_the_reference(i):
     # RatioNorm is exp(-mean(eps * (mu_old - mu))): the bias is gone, so the ratio is centred on 1
     centred = torch.exp(-(eps * (mean_old - mean)).reshape(B, -1).mean(1))
     torch.testing.assert_close(ratio.double(), centred, rtol=1e-4, atol=1e-5)
+    # and the algorithm's surrogate is wired to it: after an optimizer step it uses the recorded mu_old and logp_old
+    guard = GRPOGuard.__new__(GRPOGuard)  # surrogate reads only its config and the on-policy flag
+    guard.config, guard._fresh = GRPOGuardConfig(clip_range=1e-2), False
+    zero = torch.zeros(B)
+    terms = StepTerms(
+        ours_lp, lp_old.float(), lp_old.float(), zero, coefs[2], batch(s_prev - s), ours_mean, mean_old.float()
+    )
+    wired, _ = guard.surrogate(terms, adv.float())
+    torch.testing.assert_close(wired.double(), expected, rtol=1e-3, atol=1e-4)
+    guard._fresh = True  # before any optimizer step of the RL step: ratio exactly 1, whatever was recorded
+    _, ratio_fresh = guard.surrogate(terms, adv.float())
+    assert torch.equal(ratio_fresh, torch.ones(B))
 
 
 def test_mix_grpo_window_slides_as_the_paper_says():

@@ -283,3 +283,13 @@ def test_every_shipped_default_config_passes_its_range_checks():
     validate_config(ExperimentConfig(name="x"))
     validate_config(PolicyConfig())
     validate_config(LoRAConfig())
+
+
+def test_rl_callbacks_are_checked_at_load_time():
+    demo = TOY.parent / "shapes_edit_cme.yaml"
+    with pytest.raises(ConfigError, match="unknown callback 'shapes_reprt'. Did you mean 'shapes_report'"):
+        load_experiment(demo, ["module.callbacks.shapes_reprt.n_tasks=3"])
+    with pytest.raises(ConfigError, match="unknown key 'n_taks'"):
+        load_experiment(demo, ["module.callbacks.shapes_report.n_taks=3"])
+    cfg = to_object(load_experiment(demo, ["module.callbacks.shapes_report=null"]))  # null leaves it out
+    assert cfg.module.callbacks["shapes_report"] is None

@@ -105,6 +105,11 @@ class RLConfig:
         for key in ("rollout_chunk", "inner_epochs", "critic_queue", "critic_threads", "max_idle_rl_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        from firm.config import build_component
+
+        for name, spec in self.callbacks.items():  # an unknown callback or setting fails here, at --dry-run
+            if spec is not None:
+                build_component("callbacks", {**dict(spec), "name": name}, source=f"module.callbacks.{name}")
         for key in ("train_batch_size", "micro_batch_size", "num_threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1 or null, got {getattr(self, key)}")

@@ -20,7 +20,7 @@ from firm.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig, old_
 from firm.algorithms.flow_grpo import StepTerms, step_mean_kl
 from firm.algorithms.grpo_guard import GRPOGuard, GRPOGuardConfig, guard_loss
 from firm.algorithms.mix_grpo import MixGRPOConfig, window_start
-from firm.policies.samplers import apply_step, cps_coefs, sde_coefs, step_log_prob
+from firm.policies.samplers import apply_step, cps_coefs, sample, sde_coefs, step_log_prob
 
 B, SHAPE = 5, (4, 6, 6)
 
@@ -127,6 +127,34 @@ def ref_grpo_guard_loss(logp, logp_old, mean, mean_old, std_dev_t, dt, adv, clip
     ratio = torch.exp((logp - logp_old + b) * step_std)
     clipped = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
     return clipped / math.sqrt(-dt) ** 2, ratio
+
+
+def ref_nft_dpm2_trajectory(v_fn, z, sigmas):
+    """DiffusionNFT/flow_grpo/diffusers_patch/solver.py, ``run_sampling(solver="dpm2", determistic=True)``:
+    ``dpm_step`` with its ``DPMState`` (DDIM on the first and last steps, first-order DPM-Solver while the history is
+    short, multistep second order after), in float64."""
+    n = sigmas.numel() - 1
+    outputs, lower = [None, None], 0
+    lam = lambda s: torch.log(1 - s) - torch.log(s)  # noqa: E731 - lambda_t = log(alpha_t) - log(sigma_t)
+    for i in range(n):
+        s, t = sigmas[i], sigmas[i + 1]
+        x0 = z - s * v_fn(z, s)  # convert_model_output
+        outputs = [outputs[1], x0]
+        final = i == n - 1
+        if lower < 1 or final:
+            if i == 0 or final:  # ddim_update with eta 0
+                z = (1 - t) * x0 + t * (z - (1 - s) * x0) / s
+            else:  # dpm_solver_first_order_update
+                h = lam(t) - lam(s)
+                z = (t / s) * z - (1 - t) * (torch.exp(-h) - 1.0) * x0
+        else:  # multistep_dpm_solver_second_order_update
+            s1 = sigmas[i - 1]
+            h, h0 = lam(t) - lam(s), lam(s) - lam(s1)
+            d1 = (1.0 / (h0 / h)) * (outputs[1] - outputs[0])
+            e = (1 - t) * (torch.exp(-h) - 1.0)
+            z = (t / s) * z - e * outputs[1] - 0.5 * e * d1
+        lower = min(lower + 1, 2)
+    return z
 
 
 # ---------------------------------------------------------------------------------------------------- the tests
@@ -306,3 +334,23 @@ def test_mix_grpo_window_slides_as_the_paper_says():
     assert [window_start(k, 25, c) for k in (0, 24, 25, 49, 50)] == [0, 0, 1, 1, 2]
     c.wrap = True
     assert window_start(25 * 22, 25, c) == 0  # wraps back to the start after 21
+
+
+@pytest.mark.parametrize("n", [4, 6, 10])
+def test_dpm2_trajectory_matches_diffusion_nft(n):
+    """FIRM's DiffusionNFT rollout sampler against DiffusionNFT's solver on SD3's schedule, with a velocity that
+    depends on the sample and the noise level (so every order of the solver shows)."""
+    g = torch.Generator().manual_seed(40 + n)
+    z0 = torch.randn(B, *SHAPE, generator=g, dtype=torch.float64)
+    target = torch.randn(B, *SHAPE, generator=g, dtype=torch.float64)
+
+    def v_fn(x, s):  # a smooth field: towards `target`, bending with the noise level
+        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+        return (x - target) / s.clamp_min(1e-3) * (0.5 + 0.5 * s)
+
+    sig = sd3_sigmas(n)
+    expected = ref_nft_dpm2_trajectory(v_fn, z0, sig)
+    traj = sample(lambda x, s: v_fn(x.double(), s).float(), z0.float(), sig.float(), method="dpm2", record=False)
+    torch.testing.assert_close(traj.final.double(), expected, rtol=1e-4, atol=1e-4)
+    euler = sample(lambda x, s: v_fn(x.double(), s).float(), z0.float(), sig.float(), method="ode", record=False)
+    assert (euler.final.double() - expected).abs().max() > 1e-3  # the test tells the solvers apart

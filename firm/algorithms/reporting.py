@@ -17,23 +17,22 @@ if TYPE_CHECKING:
 
 
 def rollout_metrics(module: RLAlgorithm, roll: Rollout, adv: dict[str, Any]) -> dict[str, float]:
-    """Reward (and each component), missing rate, advantage and critic statistics of the whole world."""
-    r = adv["all_rewards"]
-    valid = adv["all_valid"]
-    vr = r[valid]
-    out = {
-        "reward/mean": float(vr.mean()) if vr.numel() else math.nan,
-        "reward/std": float(vr.std(unbiased=False)) if vr.numel() else math.nan,
-        "reward/missing_frac": 1.0 - float(valid.float().mean()),
-        "reward/critic_failures": float(roll.critic_failures),
-        "adv/mean": float(adv["all_adv"].mean()),
-        "adv/abs_mean": float(adv["all_adv"].abs().mean()),
-        "adv/std": float(adv["all_adv"].std(unbiased=False)),
-        "adv/max": float(adv["all_adv"].max()),
-        "adv/min": float(adv["all_adv"].min()),
-        "adv/zero_std_group_frac": adv["zero_std_group_frac"],
-        "adv/group_std_mean": adv["group_std_mean"],
-        "adv/trained_frac": adv["global_keep"] / max(r.numel(), 1),
+    """Reward (and each component), missing rate, advantage and critic statistics of the whole world.
+
+    Every statistic is computed on the device and read in one copy (NaN where nothing was valid).
+    """
+    r, valid, a = adv["all_rewards"], adv["all_valid"], adv["all_adv"]
+    nan = torch.full((), math.nan, device=r.device)
+    vr = torch.where(valid, r, nan)
+    dev: dict[str, torch.Tensor] = {
+        "reward/mean": vr.nanmean(),
+        "reward/std": (vr - vr.nanmean()).pow(2).nanmean().sqrt(),  # population std over the valid rewards
+        "reward/missing_frac": 1.0 - valid.float().mean(),
+        "adv/mean": a.mean(),
+        "adv/abs_mean": a.abs().mean(),
+        "adv/std": a.std(unbiased=False),
+        "adv/max": a.max(),
+        "adv/min": a.min(),
     }
     comps = roll.reward.components
     if comps:
@@ -41,14 +40,24 @@ def rollout_metrics(module: RLAlgorithm, roll: Rollout, adv: dict[str, Any]) -> 
         stacked = module.gather(torch.stack([comps[k] for k in names], dim=1).to(module.device))  # (N, K)
         for j, k in enumerate(names):
             col = stacked[:, j]
-            ok = ~torch.isnan(col)
-            out[f"reward/{k}"] = float(col[ok].mean()) if bool(ok.any()) else math.nan
-            out[f"reward/{k}_missing_frac"] = 1.0 - float(ok.float().mean())
+            dev[f"reward/{k}"] = col.nanmean()
+            dev[f"reward/{k}_missing_frac"] = torch.isnan(col).float().mean()
         if EXECUTION in comps and CONSISTENCY in comps:
             e, cns = stacked[:, names.index(EXECUTION)], stacked[:, names.index(CONSISTENCY)]
             ok = ~(torch.isnan(e) | torch.isnan(cns))
             lazy = (cns >= 0.75) & (e <= 0.25) & ok
-            out["reward/lazy_editor_frac"] = float(lazy.sum()) / max(int(ok.sum()), 1)
+            dev["reward/lazy_editor_frac"] = lazy.float().sum() / ok.float().sum().clamp_min(1.0)
+    keys = list(dev)
+    values = torch.stack([dev[k].float().reshape(()) for k in keys]).tolist()  # the one read
+    out = dict(zip(keys, values))
+    out.update(
+        {
+            "reward/critic_failures": float(roll.critic_failures),
+            "adv/zero_std_group_frac": adv["zero_std_group_frac"],
+            "adv/group_std_mean": adv["group_std_mean"],
+            "adv/trained_frac": adv["global_keep"] / max(r.numel(), 1),
+        }
+    )
     return out
 
 

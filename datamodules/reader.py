@@ -85,7 +85,8 @@ class ReaderConfig:
 
 
 def expand_shards(spec: str | Path | list[str | Path]) -> list[str]:
-    """Shard URLs from a spec: a directory (its ``*.tar``), a glob, a brace pattern (``a-{000..009}.tar``), a
+    """Shard URLs from a spec: a directory (its ``*.tar``), a glob, a brace pattern (``a-{000..009}.tar``), a shard
+    prefix (``data/edit/raw`` for ``data/edit/raw-000000.tar`` ..., what ``firm data import --out`` was given), a
     ``pipe:``/URL, several of these joined by ``::``, or a list of these. Local patterns that match nothing are an
     error.
     """
@@ -106,6 +107,14 @@ def expand_shards(spec: str | Path | list[str | Path]) -> list[str]:
 
 
 def _expand_local(s: str) -> list[str]:
+    if not any(c in s for c in "*?[{") and not os.path.exists(s):
+        # A shard prefix, as given to `firm data import --out` / ShardWriter: its `<prefix>-NNNNNN.tar` shards.
+        prefixed = sorted(glob.glob(glob.escape(s) + "-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+        if prefixed:
+            return prefixed
+        raise FileNotFoundError(
+            f"shard not found: {s} (neither a shard file, a folder of shards, nor a prefix with {s}-000000.tar ...)"
+        )
     matched: list[str] = []
     for pattern in wds.shardlists.expand_urls(s):
         hits = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]

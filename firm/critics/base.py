@@ -89,12 +89,14 @@ class PromptedCritic:
     Attributes:
         prompts: the templates in use.
         stats: running counts: ``requests``, ``jobs``, ``generations``, ``parse_failures`` (jobs left without a
-            score after all retries), ``parse_retries``, ``plan_failures``.
+            score after all retries), ``parse_retries``, ``plan_failures``, and in expected-score mode
+            ``expected_fallbacks`` (judgements whose expected score is the parsed integer: no score token found).
     """
 
-    def __init__(self, prompts: PromptSet, max_image_pixels: int | None = None) -> None:
+    def __init__(self, prompts: PromptSet, max_image_pixels: int | None = None, expected_score: bool = False) -> None:
         self.prompts = prompts
         self.max_image_pixels = max_image_pixels
+        self.expected_score = expected_score  # expected-score mode (see firm.critics.expected)
         self.stats: Counter[str] = Counter()
 
     # ---- building jobs
@@ -176,6 +178,7 @@ class PromptedCritic:
             done = by_request.get(i, {})
             res = CriticResult(scores={}, key=r.key)
             attempts, expected, notes = {}, {}, {}
+            fallbacks: list[str] = []
             for d in r.dimensions:
                 comp = done.get(d)
                 if comp is None:  # an Instruction judgement whose planner failed
@@ -207,6 +210,10 @@ class PromptedCritic:
                     res.scores[d] = comp.parsed.value
                     if "score" in comp.expected:
                         expected[d] = comp.expected["score"]
+                if self.expected_score and d not in expected:
+                    # No expected score (the score token was not found): the parsed integer stands in, counted.
+                    expected[d] = float(res.scores[d])
+                    fallbacks.append(d)
             plan = plans.get(i)
             if plan is not None and plan.parsed.ok:
                 res.details["checklist"] = list(plan.parsed.value)
@@ -216,6 +223,9 @@ class PromptedCritic:
             res.details["attempts"] = attempts
             if expected:
                 res.details["expected_scores"] = expected
+            if fallbacks:
+                res.details["expected_fallbacks"] = fallbacks  # dimensions whose expected score is the integer
+                self.stats["expected_fallbacks"] += len(fallbacks)
             if notes:
                 res.details["notes"] = notes
             spans = [(c.start, c.end) for c in [*done.values(), *([plan] if plan is not None else [])]]

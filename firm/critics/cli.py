@@ -165,13 +165,19 @@ def _build_critic_from_args(args: argparse.Namespace):
                 max_retries=args.retries,
                 parse_retries=args.parse_retries,
                 max_tokens=args.max_tokens,
+                expected_score=args.expected_score,
+                top_logprobs=args.top_logprobs,
+                structured_outputs=args.structured_outputs,
                 prompts=prompts,
             ),
             api_key=args.api_key,  # None: $FIRM_CRITIC_API_KEY
         )
+    if args.structured_outputs != "off":
+        raise SystemExit("firm critic score: --structured-outputs needs a served critic (--endpoint)")
     return LocalCritic(
         LocalCritic.Config(
             model=args.model,
+            revision=args.revision,
             device=args.device,
             batch_size=args.batch_size,
             max_new_tokens=args.max_tokens,
@@ -237,6 +243,7 @@ def _cmd_critic_score(args: argparse.Namespace) -> int:
                     "scores": res.scores,
                     "reward": None if math.isnan(r) else round(r, 6),
                     "reasoning": res.reasoning,
+                    "raw": res.raw,  # the critic's answer per judgement, as written (see it when a score is null)
                     "errors": res.errors,
                     "details": res.details,
                     "latency_s": round(res.latency_s, 3),
@@ -273,6 +280,7 @@ def _cmd_serve_critic(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if args.host == "localhost" else args.host
     server = build_server(
         args.model,
+        revision=args.revision,
         served_name=args.served_model_name,
         api_key=api_key,
         device=args.device,
@@ -299,7 +307,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Serve a critic checkpoint (a save_pretrained directory, Qwen3-VL family) with dynamic "
         "batching. Clients: `firm critic score --endpoint`, HTTPCritic, or any OpenAI-compatible client.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, processor files)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (config.json, weights, processor files) or hub id"
+    )
+    p.add_argument("--revision", default=None, help="hub revision when --model is a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help=f"require this key as a Bearer token (default: ${API_KEY_ENV})")
@@ -348,7 +359,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output JSONL, one line per item")
     s.add_argument("--task", choices=("edit", "gen"), default="edit", help="edit pairs (default) or generated images")
     s.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    s.add_argument("--model", help="local checkpoint directory (instead of --endpoint)")
+    s.add_argument("--model", help="local checkpoint directory or hub id (instead of --endpoint)")
     s.add_argument("--model-name", help="model name to request from the endpoint (default: its first model)")
     s.add_argument("--api-key", default=None, help=f"endpoint API key (default: ${API_KEY_ENV})")
     s.add_argument("--instruction", help="one instruction for every pair (layout 2 without instruction files)")
@@ -364,7 +375,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-tokens", type=int, default=1024, help="generation budget per judgement")
     s.add_argument("--device", default="auto", help="local model device")
     s.add_argument("--batch-size", type=int, default=8, help="local model batch size")
-    s.add_argument("--expected-score", action="store_true", help="local model: also compute expected scores")
+    s.add_argument(
+        "--expected-score",
+        action="store_true",
+        help="also compute expected scores (local: from the logits; endpoint: from logprobs / top_logprobs)",
+    )
+    s.add_argument("--top-logprobs", type=int, default=20, help="endpoint: alternatives per token asked for (0..20)")
+    s.add_argument(
+        "--structured-outputs",
+        choices=("off", "vllm", "response_format"),
+        default="off",
+        help="endpoint: constrain answers to their parser's format (vLLM structured_outputs, or OpenAI "
+        "response_format JSON schemas); only with templates that ask for the built-in formats",
+    )
+    s.add_argument("--revision", default=None, help="hub revision when --model is a hub id")
 
     def _cmd_critic(args: argparse.Namespace) -> int:
         if getattr(args, "critic_command", None) == "score":

@@ -1,15 +1,19 @@
 """`firm export-critic RUN_DIR OUT_DIR`: a trained critic run -> a ``save_pretrained`` directory.
 
-The output holds the model weights (safetensors), ``config.json``, ``generation_config.json``, the tokenizer with its
-chat template and the image processor: what the local critic backend (``critics: {name: local, model: OUT_DIR}``)
-and vLLM load. LoRA adapters are merged into the base weights unless ``merge_lora=False``, in which case the adapter
-is written with peft's ``save_pretrained`` next to the processor (load it on top of the base model).
+The output has the layout of a hub checkpoint such as Qwen3-VL-8B-Instruct: the model weights (safetensors),
+``config.json``, ``generation_config.json``, the tokenizer with its chat template (``chat_template.jinja`` and the
+``chat_template.json`` older loaders read), the image processor, ``video_preprocessor_config.json`` and
+``processor_class`` in the processor configs: what the local critic backend (``critics: {name: local, model:
+OUT_DIR}``), ``AutoProcessor`` and vLLM load. LoRA adapters are merged into the base weights unless
+``merge_lora=False``, in which case the adapter is written with peft's ``save_pretrained`` next to the processor
+(load it on top of the base model).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -20,18 +24,78 @@ from firm.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def save_processor(source: str | Path, out: Path) -> None:
-    """Copy the processor files (tokenizer + chat template + image processor) of ``source`` into ``out``."""
+# Video processors of the model types whose hub checkpoints ship a video_preprocessor_config.json. Their classes
+# need torchvision, which CPU installs here lack, so the config is written from the image processor's settings.
+VIDEO_PROCESSORS = {
+    "qwen3_vl": "Qwen3VLVideoProcessor",
+    "qwen3_vl_moe": "Qwen3VLVideoProcessor",
+    "qwen2_5_vl": "Qwen2VLVideoProcessor",
+    "qwen2_vl": "Qwen2VLVideoProcessor",
+}
+# Image-processor settings a Qwen-VL video processor shares (patching, normalisation, resizing).
+_VIDEO_KEYS = (
+    "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
+    "rescale_factor", "do_rescale", "do_normalize", "do_resize", "do_convert_rgb",
+)  # fmt: skip
+# Files of a hub checkpoint's processor besides the tokenizer's and the image processor's.
+PROCESSOR_FILES = ("video_preprocessor_config.json", "chat_template.json")
+
+
+def _update_json(path: Path, **values: object) -> None:
+    """Add ``values`` to the JSON object in ``path`` (keys already there are kept)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for k, v in values.items():
+        data.setdefault(k, v)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def complete_processor_layout(source: str | Path, out: Path, model_type: str | None) -> list[str]:
+    """Give ``out`` the processor files a hub checkpoint has (what vLLM and ``AutoProcessor`` look for):
+    ``video_preprocessor_config.json``, ``chat_template.json`` and ``processor_class`` in the image-processor and
+    tokenizer configs. Files the source has are copied; missing ones are written from what ``out`` holds. Returns
+    the files written."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    written = []
+    src = Path(source)
+    for name in PROCESSOR_FILES:
+        if not (out / name).is_file() and (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            written.append(name)
+    processor_class = PROCESSOR_MAPPING_NAMES.get(model_type or "")
+    image_cfg = out / "preprocessor_config.json"
+    video_cfg = out / "video_preprocessor_config.json"
+    if not video_cfg.is_file() and image_cfg.is_file() and model_type in VIDEO_PROCESSORS:
+        image = json.loads(image_cfg.read_text(encoding="utf-8"))
+        video = {k: image[k] for k in _VIDEO_KEYS if k in image}
+        video["video_processor_type"] = VIDEO_PROCESSORS[model_type]
+        video_cfg.write_text(json.dumps(video, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(video_cfg.name)
+    template = out / "chat_template.jinja"
+    if not (out / "chat_template.json").is_file() and template.is_file():
+        text = template.read_text(encoding="utf-8")
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": text}, indent=2) + "\n", encoding="utf-8")
+        written.append("chat_template.json")
+    if processor_class:
+        for cfg in (image_cfg, video_cfg, out / "tokenizer_config.json"):
+            if cfg.is_file():
+                _update_json(cfg, processor_class=processor_class)
+    return written
+
+
+def save_processor(source: str | Path, out: Path, model_type: str | None = None) -> None:
+    """Copy the processor files (tokenizer + chat template + image and video processor) of ``source`` into ``out``,
+    in the layout of a hub checkpoint (see :func:`complete_processor_layout`)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
         AutoProcessor.from_pretrained(source).save_pretrained(out)
-        return
     except (ImportError, ValueError, OSError, TypeError, AttributeError, KeyError) as e:
         # e.g. Qwen-VL video processors need torchvision; the critic backend falls back to these two parts too.
         log.info("AutoProcessor unavailable for %s (%s); saving tokenizer and image processor", source, e)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-    AutoImageProcessor.from_pretrained(source).save_pretrained(out)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        AutoImageProcessor.from_pretrained(source).save_pretrained(out)
+    complete_processor_layout(source, out, model_type)
 
 
 def export_critic(
@@ -89,7 +153,7 @@ def export_critic(
         model = model.merge_and_unload()
     model.config.use_cache = True
     model.save_pretrained(out)
-    save_processor(conf.model, out)
+    save_processor(conf.model, out, getattr(model.config, "model_type", None))
     meta = {
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(run_dir.resolve()),

@@ -3,7 +3,8 @@
 Async and concurrent: every judgement is one ``POST {endpoint}/chat/completions`` with the images as base64 data
 URLs; at most ``max_concurrency`` requests are in flight, spread over several endpoints by picking the one with
 the fewest requests in flight. Each request has a timeout; connection errors, timeouts, HTTP 429 and 5xx are
-retried with exponential backoff (on another endpoint when there is one), and so are structurally bad replies (a
+retried with exponential backoff (on another endpoint when there is one; a ``Retry-After`` header lengthens the
+wait to what the server asked for, up to ``retry_after_max_s``), and so are structurally bad replies (a
 200 whose body is not JSON, or is not a chat completion: ``{"choices": []}``, no message, content that is not
 text), within the same retry budget. When the budget is spent on transport errors the call raises
 :class:`CriticEndpointError` naming the endpoint(s); a request the server rejects (other 4xx) raises
@@ -12,6 +13,11 @@ reason (counted in ``stats["reply_failures"]``), and the other judgements of the
 whose replies stayed malformed after all retries, and one whose request the server refused as too large (HTTP 413:
 a prompt or an image over the server's limits). Answers that cannot be parsed are asked again (sampling at
 ``retry_temperature``) up to ``parse_retries`` times, then give a ``None`` score with the reason.
+
+Expected-score mode (``expected_score: true``) asks for ``logprobs`` / ``top_logprobs`` and returns, besides the
+integer, the probability-weighted mean score at the score token (:mod:`firm.critics.expected`, the same formula as
+the local critic's); ``structured_outputs`` sends a JSON schema or a regex that constrains each judgement's answer
+to the format its parser reads (:mod:`firm.critics.structured`).
 
 ``score()`` is synchronous and works from plain code and from inside a running event loop (it then runs the
 requests on a helper thread); ``ascore()`` is the coroutine. ``complete()`` / ``acomplete()`` send free-form
@@ -23,24 +29,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import io
 import itertools
 import logging
+import math
 import os
 import random
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from datamodules.chat import prepare_messages
-from firm.critics.base import Completion, Job, PromptedCritic, now
+from firm.critics.base import PLAN, Completion, Job, PromptedCritic, now
+from firm.critics.expected import expected_from_logprobs
 from firm.critics.parsing import ParseResult
 from firm.critics.prompts import PromptConfig, PromptSet
+from firm.critics.structured import MODES as STRUCTURED_MODES
+from firm.critics.structured import request_fields
 from firm.critics.types import CriticRequest, CriticResult
 
 log = logging.getLogger(__name__)
@@ -106,6 +118,50 @@ def chat_content(data: Any) -> str:
         raise _BadReply(f"the message content is {type(content).__name__}, not text: {_shown(content)}")
     # Lone surrogates ("\ud800" escapes) cannot be written as UTF-8 later (JSONL, shards): replace them here.
     return (content or "").encode("utf-8", "replace").decode("utf-8")
+
+
+@dataclass
+class Reply:
+    """A chat completion's first choice: its text, ``logprobs.content`` entries (when asked for) and why it ended."""
+
+    text: str
+    logprobs: list | None = None
+    finish_reason: str | None = None
+
+
+def chat_reply(data: Any) -> Reply:
+    """:func:`chat_content` plus the first choice's ``logprobs.content`` (None when absent) and ``finish_reason``.
+
+    Raises:
+        _BadReply: as :func:`chat_content`.
+    """
+    text = chat_content(data)
+    choice = data["choices"][0]
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else None
+    finish = choice.get("finish_reason")
+    return Reply(text, content if isinstance(content, list) else None, finish if isinstance(finish, str) else None)
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110: a number of seconds or an HTTP date); None when the
+    header is absent or unreadable, 0 for a date in the past."""
+    if not value or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
 
 
 def normalize_endpoint(url: str) -> str:
@@ -183,6 +239,10 @@ class HTTPCritic(PromptedCritic):
         jpeg_quality: int = 95  # when image_format is jpeg
         max_image_pixels: int | None = None  # downscale larger images to this many pixels before sending
         extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request (e.g. top_k for vLLM)
+        expected_score: bool = False  # also return the probability-weighted mean score (logprobs at the score token)
+        top_logprobs: int = 20  # alternatives per token asked for in expected-score mode (OpenAI and vLLM allow 0..20)
+        structured_outputs: str = "off"  # off | vllm (structured_outputs: JSON schema / regex) | response_format
+        retry_after_max_s: float = 60.0  # longest wait honoured from a Retry-After header (HTTP 429 / 503)
         prompts: PromptConfig = field(default_factory=PromptConfig)  # template files replacing the built-in ones
 
     def __init__(self, config: Config | None = None, *, api_key: str | None = None) -> None:
@@ -194,10 +254,19 @@ class HTTPCritic(PromptedCritic):
                 is never a config field, so it never lands in a saved config, a manifest or a run's meta.json.
         """
         config = config or self.Config()
-        super().__init__(PromptSet(config.prompts), config.max_image_pixels)
+        super().__init__(PromptSet(config.prompts), config.max_image_pixels, expected_score=config.expected_score)
         self.config = config
         if not config.endpoints:
             raise ValueError("http critic: give at least one endpoint URL in `endpoints:`")
+        if config.structured_outputs not in STRUCTURED_MODES:
+            raise ValueError(
+                f"http critic: structured_outputs must be one of {', '.join(STRUCTURED_MODES)}, "
+                f"got {config.structured_outputs!r}"
+            )
+        if not 0 <= config.top_logprobs <= 20:
+            raise ValueError(f"http critic: top_logprobs must be in 0..20, got {config.top_logprobs}")
+        if config.retry_after_max_s < 0:
+            raise ValueError("http critic: retry_after_max_s must be >= 0")
         self.endpoints = [normalize_endpoint(u) for u in config.endpoints]
         if config.max_concurrency < 1 or config.max_retries < 0 or config.parse_retries < 0 or config.timeout_s <= 0:
             raise ValueError(
@@ -251,9 +320,14 @@ class HTTPCritic(PromptedCritic):
         last: str = ""
         timeouts = bad_replies = 0
         last_was_bad_reply = False
+        hint: float | None = None  # the server's Retry-After of the last answer, in seconds
         for attempt in range(1 + self.config.max_retries):
             if attempt:
-                await asyncio.sleep(self._delay(attempt - 1))
+                delay = self._delay(attempt - 1)
+                if hint is not None:  # the server said how long to wait: at least that, up to retry_after_max_s
+                    delay = max(delay, min(hint, self.config.retry_after_max_s))
+                hint = None
+                await asyncio.sleep(delay)
             async with sem:
                 endpoint = self._pick(set(tried[-1:]) if len(self.endpoints) > 1 else set())
                 tried.append(endpoint)
@@ -273,6 +347,7 @@ class HTTPCritic(PromptedCritic):
                     self._done(endpoint)
             last_was_bad_reply = False
             if resp.status_code in RETRYABLE_STATUS:
+                hint = retry_after_s(resp.headers.get("retry-after"))
                 last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
                 log.warning("critic endpoint %s answered HTTP %d (attempt %d)", endpoint, resp.status_code, attempt + 1)
                 continue
@@ -341,22 +416,50 @@ class HTTPCritic(PromptedCritic):
         temperature: float,
     ) -> str:
         """One chat completion (OpenAI-format ``messages``); returns the answer text ('' when the server gave none)."""
+        return (await self.chat_reply(client, sem, messages, temperature=temperature)).text
+
+    async def chat_reply(
+        self,
+        client: httpx.AsyncClient,
+        sem: asyncio.Semaphore,
+        messages: list[dict],
+        *,
+        temperature: float,
+        extra: dict[str, Any] | None = None,
+    ) -> Reply:
+        """One chat completion with its logprobs and finish reason; ``extra`` fields are added to the body."""
         body = {
             "model": await self._resolve_model(client, sem),
             "messages": messages,
             "max_tokens": self.config.max_tokens,
             "temperature": temperature,
+            **(extra or {}),
             **self.config.extra_body,
         }
-        return await self._request(client, sem, "POST", "/chat/completions", body, read=chat_content)
+        return await self._request(client, sem, "POST", "/chat/completions", body, read=chat_reply)
+
+    def _job_fields(self, job: Job) -> dict[str, Any]:
+        """Request fields of a judgement: logprobs in expected-score mode, and its structured-output constraint."""
+        if job.dimension == PLAN:
+            return {}
+        fields = request_fields(job.dimension, self.config.structured_outputs)
+        if self.config.expected_score:
+            fields.update(logprobs=True, top_logprobs=self.config.top_logprobs)
+        return fields
 
     async def _chat_or_reason(
-        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, messages: list[dict], *, temperature: float
-    ) -> tuple[str | None, str | None]:
-        """``(answer, None)``, or ``(None, why)`` for the failures that cost only this conversation: replies that
+        self,
+        client: httpx.AsyncClient,
+        sem: asyncio.Semaphore,
+        messages: list[dict],
+        *,
+        temperature: float,
+        extra: dict[str, Any] | None = None,
+    ) -> tuple[Reply | None, str | None]:
+        """``(reply, None)``, or ``(None, why)`` for the failures that cost only this conversation: replies that
         stayed malformed through every retry, and HTTP 413 (this request is over the server's limits)."""
         try:
-            return await self.chat(client, sem, messages, temperature=temperature), None
+            return await self.chat_reply(client, sem, messages, temperature=temperature, extra=extra), None
         except CriticReplyError as e:
             why = f"no usable reply from the endpoint: {e}"
         except CriticRequestError as e:
@@ -373,19 +476,30 @@ class HTTPCritic(PromptedCritic):
         self, client: httpx.AsyncClient, sem: asyncio.Semaphore, job: Job, messages: list
     ) -> Completion:
         start = now()
-        text, parsed, attempt = None, None, 0
+        reply, parsed, attempt = None, None, 0
+        extra = self._job_fields(job)
         for attempt in range(1 + self.config.parse_retries):
             temperature = self.config.temperature if attempt == 0 else self.config.retry_temperature
             if attempt:
                 self.stats["parse_retries"] += 1
-            text, why = await self._chat_or_reason(client, sem, messages, temperature=temperature)
+            reply, why = await self._chat_or_reason(client, sem, messages, temperature=temperature, extra=extra)
             if why is not None:  # a missing score with the reason; the other judgements of the call are kept
                 return Completion(None, ParseResult(value=None, reason=why), attempt + 1, start, now())
             self.stats["generations"] += 1
-            parsed = job.parser(text)
+            parsed = job.parser(reply.text)
             if parsed.ok:
                 break
-        return Completion(text, parsed, attempt + 1, start, now())
+        comp = Completion(reply.text, parsed, attempt + 1, start, now())
+        if reply.finish_reason == "length" and not parsed.ok:
+            comp.notes.append("the answer was cut at max_tokens")
+        if self.config.expected_score and parsed.ok and job.dimension != PLAN:
+            for key, span in parsed.spans.items():
+                value, why = expected_from_logprobs(reply.logprobs, reply.text, span)
+                if value is not None:
+                    comp.expected[key] = value
+                else:
+                    comp.notes.append(f"no expected score for {key}: {why}")
+        return comp
 
     async def _complete(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, jobs: list[Job]) -> list[Completion]:
         cache: dict = {}
@@ -445,8 +559,8 @@ class HTTPCritic(PromptedCritic):
         async with httpx.AsyncClient(headers=self._headers(), limits=limits) as client:
 
             async def one(p: list) -> str:
-                text, _ = await self._chat_or_reason(client, sem, p, temperature=temp)
-                return "" if text is None else text  # no reply: an empty answer, which no parser accepts
+                reply, _ = await self._chat_or_reason(client, sem, p, temperature=temp)
+                return "" if reply is None else reply.text  # no reply: an empty answer, which no parser accepts
 
             tasks = [asyncio.ensure_future(one(p)) for p in payload]
             try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,13 @@ import torch
 
 from datamodules.chat import ChatEncoder, split_images
 from firm.critics.base import Completion, Job, PromptedCritic, now
+from firm.critics.expected import SCORE_DIGITS, expected_score
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CriticRequest, CriticResult
 
-__all__ = ["ChatEncoder", "Generation", "LocalCritic", "split_images"]
+__all__ = ["ChatEncoder", "Generation", "LocalCritic", "TokenLogprob", "critic_checkpoint", "split_images"]
 
 log = logging.getLogger(__name__)
-
-SCORE_DIGITS = "12345"
 
 
 class _CandidateRecorder:
@@ -47,11 +45,84 @@ class _CandidateRecorder:
         return scores
 
 
+class _LogprobRecorder:
+    """Logits processor that keeps, at every step, the log-probability of the token chosen and of the ``top`` most
+    likely tokens (the model's distribution before any temperature: HF applies its warpers after custom processors).
+
+    Only one step's full distribution is held at a time: the token chosen at step t is read from ``input_ids`` at
+    step t + 1 (and from the output sequences for the last step, in :meth:`finish`).
+    """
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.chosen: list[torch.Tensor] = []  # per step: (B,) log-probability of the chosen token
+        self.top_ids: list[torch.Tensor] = []  # per step: (B, top)
+        self.top_lps: list[torch.Tensor] = []  # per step: (B, top)
+        self._last: torch.Tensor | None = None  # (B, V) log-probabilities of the previous step
+        self._calls = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self.chosen.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1).cpu())  # (B,)
+        lp = torch.log_softmax(scores.float(), dim=-1)  # (B, V)
+        if self.top:
+            vals, ids = lp.topk(min(self.top, lp.shape[-1]), dim=-1)  # (B, top)
+            self.top_ids.append(ids.cpu())
+            self.top_lps.append(vals.cpu())
+        self._last = lp
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> None:
+        """Read the last step's chosen tokens from the generated ids ``(B, steps)``."""
+        if self._last is not None and len(self.chosen) < new_tokens.shape[1]:
+            last = new_tokens[:, len(self.chosen) : len(self.chosen) + 1].to(self._last.device)
+            self.chosen.append(self._last.gather(1, last).squeeze(1).cpu())
+        self._last = None
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives at its position."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, log-probability), most likely first
+
+
 @dataclass
 class Generation:
     text: str
     ids: list[int]
     candidate_logits: torch.Tensor | None = None  # (steps, n_candidates) when recorded
+    finish_reason: str = "stop"  # stop (end of sequence or a stop string) | length (cut at the token budget)
+    prompt_tokens: int = 0  # tokens of the encoded prompt (text and image tokens)
+    logprobs: list[TokenLogprob] | None = None  # per kept token, when asked for
+
+
+# Files of a critic checkpoint fetched from the hub: weights, configs, tokenizer and processor files, chat template.
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def critic_checkpoint(model: str, revision: str | None = None, who: str = "critic") -> Path:
+    """The local directory of a critic checkpoint: ``model`` itself when it is a directory, else a hub id
+    (``org/name``) fetched once into the Hugging Face cache (only the files above; ``HF_HUB_OFFLINE=1`` uses the
+    cache alone). Weights are read as safetensors only.
+
+    Raises:
+        FileNotFoundError: ``model`` is neither a checkpoint directory nor a hub id, or the directory has no
+            ``config.json``.
+    """
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        looks_like_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and all(model.split("/"))
+        if not looks_like_id:
+            raise FileNotFoundError(f"{who}: {model} is not a directory (nor a hub id like org/name)")
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{who}: {path} has no config.json; give a save_pretrained directory or a hub id")
+    return path
 
 
 class LocalCritic(PromptedCritic):
@@ -60,7 +131,8 @@ class LocalCritic(PromptedCritic):
     @dataclass
     class Config:
         name: str = "local"
-        model: str = ""  # directory with config.json, weights, tokenizer, image processor and chat template
+        model: str = ""  # save_pretrained directory (config.json, weights, processor files), or a hub id org/name
+        revision: str | None = None  # hub revision (branch, tag or commit) when `model` is a hub id
         device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
         dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
         attn_implementation: str = "auto"  # auto (flash_attention_2 if flash_attn is installed on GPU, else sdpa)
@@ -76,23 +148,23 @@ class LocalCritic(PromptedCritic):
     def __init__(self, config: Config | None = None, *, model: Any = None, encoder: ChatEncoder | None = None):
         """Load the model named by ``config.model`` (or use a given ``model`` and ``encoder``)."""
         config = config or self.Config()
-        super().__init__(PromptSet(config.prompts), config.max_image_pixels)
+        super().__init__(PromptSet(config.prompts), config.max_image_pixels, expected_score=config.expected_score)
         self.config = config
         if config.batch_size < 1 or config.max_new_tokens < 1 or config.parse_retries < 0:
             raise ValueError("local critic: batch_size and max_new_tokens must be >= 1, parse_retries >= 0")
         if model is None:
             if not config.model:
-                raise ValueError("local critic: set `model:` to a directory written by save_pretrained")
-            path = Path(config.model).expanduser()
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"local critic: {path} has no config.json; give a save_pretrained directory")
+                raise ValueError("local critic: set `model:` to a directory written by save_pretrained, or a hub id")
+            path = critic_checkpoint(config.model, config.revision, "local critic")
             self.device = self._pick_device(config.device)
             self.dtype = self._pick_dtype(config.dtype, self.device)
             attn = self._pick_attention(config.attn_implementation, self.device)
             from transformers import AutoModelForImageTextToText
 
             log.info("loading critic %s on %s (%s, attention: %s)", path, self.device, self.dtype, attn)
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype, attn_implementation=attn)
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=self.dtype, attn_implementation=attn, use_safetensors=True
+            )
             model.to(self.device)
             encoder = encoder or ChatEncoder(path, config.max_image_pixels)
         else:
@@ -155,6 +227,10 @@ class LocalCritic(PromptedCritic):
         temperature: float = 0.0,
         max_new_tokens: int | None = None,
         record_scores: bool = False,
+        logprobs: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
     ) -> list[Generation]:
         """Generate one answer per conversation (one ``generate`` call; batch the input yourself).
 
@@ -163,6 +239,11 @@ class LocalCritic(PromptedCritic):
             temperature: 0 for greedy decoding, > 0 to sample.
             max_new_tokens: generation budget (default: the config's).
             record_scores: keep the logits of score-digit tokens at every step (expected-score mode).
+            logprobs: None: none; N >= 0: the log-probability of every generated token and of the N most likely
+                alternatives at its position (``Generation.logprobs``).
+            top_p: nucleus sampling mass when sampling (None: 1.0).
+            stop: strings that end an answer; the answer is cut before the first one (which is not returned).
+            seed: seeds the sampler, so that the same request in the same batch gives the same answer.
         """
         if not conversations:
             return []
@@ -170,33 +251,66 @@ class LocalCritic(PromptedCritic):
         enc = {k: v.to(self.device) for k, v in enc.items()}
         if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
             enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
+        budget = max_new_tokens or self.config.max_new_tokens
         recorder = _CandidateRecorder(self._candidate_ids()) if record_scores else None
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens or self.config.max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
+        lp_recorder = _LogprobRecorder(logprobs) if logprobs is not None else None
+        kwargs: dict[str, Any] = {"max_new_tokens": budget, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0 if top_p is None else top_p, top_k=0)
         else:  # unset the sampling knobs a checkpoint's generation_config may carry, so greedy is plain greedy
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if recorder is not None:
+        processors = [r for r in (recorder, lp_recorder) if r is not None]
+        if processors:
             from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([recorder])
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
+        stop = [x for x in (stop or []) if x]
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        if seed is not None and temperature > 0:
+            torch.manual_seed(seed)
         out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1] :].cpu()  # (B, steps)
+        if lp_recorder is not None:
+            lp_recorder.finish(new)
         stops = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         stops.update(eos if isinstance(eos, list) else [eos])
         stops.discard(None)
         logits = torch.stack(recorder.steps, dim=1).cpu() if recorder and recorder.steps else None  # (B, steps, C)
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist() if "attention_mask" in enc else None
         gens = []
         for b, row in enumerate(new.tolist()):
-            n = next((j for j, t in enumerate(row) if t in stops), len(row))
-            ids = row[:n]
+            n = next((j for j, t in enumerate(row) if t in stops), None)
+            finish = "stop" if n is not None else ("length" if len(row) >= budget else "stop")
+            ids = row[: len(row) if n is None else n]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            gens.append(Generation(text, ids, logits[b, :n] if logits is not None else None))
+            cut = min((i for i in (text.find(x) for x in stop) if i >= 0), default=None)
+            if cut is not None:  # cut before the first stop string; keep the tokens that spell the kept text
+                text, finish = text[:cut], "stop"
+                ids = ids[: self._tokens_for(ids, cut)]
+            gen = Generation(text, ids, logits[b, : len(ids)] if logits is not None else None, finish)
+            gen.prompt_tokens = int(prompt_lens[b]) if prompt_lens is not None else len(enc["input_ids"][b])
+            if lp_recorder is not None:
+                gen.logprobs = [
+                    TokenLogprob(
+                        tok,
+                        float(lp_recorder.chosen[t][b]),
+                        list(zip(lp_recorder.top_ids[t][b].tolist(), lp_recorder.top_lps[t][b].tolist()))
+                        if lp_recorder.top
+                        else [],
+                    )
+                    for t, tok in enumerate(ids)
+                ]
+            gens.append(gen)
         return gens
+
+    def _tokens_for(self, ids: list[int], n_chars: int) -> int:
+        """The fewest leading tokens of ``ids`` whose decoding covers the first ``n_chars`` characters."""
+        if n_chars <= 0:
+            return 0
+        j = self._token_at(ids, n_chars - 1)
+        return len(ids) if j is None else j + 1
 
     def generate_texts(
         self, conversations: Sequence[list[dict]], *, temperature: float = 0.0, max_new_tokens: int | None = None
@@ -240,10 +354,9 @@ class LocalCritic(PromptedCritic):
         col = {t: c for c, t in enumerate(cand)}
         if any(v is None or v not in col for v in variants):
             return None, f"the vocabulary lacks a score-token variant of {tok!r}"
-        logits = gen.candidate_logits[j, [col[v] for v in variants]]  # (5,)
-        p = torch.softmax(logits.double(), dim=0)
-        value = float((p * torch.arange(1, 6, dtype=torch.float64)).sum())
-        return (value, None) if math.isfinite(value) else (None, "non-finite logits")
+        logits = gen.candidate_logits[j, [col[v] for v in variants]].double().tolist()  # (5,)
+        value = expected_score({int(k): lg for k, lg in zip(SCORE_DIGITS, logits)})  # the HTTP critic's formula too
+        return (value, None) if value is not None else (None, "non-finite logits")
 
     # ---- scoring
 

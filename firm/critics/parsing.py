@@ -443,6 +443,13 @@ _LABELLED = re.compile(rf"(?:rating|score)[\s*_`]*[:：=][*_`\"'\[\s]*(?P<num>{_
 _BOXED = re.compile(r"\\?boxed\s*\{(?P<inner>[^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
 
 
+def _last_match(pattern: re.Pattern, text: str, start: int = 0, end: int | None = None) -> re.Match | None:
+    m = None
+    for m in pattern.finditer(text, start, len(text) if end is None else end):
+        pass
+    return m
+
+
 def _labelled_score(text: str) -> tuple[int | None, str | None, tuple[int, int] | None]:
     m = None
     for m in _LABELLED.finditer(text):
@@ -526,24 +533,32 @@ def parse_json_score(text: str | None) -> int | None:
 # Boxed score: reasoning ... \boxed{N}
 
 _TEXT_MACRO = re.compile(r"\\(?:text|textbf|mathbf|mathrm)\s*\{([^{}]*)\}")
+_BOX_WRAPPING = " \t\r\n[]{}"  # brackets / braces around the boxed number (stripped, not matched: linear time)
 
 
 def _boxed_score(body: str, off: int, problem: str | None) -> ParseResult:
     m = None
     for m in _BOXED.finditer(body):
         pass
+    boxed_why = None
     if m is not None:
         inner = m.group("inner")
         num = re.search(_NUM, inner)
-        score, why = coerce_score(_TEXT_MACRO.sub(r"\1", inner).strip())
-        if score is None:
-            return _fail(f"\\boxed{{{_shown(inner.strip())}}}: {why}")
-        start = m.start("inner") + num.start() if num else m.start()
-        end = m.start("inner") + num.end() if num else m.end()
-        return ParseResult(value=score, reasoning=body[: m.start()].strip(), spans=_shift({"score": (start, end)}, off))
+        # \boxed{[4]} (the released FIRM instruction template shows the rating in brackets) and \boxed{{4}}
+        value = _TEXT_MACRO.sub(r"\1", inner).strip(_BOX_WRAPPING)
+        score, why = coerce_score(value)
+        if score is not None:
+            start = m.start("inner") + num.start() if num else m.start()
+            end = m.start("inner") + num.end() if num else m.end()
+            spans = _shift({"score": (start, end)}, off)
+            return ParseResult(value=score, reasoning=body[: m.start()].strip(), spans=spans)
+        boxed_why = f"\\boxed{{{_shown(inner.strip())}}}: {why}"
+    # No readable box: a labelled line such as "Final Alignment Rating: [4]" (the released template writes both).
     score, why, span = _labelled_score(body)
     if score is not None:
         return ParseResult(value=score, reasoning=body[: span[0]].strip(), spans=_shift({"score": span}, off))
+    if boxed_why:
+        return _fail(boxed_why)
     if why:
         return _fail(why)
     return _fail(problem or "no \\boxed{N} and no labelled final rating found")
@@ -604,6 +619,18 @@ _ASPECT_LINE = re.compile(
 )
 
 
+def _score_list(obj: dict) -> list | None:
+    """The released FIRM-Gen Quality answer ``{"score": [a, t, s], ...}``: its list of three aspect scores."""
+    v = _find_key(obj, ("score", "scores"))
+    return v if isinstance(v, list) and len(v) == len(QUALITY_ASPECTS) else None
+
+
+# The same answer with broken JSON around it: "score": [4, 3, 5]
+_SCORE_LIST = re.compile(
+    rf"[\"']scores?[\"']\s*:\s*\[\s*(?P<a>{_NUM})\s*,\s*(?P<b>{_NUM})\s*,\s*(?P<c>{_NUM})\s*\]", re.IGNORECASE
+)
+
+
 def explain_quality_scores(text: str | None) -> ParseResult:
     """Parse the three quality aspects; see :func:`parse_quality_scores`."""
     body, off, problem, failure = _read_answer(text)
@@ -612,8 +639,18 @@ def explain_quality_scores(text: str | None) -> ParseResult:
     raw: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
     reasoning = ""
-    found, json_problem = _last_value(body, dict, _Work(len(body)), lambda o: bool(_aspect_values(o)))
-    if found is not None:
+    found, json_problem = _last_value(
+        body, dict, _Work(len(body)), lambda o: bool(_aspect_values(o)) or _score_list(o) is not None
+    )
+    listed = None if found is not None else _last_match(_SCORE_LIST, body)
+    if found is not None and not _aspect_values(found[0]):
+        obj, start, end = found
+        raw = dict(zip(QUALITY_ASPECTS, _score_list(obj)))  # in the order the template lists the aspects
+        reasoning = _reasoning_of(obj) or body[:start].strip()
+        m = _last_match(_SCORE_LIST, body, start, end)
+        if m is not None:
+            spans = {a: m.span(g) for a, g in zip(QUALITY_ASPECTS, "abc")}
+    elif found is not None:
         obj, start, end = found
         raw = _aspect_values(obj)
         reasoning = _reasoning_of(obj) or body[:start].strip()
@@ -621,6 +658,10 @@ def explain_quality_scores(text: str | None) -> ParseResult:
             spans[_aspect_of(m.group("name"))] = m.span("num")
     elif json_problem is not None:
         return _fail(json_problem)
+    elif listed is not None:
+        raw = {a: listed.group(g) for a, g in zip(QUALITY_ASPECTS, "abc")}
+        spans = {a: listed.span(g) for a, g in zip(QUALITY_ASPECTS, "abc")}
+        reasoning = body[: listed.start()].strip()
     else:
         for m in _ASPECT_LINE.finditer(body):  # the last mention of each aspect wins
             aspect = _aspect_of(m.group("name"))
@@ -646,8 +687,9 @@ def parse_quality_scores(text: str | None) -> dict[str, int] | None:
     """The three quality aspect scores ``{"aesthetics", "technical", "structure"}`` (each 1..5), or None.
 
     Reads a JSON object (keys matched loosely: ``aesthetic_quality``, ``technical quality``,
-    ``structure_and_texture``, nested ``{"scores": {...}}`` or ``{"score": N}`` values) or labelled lines
-    (``Aesthetics: 4``). All three are required. The Quality score is the minimum of the three.
+    ``structure_and_texture``, nested ``{"scores": {...}}`` or ``{"score": N}`` values), the released FIRM-Gen
+    answer ``{"score": [aesthetics, technical, structure], ...}``, or labelled lines (``Aesthetics: 4``). All three
+    are required. The Quality score is the minimum of the three.
     """
     return explain_quality_scores(text).value
 

@@ -33,6 +33,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import litserve as ls
@@ -41,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,20 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] = Field(min_length=1)
 
 
+# OpenAI request fields this server reads, and those it accepts only at their no-op value (some clients send them).
+SUPPORTED_FIELDS = (
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "logprobs",
+    "top_logprobs", "seed", "stop", "response_format", "user",
+)  # fmt: skip
+NOOP_VALUES = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logit_bias": (None, {})}
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # longest stop string accepted
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
+
 class ChatCompletionBody(BaseModel):
-    """The subset of the OpenAI chat-completions request a critic needs; other OpenAI fields are ignored."""
+    """The subset of the OpenAI chat-completions request this server implements; any other field is refused (HTTP
+    400 naming it), so that nothing a client asks for is silently ignored."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -99,18 +113,54 @@ class ChatCompletionBody(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    n: int = 1
-    stream: bool = False
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int | None = 1
+    stream: bool | None = False
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None  # the caller's end-user id: accepted, not used
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in SUPPORTED_FIELDS and k not in NOOP_VALUES]
+            noop = [k for k, ok in NOOP_VALUES.items() if k in data and data[k] not in ok]
+            bad = [str(k)[:40] for k in unknown + noop][:8]
+            if bad:
+                raise ValueError(
+                    f"unsupported parameter(s): {', '.join(bad)}; firm serve-critic implements "
+                    f"{', '.join(SUPPORTED_FIELDS)} (frequency_penalty / presence_penalty only at 0, logit_bias empty)"
+                )
+        return data
 
     @model_validator(mode="after")
     def _supported(self) -> "ChatCompletionBody":
-        if self.n != 1:
+        if self.n not in (None, 1):
             raise ValueError("n must be 1: this server returns one answer per request")
         if self.stream:
             raise ValueError("stream=true is not supported by firm serve-critic")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must be from the user (or system), not the assistant")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS or any(not x or len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(
+                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} chars"
+            )
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError(
+                "response_format: only {'type': 'text'} is supported; this server does not constrain decoding "
+                "(serve the critic with vLLM for JSON-schema or regex structured outputs)"
+            )
         return self
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 # Defaults of the request limits: images up to 4096 x 4096 pixels (the critic downscales larger ones anyway; its
@@ -128,6 +178,26 @@ class _Invalid:
 
     message: str
     status: int = 400
+    param: str | None = None  # the request field at fault
+    code: str | None = None  # OpenAI's machine-readable error code, e.g. model_not_found
+
+
+# OpenAI's error types by HTTP status (https://platform.openai.com/docs/guides/error-codes).
+ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+MAX_ERROR_CHARS = 2000  # an error message never echoes a request: it is cut at this length
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | int | None = None) -> dict:
+    """An OpenAI-format error: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + "..."
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class _ImageTooLarge(ValueError):
@@ -165,6 +235,39 @@ def _decode_image(url: str, max_pixels: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
+def _finite(x: float) -> float:
+    """A log-probability as JSON can write it: -inf (a token the model gives no mass) becomes -9999.0, as vLLM."""
+    return x if x > -9999.0 else -9999.0
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode table, which byte-level BPE vocabularies (Qwen's) are written in:
+    bytes 33..126, 161..172 and 174..255 stand for themselves, the other 68 are mapped to code points 256 and up."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        import json
+
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+    except (ValueError, AttributeError):
+        return False
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) or []]
+    return "ByteLevel" in kinds
+
+
 class CriticAPI(ls.LitAPI):
     """LitServe API: OpenAI chat-completions in, answers of a :class:`~firm.critics.local.LocalCritic` out."""
 
@@ -195,6 +298,7 @@ class CriticAPI(ls.LitAPI):
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer: Any = None  # set by setup()
         self.max_token_chars = 1  # the longest vocabulary entry, in characters (set by setup())
+        self._byte_decoder: dict[str, int] | None = None  # byte-level BPE symbol -> byte (set by setup())
 
     def setup(self, device: str) -> None:
         from firm.critics.local import LocalCritic
@@ -217,6 +321,7 @@ class CriticAPI(ls.LitAPI):
         than ``max_prompt_tokens * max_token_chars`` characters is over the cap without being tokenized."""
         self.tokenizer = tokenizer
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+        self._byte_decoder = _byte_decoder() if _is_byte_level(tokenizer) else None
 
     def prompt_problem(self, texts: list[str]) -> str | None:
         """Why the prompt made of ``texts`` is over ``max_prompt_tokens`` (None when it fits or there is no cap)."""
@@ -245,6 +350,14 @@ class CriticAPI(ls.LitAPI):
             raise HTTPException(status_code=401, detail="missing or wrong API key: send 'Authorization: Bearer KEY'")
 
     def decode_request(self, request: ChatCompletionBody) -> Any:
+        if request.model is not None and request.model != self.served_name:
+            return _Invalid(
+                f"The model `{request.model[:100]}` does not exist; this server serves `{self.served_name}` "
+                "(GET /v1/models)",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
         # Cheap checks first, before any image is decoded: the number of images and the prompt's length.
         texts, n_images = [], 0
         for m in request.messages:
@@ -280,49 +393,104 @@ class CriticAPI(ls.LitAPI):
                         return _Invalid(f"messages[{i}].content[{j}]: image does not decode ({why})")
             conv.append({"role": m.role, "content": parts})
         limit = request.max_completion_tokens or request.max_tokens or self.max_new_tokens
+        temperature = float(request.temperature or 0.0)
         return {
             "conversation": conv,
-            "temperature": float(request.temperature or 0.0),
-            "max_new_tokens": min(limit, self.max_new_tokens),
-            "model": request.model or self.served_name,
+            "settings": (  # requests with equal settings share one generate call
+                temperature,
+                min(limit, self.max_new_tokens),
+                request.top_p,
+                tuple(request.stop_strings()),
+                request.seed if temperature > 0 else None,  # greedy answers do not depend on a seed
+                (request.top_logprobs or 0) if request.logprobs else None,
+            ),
+            "model": self.served_name,
         }
 
     def predict(self, x: Any) -> Any:
         items = x if self.max_batch_size > 1 else [x]
         outputs: list[Any] = [it if isinstance(it, _Invalid) else None for it in items]
-        groups: dict[tuple[float, int], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
             if not isinstance(it, _Invalid):
-                groups.setdefault((it["temperature"], it["max_new_tokens"]), []).append(i)
-        for (temperature, max_new), idx in groups.items():  # one generate per sampling setting
+                groups.setdefault(it["settings"], []).append(i)
+        for (temperature, max_new, top_p, stop, seed, logprobs), idx in groups.items():  # one generate per setting
             t0 = time.perf_counter()
             gens = self.critic.generate(
-                [items[i]["conversation"] for i in idx], temperature=temperature, max_new_tokens=max_new
+                [items[i]["conversation"] for i in idx],
+                temperature=temperature,
+                max_new_tokens=max_new,
+                top_p=top_p,
+                stop=list(stop),
+                seed=seed,
+                logprobs=logprobs,
             )
             dt = time.perf_counter() - t0
             for i, g in zip(idx, gens):
-                outputs[i] = {"text": g.text, "completion_tokens": len(g.ids), "model": items[i]["model"], "s": dt}
+                outputs[i] = {
+                    "text": g.text,
+                    "finish_reason": g.finish_reason,
+                    "prompt_tokens": g.prompt_tokens,
+                    "completion_tokens": len(g.ids),
+                    "logprobs": None if g.logprobs is None else self.logprobs_content(g.logprobs),
+                    "model": items[i]["model"],
+                    "s": dt,
+                }
         return outputs if self.max_batch_size > 1 else outputs[0]
+
+    # ---- logprobs in OpenAI's format
+
+    def _token_text_bytes(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and its exact UTF-8 bytes (a byte-level BPE piece of a multi-byte character has bytes that
+        are not a whole character; its text is then the replacement character, as OpenAI and vLLM write it)."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and self._byte_decoder is not None and all(c in self._byte_decoder for c in piece):
+            raw = bytes(self._byte_decoder[c] for c in piece)
+        else:
+            raw = self.tokenizer.decode([token_id]).encode("utf-8")
+        return raw.decode("utf-8", "replace"), list(raw)
+
+    def logprobs_content(self, tokens: list) -> list[dict]:
+        """``choices[0].logprobs.content`` for the kept tokens of an answer (special tokens left out: the answer
+        text does not show them)."""
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        out = []
+        for t in tokens:
+            if t.id in special:
+                continue
+            text, raw = self._token_text_bytes(t.id)
+            top = []
+            for tid, lp in t.top:
+                alt_text, alt_raw = self._token_text_bytes(tid)
+                top.append({"token": alt_text, "logprob": _finite(lp), "bytes": alt_raw})
+            out.append({"token": text, "logprob": _finite(t.logprob), "bytes": raw, "top_logprobs": top})
+        return out
 
     def encode_response(self, output: Any) -> Any:
         if isinstance(output, _Invalid):
-            body = {"error": {"message": output.message, "type": "invalid_request_error", "code": output.status}}
+            body = error_body(output.status, output.message, param=output.param, code=output.code)
             return JSONResponse(status_code=output.status, content=body)
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": output["text"]},
+            "logprobs": None if output["logprobs"] is None else {"content": output["logprobs"], "refusal": None},
+            "finish_reason": output["finish_reason"],
+        }
+        prompt, completion = output["prompt_tokens"], output["completion_tokens"]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": output["model"],
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": output["text"]}, "finish_reason": "stop"}
-            ],
-            "usage": {"completion_tokens": output["completion_tokens"]},
+            "choices": [choice],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
 
 
 def build_server(
     model_dir: str,
     *,
+    revision: str | None = None,
     served_name: str | None = None,
     api_key: str | None = None,
     device: str = "auto",
@@ -343,14 +511,13 @@ def build_server(
     ``max_prompt_tokens`` (text tokens of one prompt) bound what a client can make the server decode, hold and
     compute; None lifts a limit. The app has no ``/docs`` or ``/openapi.json``. Run it with :func:`serve`.
     """
-    from pathlib import Path
-
     from fastapi import Depends
 
-    path = Path(model_dir).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json; give a directory written by save_pretrained")
-    name = served_name or path.resolve().name
+    from firm.critics.local import critic_checkpoint
+
+    given = Path(model_dir).expanduser()
+    path = critic_checkpoint(model_dir, revision, "firm serve-critic")  # a directory, or a hub id fetched once
+    name = served_name or (given.resolve().name if given.is_dir() else model_dir)
     api = CriticAPI(
         str(path),
         served_name=name,
@@ -379,17 +546,34 @@ def build_server(
 
     server.app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=[Depends(api.authorize)])
     server.app.add_exception_handler(RequestValidationError, _validation_error)
+    server.app.add_exception_handler(StarletteHTTPException, _http_error)
     return server
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """HTTP 422 naming each invalid field. FastAPI's own handler echoes the invalid input, and an input such as
-    NaN cannot be written as JSON: the client got HTTP 500 instead of the reason."""
-    errors = [
-        {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-        for e in exc.errors()
-    ]
-    return JSONResponse(status_code=422, content={"detail": errors})
+    """HTTP 400 in OpenAI's error format, naming each invalid field (OpenAI and vLLM answer 400, not FastAPI's 422).
+    Nothing of the request is echoed (FastAPI's own handler returns the invalid input, a whole image included, and
+    an input such as NaN cannot be written as JSON: the client got HTTP 500 instead of the reason)."""
+    errors = exc.errors()
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        param = param or loc or None
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg[:300]}" if loc else msg[:300])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    message = "invalid request: " + "; ".join(parts) + more
+    return JSONResponse(status_code=400, content=error_body(400, message, param=param))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every other error (401, 404 of an unknown path, 413 of a body over the limit, 503, 504) in OpenAI's format."""
+    message = exc.detail if isinstance(exc.detail, str) else "error"
+    code = "invalid_api_key" if exc.status_code == 401 else None
+    headers = getattr(exc, "headers", None)
+    return JSONResponse(
+        status_code=exc.status_code, content=error_body(exc.status_code, message, code=code), headers=headers
+    )
 
 
 def serve(server: ls.LitServer, *, host: str, port: int, log_level: str = "warning") -> None:

@@ -15,7 +15,8 @@ choices of phases 2 and 3 are deterministic functions of the scores and ``balanc
 ``retry_failed: true`` scores samples that had failed, the selection is recomputed and ``final/`` is rebuilt if
 it no longer matches. A relaunch whose config
 differs in what determines the results (source, pipeline, teachers' models, prompts, balance, output format) is
-refused: give the new run another name.
+refused: give the new run another name. A launch that failed before recording any result (no journal line, no
+shard) binds nothing: a relaunch with another config replaces its ``config.yaml``.
 
 Concurrency: input samples are cut into chunks of ``concurrency.batch_size``; a chunk goes through all stages of
 the pipeline in a worker thread, with at most ``concurrency.max_in_flight`` chunks in flight, so at most
@@ -297,12 +298,35 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _has_work(run_dir: Path) -> bool:
+    """Whether a run directory holds any result: a journal line or a shard (sealed or being written)."""
+    for sub in run_dir.iterdir():
+        if not sub.is_dir():
+            continue
+        journal = sub / "journal.jsonl"
+        if journal.is_file() and journal.stat().st_size > 0:
+            return True
+        if any(sub.glob("*.tar")) or any(sub.glob("*.tar.tmp")):
+            return True
+    return False
+
+
 def _check_run_dir(run_dir: Path, cfg_node: Any) -> None:
     saved = run_dir / "config.yaml"
     if saved.is_file():
         before = _identity(OmegaConf.load(saved))
         now = _identity(cfg_node)
         changed = _diff(before, now)
+        if changed and not _has_work(run_dir):
+            # A launch that failed before judging anything (a wrong source path, a teacher not up yet) left only its
+            # config: nothing depends on it, so the corrected relaunch takes its place.
+            log.warning(
+                "%s: the earlier launch recorded no results; replacing its config (it differed in: %s)",
+                run_dir,
+                ", ".join(changed[:8]),
+            )
+            OmegaConf.save(cfg_node, saved, resolve=True)
+            return
         if changed:
             raise ConfigError(
                 f"{run_dir} holds a curation run with a different config (differs in: {', '.join(changed[:8])}); "

@@ -30,7 +30,8 @@ install_requires = [
 ]
 
 extras_require = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100"],  # hypothesis: tests/fuzz
+    # hypothesis: tests/fuzz; openai: the official client, tested against `firm serve-critic`
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "openai>=1.40"],
     "gpu": ["flash-attn>=2.6"],
 }
 

@@ -20,6 +20,7 @@ parsed integer and counts the fallback (``stats["expected_fallbacks"]``).
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -82,22 +83,21 @@ def expected_from_logprobs(
     digit = text[span[0] : span[1]]
     if len(digit) != 1 or digit not in SCORE_DIGITS:
         return None, f"score {digit!r} is not a single digit"
-    # Locate the token covering the digit by byte offsets (token texts of byte-level vocabularies may be partial
-    # characters; their bytes always add up to the answer's bytes).
+    # Locate the token covering the digit: decode the tokens' bytes incrementally (the token texts of byte-level
+    # vocabularies may be pieces of a character; a piece that never completes one reads as U+FFFD, as in the answer).
     pieces = [_entry_bytes(e) for e in content]
     if any(p is None for p in pieces):
         return None, "a logprob entry has neither token text nor bytes"
-    spelled = b"".join(pieces)
-    answer = text.encode("utf-8")
-    if spelled != answer:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    written, ends, n = [], [], 0  # ends[i]: characters of the answer written once token i is read
+    for p in pieces:
+        written.append(decoder.decode(p))
+        n += len(written[-1])
+        ends.append(n)
+    written.append(decoder.decode(b"", final=True))
+    if "".join(written) != text or not ends:
         return None, "the logprob tokens do not spell the answer"
-    target = len(text[: span[0]].encode("utf-8"))
-    pos, j = 0, None
-    for i, p in enumerate(pieces):
-        if pos <= target < pos + len(p):
-            j = i
-            break
-        pos += len(p)
+    j = next((i for i, e in enumerate(ends) if e > span[0]), None)
     if j is None:
         return None, "score token not found"
     entry = content[j]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from firm.critics import EditRequest, GenRequest
-from firm.critics.http import HTTPCritic, image_data_url
+from firm.critics.http import CriticRequestError, HTTPCritic, image_data_url
 from tests.conftest import REPO
 from tests.critics.servers import free_port
 
@@ -112,13 +112,13 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
     png = base64.b64decode(image_data_url(_img((1, 2, 3), (32, 32))).split(",", 1)[1])
     truncated_png = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
     cases = [
-        (b'{"messages": [', 422, "JSON decode error"),
-        (json.dumps({"messages": []}).encode(), 422, "at least 1"),
-        (json.dumps(_chat_body("https://example.com/cat.png")).encode(), 422, "data:image/<format>;base64"),
-        (json.dumps(_chat_body("data:image/png;base64,@@@")).encode(), 422, "not valid base64"),
-        (json.dumps(_chat_body(good_image, n=2)).encode(), 422, "n must be 1"),
-        (json.dumps(_chat_body(good_image, stream=True)).encode(), 422, "stream=true is not supported"),
-        (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 422, "role"),
+        (b'{"messages": [', 400, "JSON decode error"),
+        (json.dumps({"messages": []}).encode(), 400, "at least 1"),
+        (json.dumps(_chat_body("https://example.com/cat.png")).encode(), 400, "data:image/<format>;base64"),
+        (json.dumps(_chat_body("data:image/png;base64,@@@")).encode(), 400, "not valid base64"),
+        (json.dumps(_chat_body(good_image, n=2)).encode(), 400, "n must be 1"),
+        (json.dumps(_chat_body(good_image, stream=True)).encode(), 400, "stream=true is not supported"),
+        (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "role"),
         (json.dumps(_chat_body(bad_png)).encode(), 415, "not PNG, JPEG or WEBP"),
         (json.dumps(_chat_body(truncated_png)).encode(), 400, "image does not decode"),
     ]
@@ -238,7 +238,7 @@ def test_only_png_jpeg_and_webp_are_decoded(served):
         assert "not PNG, JPEG or WEBP" in r.text
     declared = "data:image/tiff;base64," + base64.b64encode(_encoded("TIFF")).decode()
     r = httpx.post(url, json=_chat_body(declared), headers=_auth(), timeout=60)
-    assert r.status_code == 422 and "'tiff' is not accepted" in r.text
+    assert r.status_code == 400 and "'tiff' is not accepted" in r.text
     for fmt in ("JPEG", "WEBP", "PNG"):
         data_url = f"data:image/{fmt.lower()};base64," + base64.b64encode(_encoded(fmt)).decode()
         r = httpx.post(url, json=_chat_body(data_url), headers=_auth(), timeout=60)
@@ -343,3 +343,110 @@ def test_a_signal_stops_every_process_and_frees_the_port(tiny_vlm, tmp_path, sig
         except ProcessLookupError:
             pass
         proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The official openai client: errors, finish_reason, usage, logprobs, stop, seed, refused parameters
+
+
+def _openai(served, key=KEY):
+    import openai
+
+    return openai.OpenAI(base_url=served, api_key=key, max_retries=0, timeout=60)
+
+
+def _user(text="Rate this edit.", image=True):
+    content = [{"type": "text", "text": text}]
+    if image:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_data_url(_img((7, 8, 9)))}})
+    return [{"role": "user", "content": content}]
+
+
+def test_openai_client_reads_answers_usage_finish_reason_and_logprobs(served):
+    client = _openai(served)
+    assert [m.id for m in client.models.list().data] == ["tiny-critic"]
+    r = client.chat.completions.create(
+        model="tiny-critic", messages=_user(), max_tokens=3, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = r.choices[0]
+    n = r.usage.completion_tokens
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + n
+    # cut at max_tokens: "length"; an answer that ended on its own: "stop"
+    assert (choice.finish_reason, n) == ("length", 3) or (choice.finish_reason == "stop" and n < 3)
+    tokens = choice.logprobs.content
+    # the tokens' bytes spell the answer (a piece of a character that the answer never completes reads as U+FFFD)
+    assert b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", "replace") == choice.message.content
+    for t in tokens:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        lps = [a.logprob for a in t.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        assert t.logprob == pytest.approx(lps[0], abs=1e-5)  # greedy: the chosen token is the most likely one
+    plain = client.chat.completions.create(model="tiny-critic", messages=_user(), max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == choice.message.content
+
+
+def test_stop_cuts_the_answer_and_seed_repeats_a_sample(served):
+    client = _openai(served)
+    full = client.chat.completions.create(model="tiny-critic", messages=_user(), max_tokens=8, temperature=0)
+    text = full.choices[0].message.content
+    if len(text) >= 3:  # random weights: cut the greedy answer before its last characters
+        stop = text[len(text) // 2 :][:4]
+        cut = client.chat.completions.create(
+            model="tiny-critic", messages=_user(), max_tokens=8, temperature=0, stop=[stop]
+        )
+        assert cut.choices[0].message.content == text[: text.index(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+    kw = dict(model="tiny-critic", messages=_user(), max_tokens=6, temperature=1.0, seed=1234)
+    a, b = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_openai_client_sees_openai_format_errors_without_the_request_echoed(served):
+    import openai
+
+    client = _openai(served)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=_user(), max_tokens=2)
+    assert e.value.status_code == 404 and "`gpt-4o` does not exist" in e.value.message
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.AuthenticationError) as e:
+        _openai(served, key="wrong").chat.completions.create(model="tiny-critic", messages=_user(), max_tokens=2)
+    assert "API key" in e.value.message
+    refused = [
+        ({"n": 2}, "n must be 1"),
+        ({"stream": True}, "stream=true is not supported"),
+        ({"response_format": {"type": "json_object"}}, "does not constrain decoding"),
+        ({"frequency_penalty": 0.5}, "unsupported parameter(s): frequency_penalty"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported parameter(s): tools"),
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs=true"),
+        ({"temperature": 7}, "temperature"),
+    ]
+    for extra, needle in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny-critic", messages=_user(), max_tokens=2, **extra)
+        assert e.value.status_code == 400 and needle in e.value.message, (extra, e.value.message)
+    # a large invalid request gets a short answer: nothing of the request is echoed
+    big = image_data_url(Image.effect_noise((64, 64), 100).convert("RGB"))
+    body = _chat_body(big, temperature="hot", text="y" * 300_000)
+    r = httpx.post(served + "/chat/completions", json=body, headers=_auth(), timeout=60)
+    assert r.status_code == 400 and len(r.content) < 3000 and "temperature" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    ok = client.chat.completions.create(
+        model="tiny-critic", messages=_user(), max_tokens=2, response_format={"type": "text"}
+    )
+    assert ok.choices[0].message.role == "assistant"
+
+
+def test_http_critic_in_expected_score_mode_gets_logprobs_from_the_served_critic(served):
+    critic = HTTPCritic(
+        HTTPCritic.Config(endpoints=[served], max_tokens=8, parse_retries=0, expected_score=True, top_logprobs=5),
+        api_key=KEY,
+    )
+    [res] = critic.score([EditRequest(_img((255, 0, 0)), _img((0, 0, 255)), "make it blue", key="e")])
+    # random weights: no parseable score, so no expected score either, and no fallback number
+    assert res.scores == {"execution": None, "consistency": None}
+    assert "expected_scores" not in res.details and critic.stats["expected_fallbacks"] == 0
+    # structured outputs are refused by this server with a clear message (it does not constrain decoding)
+    strict = HTTPCritic(HTTPCritic.Config(endpoints=[served], structured_outputs="response_format"), api_key=KEY)
+    with pytest.raises(CriticRequestError, match="HTTP 400.*does not constrain decoding"):
+        strict.score([EditRequest(_img((255, 0, 0)), _img((0, 0, 255)), "make it blue")])

@@ -32,6 +32,16 @@ DATAMODULES: dict[str, Any] = {
     "shapes_prompts": "firm.synthetic.demo:ShapesPromptDataModule",  # shapes-world RL prompts (exported once)
 }
 
+# Model families of the flow policy (firm/policies/families/: one file each, pinned to its diffusers pipeline).
+FAMILIES: dict[str, Any] = {
+    "sd3": "firm.policies.families.sd3:SD3",  # SD3 / SD3.5 (StableDiffusion3Pipeline)
+    "qwen_image": "firm.policies.families.qwen_image:QwenImage",  # Qwen-Image (QwenImagePipeline)
+    "qwen_image_edit": "firm.policies.families.qwen_image_edit:QwenImageEdit",  # Qwen-Image-Edit(-2509)
+    "flux_kontext": "firm.policies.families.flux_kontext:FluxKontext",  # FLUX.1-Kontext (FluxKontextPipeline)
+    "flux2_klein": "firm.policies.families.flux2_klein:Flux2Klein",  # FLUX.2-klein (Flux2KleinPipeline)
+    "z_image": "firm.policies.families.z_image:ZImage",  # Z-Image(-Turbo) (ZImagePipeline)
+}
+
 # Lightning callbacks an RL module attaches by name (`module.callbacks: {name: {settings}}`).
 CALLBACKS: dict[str, Any] = {
     "shapes_report": "firm.synthetic.demo:ShapesReport",  # shapes world: held-out base vs trained report
@@ -73,6 +83,7 @@ CURATION_SOURCES: dict[str, Any] = {
 
 REGISTRIES: dict[str, dict[str, Any]] = {
     "modules": MODULES,
+    "families": FAMILIES,
     "datamodules": DATAMODULES,
     "callbacks": CALLBACKS,
     "critics": CRITICS,

@@ -106,7 +106,7 @@ class RLAlgorithm(FirmModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave out the frozen base weights
         self.policy = FlowPolicy(c.policy, old_adapter=self.needs_old_adapter)
-        if c.task == "edit" and not self.policy.family.uses_source_image:
+        if c.task == "edit" and self.policy.family.task != "edit":
             raise ValueError(f"module.task=edit needs an editing policy; policy.family={c.policy.family!r} is not one")
         reward_cls = FirmEditReward if c.task == "edit" else FirmGenReward
         self.reward_fn = reward_cls(build_critic(c.critic), build_combiner(c.reward), dimensions=c.critic_dimensions)

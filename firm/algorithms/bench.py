@@ -145,7 +145,7 @@ class StepProfiler:
         velocity = policy.velocity
 
         def counted_velocity(x: torch.Tensor, sigma: torch.Tensor, cond: Any, **kw: Any) -> torch.Tensor:
-            cfg = kw.get("guidance_scale", 1.0) > 1.0
+            cfg = policy.needs_uncond(kw.get("guidance_scale", 1.0))
             self.counts["update_fwd" if self.in_update else "rollout_fwd"] += x.shape[0] * (2 if cfg else 1)
             return velocity(x, sigma, cond, **kw)
 

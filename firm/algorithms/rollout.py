@@ -72,7 +72,7 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any], *, collect: bool = T
     prompts, sources = batch["prompt"], batch["image"]
     images_in = sources if c.task == "edit" else None
     cond = policy.encode_prompts(prompts, images_in)
-    uncond = policy.encode_negative(cond, images_in) if s.guidance_scale > 1 else None
+    uncond = policy.encode_negative(cond, images_in) if policy.needs_uncond(s.guidance_scale) else None
     noise = initial_noise(module, batch["group"])
     sigmas = policy.sigmas(s.num_steps)
     window = module.sde_window(s.num_steps)

@@ -1,9 +1,7 @@
 """Conditioning encoders of the flow policies, and the batch of conditioning tensors they produce.
 
-* :class:`SD3TextEncoders` — the SD3 / SD3.5 text stack: CLIP-L and CLIP-G (penultimate hidden states, pooled
-  projections) and optionally T5-XXL, combined exactly as the diffusers SD3 pipeline does.
-* :class:`QwenVLTextEncoder` — Qwen2.5-VL encoding the edit instruction together with the source image, with the
-  prompt template and the dropped template prefix of the Qwen-Image-Edit(-2509) pipeline.
+The encoders of real checkpoints live with their model family (:mod:`firm.policies.families`). Here:
+
 * :class:`HashTextEncoder` — a small learned encoder for tiny CPU policies (the shapes world, tests): words are hashed
   into a fixed vocabulary, embedded and passed through a couple of transformer layers. It has no tokenizer files
   and saves / loads like a Hugging Face model (``config.json`` + ``model.safetensors``).
@@ -15,7 +13,6 @@ them per prompt and stacks them into a :class:`Conditioning` batch.
 from __future__ import annotations
 
 import json
-import math
 import re
 import zlib
 from dataclasses import dataclass, fields, replace
@@ -46,21 +43,25 @@ class Conditioning:
         embeds: (B, L, D) text (or text + image) token states.
         mask: (B, L) int64 1 for real tokens, 0 for padding; None when every token is real.
         pooled: (B, P) pooled embedding (SD3), or None.
-        image_latents: (B, C, h, w) latents of the source image (editing), or None.
+        image_latents: (B, C, h, w) latents of the source image (editing), a tuple of them (one per source image
+            position), or None.
     """
 
     embeds: torch.Tensor
     mask: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
-    image_latents: torch.Tensor | None = None
+    image_latents: torch.Tensor | tuple[torch.Tensor, ...] | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def _map(self, fn) -> Conditioning:
-        return Conditioning(
-            **{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name)) for f in fields(self)}
-        )
+        def apply(value: Any) -> Any:
+            if value is None:
+                return None
+            return tuple(fn(v) for v in value) if isinstance(value, tuple) else fn(value)
+
+        return Conditioning(**{f.name: apply(getattr(self, f.name)) for f in fields(self)})
 
     def index(self, idx: torch.Tensor | slice | list[int]) -> Conditioning:
         """Rows ``idx`` of every tensor."""
@@ -93,11 +94,20 @@ class Conditioning:
             embeds=torch.cat([p[0] for p in padded]),
             mask=torch.cat([p[1] for p in padded]) if any_mask else None,
             pooled=None if first.pooled is None else torch.cat([c.pooled for c in items]),
-            image_latents=None if first.image_latents is None else torch.cat([c.image_latents for c in items]),
+            image_latents=_cat_latents([c.image_latents for c in items]),
         )
 
-    def with_image_latents(self, image_latents: torch.Tensor | None) -> Conditioning:
+    def with_image_latents(self, image_latents: torch.Tensor | tuple[torch.Tensor, ...] | None) -> Conditioning:
         return replace(self, image_latents=image_latents)
+
+
+def _cat_latents(values: list[Any]) -> Any:
+    """Concatenate source latents along the batch: tensors, or tuples of tensors position by position."""
+    if values[0] is None:
+        return None
+    if isinstance(values[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*values))
+    return torch.cat(values)
 
 
 def stack_embeddings(items: list[PromptEmbedding], *, keep_mask: bool, pad_to: int | None = None) -> Conditioning:
@@ -226,154 +236,3 @@ def is_hash_encoder_dir(directory: Path) -> bool:
         return json.loads(cfg.read_text()).get("class") == "HashTextEncoder"
     except (OSError, ValueError):
         return False
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# SD3 / SD3.5 text stack
-
-
-class SD3TextEncoders(nn.Module):
-    """CLIP-L + CLIP-G (+ T5) of an SD3 / SD3.5 checkpoint (subfolders ``text_encoder``, ``_2``, ``_3``)."""
-
-    def __init__(
-        self,
-        clip_l: nn.Module,
-        clip_g: nn.Module,
-        t5: nn.Module | None,
-        tokenizers: tuple[Any, Any, Any | None],
-        *,
-        joint_attention_dim: int,
-        max_sequence_length: int = 256,
-    ) -> None:
-        super().__init__()
-        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
-        self.tokenizers = tokenizers
-        self.joint_attention_dim = joint_attention_dim
-        self.max_sequence_length = max_sequence_length
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        joint_attention_dim: int,
-        use_t5: bool = True,
-        max_sequence_length: int = 256,
-        dtype: torch.dtype = torch.float32,
-        revision: str | None = None,
-    ) -> SD3TextEncoders:
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        kw = {"revision": revision}
-        clip_l = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
-        clip_g = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **kw)
-        tok_l = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        tok_g = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
-        t5 = tok_t5 = None
-        if use_t5:
-            t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype, **kw)
-            tok_t5 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw)
-        return cls(
-            clip_l,
-            clip_g,
-            t5,
-            (tok_l, tok_g, tok_t5),
-            joint_attention_dim=joint_attention_dim,
-            max_sequence_length=max_sequence_length,
-        )
-
-    def _clip(self, model: nn.Module, tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        length = min(getattr(tokenizer, "model_max_length", 77), 77)
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        out = model(ids.input_ids.to(model.device), output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds  # (B, 77, d), (B, p)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str], images: list[Any] | None = None) -> list[PromptEmbedding]:
-        h_l, p_l = self._clip(self.clip_l, self.tokenizers[0], prompts)
-        h_g, p_g = self._clip(self.clip_g, self.tokenizers[1], prompts)
-        clip = torch.cat([h_l, h_g], dim=-1)  # (B, 77, d_l + d_g)
-        if self.t5 is not None:
-            ids = self.tokenizers[2](
-                prompts,
-                padding="max_length",
-                max_length=self.max_sequence_length,
-                truncation=True,
-                add_special_tokens=True,
-                return_tensors="pt",
-            )
-            t5 = self.t5(ids.input_ids.to(self.t5.device))[0]  # (B, L5, d5)
-        else:
-            t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.joint_attention_dim)
-        clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        embeds = torch.cat([clip, t5.to(clip.dtype)], dim=1)  # (B, 77 + L5, d5)
-        pooled = torch.cat([p_l, p_g], dim=-1)  # (B, p_l + p_g)
-        return [PromptEmbedding(embeds[i], None, pooled[i]) for i in range(len(prompts))]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Qwen-Image-Edit: Qwen2.5-VL over the instruction and the source image
-
-# The input format the Qwen-Image-Edit(-2509) transformer was trained with: a fixed system prompt whose
-# `DROP_TOKENS` leading tokens are removed from the hidden states, then the picture tokens and the instruction.
-QWEN_EDIT_TEMPLATE = (
-    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
-    "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-)
-QWEN_EDIT_DROP_TOKENS = 64
-QWEN_PICTURE = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
-QWEN_CONDITION_AREA = 384 * 384  # pixels of the source image shown to the VL encoder
-
-
-def fit_area(width: int, height: int, area: int, multiple: int = 32) -> tuple[int, int]:
-    """(w, h) with the aspect ratio of (width, height), about ``area`` pixels, multiples of ``multiple``."""
-    ratio = width / height
-    w = math.sqrt(area * ratio)
-    h = w / ratio
-    return max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
-
-
-class QwenVLTextEncoder(nn.Module):
-    """Qwen2.5-VL of a Qwen-Image-Edit(-2509) checkpoint (subfolders ``text_encoder`` and ``processor``)."""
-
-    def __init__(self, model: nn.Module, processor: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.processor = processor
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None
-    ) -> QwenVLTextEncoder:
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, subfolder="text_encoder", dtype=dtype, revision=revision
-        )
-        processor = AutoProcessor.from_pretrained(path, subfolder="processor", revision=revision)
-        return cls(model, processor)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str], images: list[Any] | None = None) -> list[PromptEmbedding]:
-        out = []
-        for i, prompt in enumerate(prompts):  # one at a time: each source image has its own size
-            image = images[i] if images is not None else None
-            text = QWEN_EDIT_TEMPLATE.format((QWEN_PICTURE if image is not None else "") + prompt)
-            kwargs: dict[str, Any] = {"text": [text], "padding": True, "return_tensors": "pt"}
-            if image is not None:
-                w, h = fit_area(*image.size, QWEN_CONDITION_AREA)
-                kwargs["images"] = [image.resize((w, h))]
-            inputs = self.processor(**kwargs).to(self.model.device)
-            hidden = self.model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                pixel_values=inputs.get("pixel_values"),
-                image_grid_thw=inputs.get("image_grid_thw"),
-                output_hidden_states=True,
-            ).hidden_states[-1][0]  # (L, D)
-            keep = inputs["attention_mask"][0].bool()
-            states = hidden[keep][QWEN_EDIT_DROP_TOKENS:]
-            out.append(PromptEmbedding(states, torch.ones(states.shape[0], dtype=torch.long, device=states.device)))
-        return out

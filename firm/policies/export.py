@@ -8,8 +8,8 @@ that ``alpha / rank`` scaling survives. Load it with::
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")
     pipe.load_lora_weights("OUT_DIR")
 
-(``QwenImageEditPlusPipeline`` for Qwen-Image-Edit-2509 runs.) ``--ema`` exports the EMA weights when the run kept
-them, ``--adapter old`` the DiffusionNFT sampling adapter.
+(or the pipeline of the run's family: each family names its diffusers LoRA loader). ``--ema`` exports the EMA
+weights when the run kept them, ``--adapter old`` the DiffusionNFT sampling adapter.
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def export_lora(
     layers = state
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    saver = _saver(family)
+    from firm.policies.policy import PolicyConfig, get_family
+
+    saver = get_family(PolicyConfig(family=family)).lora_saver()
     saver.save_lora_weights(out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta)
     info = {
         "run_dir": str(run_dir.resolve()),
@@ -115,15 +117,3 @@ def export_lora(
     }
     (out_dir / "firm_export.json").write_text(json.dumps(info, indent=2) + "\n")
     return out_dir / WEIGHT_NAME
-
-
-def _saver(family: str):
-    if family == "sd3":
-        from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
-
-        return SD3LoraLoaderMixin
-    if family == "qwen_image_edit":
-        from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
-
-        return QwenImageLoraLoaderMixin
-    raise ValueError(f"unknown policy family {family!r} in the run's config")

@@ -99,7 +99,7 @@ def sample_tasks(
         ).to(policy.device)  # (b, C, h, w)
         with policy.adapter(adapter):
             cond = policy.encode_prompts(prompts, sources)
-            uncond = policy.encode_negative(cond, sources) if guidance_scale > 1 else None
+            uncond = policy.encode_negative(cond, sources) if policy.needs_uncond(guidance_scale) else None
 
             def vfn(x: torch.Tensor, sig: torch.Tensor, cond=cond, uncond=uncond) -> torch.Tensor:
                 return policy.velocity(x, sig, cond, guidance_scale=guidance_scale, uncond=uncond)

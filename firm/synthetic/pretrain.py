@@ -44,7 +44,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from firm.module import FirmModule
 from firm.policies.encoders import Conditioning
-from firm.policies.policy import LoRAConfig, PolicyConfig, TinyConfig, build_tiny_components, family, save_components
+from firm.policies.policy import LoRAConfig, PolicyConfig, TinyConfig, get_family, save_components
 from firm.synthetic.data import EditPairs, GenSamples
 from firm.synthetic.tasks import SplitConfig, edit_tasks, gen_tasks
 from firm.synthetic.world import WorldConfig
@@ -198,12 +198,12 @@ class ShapesPretrainModule(FirmModule):
         self.policy_config = PolicyConfig(
             family=TASK_FAMILY[c.task], resolution=c.resolution, tiny=c.tiny, init_seed=c.init_seed
         )
-        comps = build_tiny_components(self.policy_config)
+        self.family = get_family(self.policy_config)
+        comps = self.family.build_tiny()
         self.transformer: nn.Module = comps["transformer"]
         self.text_encoder: nn.Module = comps["text_encoder"]
         self.codec: nn.Module = comps["codec"]
         self.scheduler = comps["scheduler"]
-        self.family = family(self.policy_config.family)
         self.shift = float(self.scheduler.config.shift)
         self.ema: dict[str, torch.Tensor] | None = None
         self._t0 = time.perf_counter()

@@ -69,7 +69,7 @@ def tiny_sd3_checkpoint(tmp_path_factory) -> Path:
     # transformer: joint dim = T5 width (32) >= CLIP-L + CLIP-G widths (16 + 16); pooled = 8 + 8 projections
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from firm.policies.policy import SD3Family
+    from firm.policies.families.base import tiny_kl_vae
 
     SD3Transformer2DModel(
         sample_size=8,
@@ -85,5 +85,5 @@ def tiny_sd3_checkpoint(tmp_path_factory) -> Path:
         pos_embed_max_size=8,
     ).save_pretrained(root / "transformer")
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    SD3Family.tiny_vae(4).save_pretrained(root / "vae")  # 16 px images <-> 8x8 latents
+    tiny_kl_vae(4).save_pretrained(root / "vae")  # 16 px images <-> 8x8 latents
     return root

@@ -139,9 +139,17 @@ def load_qwen_vl_processor(path: str, subfolder: str = "processor") -> Any:
         log.info("AutoProcessor of %s/%s unavailable (%s); building it without a video processor", path, subfolder, e)
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
 
+    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+        """Qwen2.5-VL's processor without a video processor (images and text only, the same outputs)."""
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
     image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder)
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
 
 
 class QwenEditTextEncoder(nn.Module):

@@ -32,3 +32,12 @@ format: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+
+# Opt-in, not part of `make test`: FIRM against a real vLLM (CPU) serving the tiny critic. Creates the vLLM venv
+# (scripts/vllm_venv.sh; about 3.5 GB, a few minutes, once), then runs tests/critics/test_vllm.py; the timings and
+# parse rates land in build/test-vllm/report.json (docs/critics.md shows a run).
+VLLM_VENV ?= build/vllm-venv
+.PHONY: test-vllm
+test-vllm: $(BIN)/.installed
+	bash scripts/vllm_venv.sh $(VLLM_VENV)
+	FIRM_VLLM=$(abspath $(VLLM_VENV))/bin/vllm OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/critics/test_vllm.py -v -s -rA $(PYTEST_ARGS)

@@ -70,9 +70,9 @@ def edit_examples(prompts: PromptSet, pairs, instructions: list[str], exec_score
     for (src, dst), text in zip(pairs, instructions):
         for s in exec_scores:
             msgs = prompts.messages("edit_execution", [src, dst], instruction=text)
-            out.append((msgs, f'{{"reasoning": "the change is there", "score": {s}}}'))
+            out.append((msgs, f'{{"reasoning": "ok", "score": {s}}}'))
         msgs = prompts.messages("edit_consistency", [src, dst], instruction=text)
-        out.append((msgs, f'{{"reasoning": "nothing else changed", "score": {cons_score}}}'))
+        out.append((msgs, f'{{"reasoning": "ok", "score": {cons_score}}}'))
     return out
 
 

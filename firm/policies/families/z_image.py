@@ -179,8 +179,9 @@ class ZImage(ModelFamily):
         pos, neg = out[:b], out[b:]
         g = torch.full((b,), scale - 1.0, dtype=torch.float32, device=x.device)
         if self.cfg_truncation is not None and self.cfg_truncation <= 1:
-            t_norm = (ZIMAGE_TIME_SCALE - sigma.float() * ZIMAGE_TIME_SCALE) / ZIMAGE_TIME_SCALE
-            g = torch.where(t_norm > self.cfg_truncation, torch.zeros_like(g), g)  # truncated: the positive only
+            t_norm = (ZIMAGE_TIME_SCALE - sigma.float() * ZIMAGE_TIME_SCALE) / ZIMAGE_TIME_SCALE  # float32, as there
+            late = t_norm.double() > self.cfg_truncation  # the pipeline compares Python floats (float64)
+            g = torch.where(late, torch.zeros_like(g), g)  # truncated: the positive prediction only
         pred = pos + g.view(-1, 1, 1, 1) * (pos - neg)
         if self.cfg_normalization and self.cfg_normalization > 0:  # "Renormalization" in ZImagePipeline.__call__
             pos_norm = torch.linalg.vector_norm(pos.flatten(1), dim=1)  # (B,)

@@ -112,7 +112,9 @@ class Flux2Klein(ModelFamily):
 
     def load(self, root: Path, dtype: torch.dtype) -> dict[str, Any]:
         components = super().load(root, dtype)
-        self.is_distilled = read_is_distilled(root)
+        # The policy loads with another instance of this family than the one it keeps (policy.load_components):
+        # the pipeline's setting travels with the components and check() reads it.
+        components["is_distilled"] = read_is_distilled(root)
         return components
 
     def load_text_encoder(self, root: Path, transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -132,6 +134,7 @@ class Flux2Klein(ModelFamily):
 
     def check(self, components: dict[str, Any]) -> None:
         super().check(components)
+        self.is_distilled = bool(components.get("is_distilled", False))
         transformer = components["transformer"]
         if transformer.config.patch_size != 1:
             raise ValueError(

@@ -301,6 +301,9 @@ class HTTPCritic(PromptedCritic):
         with self._lock:
             self._inflight[endpoint] -= 1
 
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
     def _delay(self, retry: int) -> float:
         d = min(self.config.backoff_s * (2**retry), self.config.backoff_max_s)
         return d * random.uniform(0.75, 1.25)
@@ -327,7 +330,7 @@ class HTTPCritic(PromptedCritic):
                 if hint is not None:  # the server said how long to wait: at least that, up to retry_after_max_s
                     delay = max(delay, min(hint, self.config.retry_after_max_s))
                 hint = None
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
             async with sem:
                 endpoint = self._pick(set(tried[-1:]) if len(self.endpoints) > 1 else set())
                 tried.append(endpoint)

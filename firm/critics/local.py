@@ -109,8 +109,8 @@ def critic_checkpoint(model: str, revision: str | None = None, who: str = "criti
     cache alone). Weights are read as safetensors only.
 
     Raises:
-        FileNotFoundError: ``model`` is neither a checkpoint directory nor a hub id, or the directory has no
-            ``config.json``.
+        FileNotFoundError: ``model`` is neither a checkpoint directory nor a hub id, the hub id cannot be fetched
+            (the message says why), or the directory has no ``config.json``.
     """
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -119,7 +119,10 @@ def critic_checkpoint(model: str, revision: str | None = None, who: str = "criti
             raise FileNotFoundError(f"{who}: {model} is not a directory (nor a hub id like org/name)")
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+        try:
+            path = Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+        except Exception as e:  # noqa: BLE001 - the hub raises many types (offline, not found, gated, network)
+            raise FileNotFoundError(f"{who}: hub id {model} could not be fetched: {type(e).__name__}: {e}") from e
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{who}: {path} has no config.json; give a save_pretrained directory or a hub id")
     return path

@@ -33,6 +33,7 @@ class ScriptedServer:
         self.delay_s = delay_s
         self.model = model
         self.bodies: list[dict] = []
+        self.extra_headers: dict[str, str] = {}  # sent with every non-200 answer (e.g. Retry-After)
         self.headers: list[dict] = []
         self.active = 0
         self.max_active = 0
@@ -50,6 +51,9 @@ class ScriptedServer:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if status != 200:
+                    for k, v in outer.extra_headers.items():
+                        self.send_header(k, v)
                 self.end_headers()
                 try:
                     self.wfile.write(data)

@@ -241,3 +241,75 @@ def test_complete_answers_free_form_conversations_from_several_threads():
         assert critic._inflight == {critic.endpoints[0]: 0, critic.endpoints[1]: 0}
         assert len(a.bodies) > 0 and len(b.bodies) > 0 and len(a.bodies) + len(b.bodies) == 10
     assert critic.complete([]) == []
+
+
+def test_retry_after_is_honoured_up_to_its_cap():
+    from firm.critics.http import retry_after_s
+
+    assert retry_after_s("7") == 7.0 and retry_after_s(" 1.5 ") == 1.5
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+    assert retry_after_s(None) is None and retry_after_s("soon") is None and retry_after_s("nan") is None
+    calls = []
+
+    def respond(body):
+        calls.append(1)
+        if len(calls) == 1:
+            return 429, {"error": {"message": "slow down"}}
+        if len(calls) == 2:
+            return 503, {"error": {"message": "busy"}}
+        return 200, chat_answer('{"reasoning": "ok", "score": 3}')
+
+    with ScriptedServer(respond) as srv:
+        srv.extra_headers = {"Retry-After": "7"}
+        critic = _critic(srv.url, retry_after_max_s=5.0, max_retries=3)
+        waits = []
+
+        async def record(seconds):
+            waits.append(seconds)
+
+        critic._sleep = record
+        [res] = critic.score([EditRequest(_img(), _img(), "x", dimensions=("execution",))])
+    assert res.scores == {"execution": 3}
+    assert waits == [5.0, 5.0]  # the server asked for 7 s each time; capped at retry_after_max_s (backoff 0.01 s)
+
+
+def test_structured_outputs_and_logprobs_are_sent_per_judgement():
+    with ScriptedServer(_by_prompt) as srv:
+        vllm = _critic(srv.url, structured_outputs="vllm", expected_score=True, top_logprobs=4)
+        vllm.score([_edit(), GenRequest(_img(), "two red apples", key="g")])
+        bodies = {_kind(b): b for b in srv.bodies}
+        fmt = _critic(srv.url, structured_outputs="response_format")
+        srv.bodies.clear()
+        fmt.score([GenRequest(_img(), "two red apples", checklist=["two apples"], key="g")])
+        rf = {_kind(b): b for b in srv.bodies}
+    schema = bodies["execution"]["structured_outputs"]["json"]
+    assert list(schema["properties"]) == ["reasoning", "score"] and schema["properties"]["score"]["enum"] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert bodies["consistency"]["structured_outputs"]["json"] == schema
+    assert set(bodies["quality"]["structured_outputs"]["json"]["required"]) == {
+        "reasoning", "aesthetics", "technical_quality", "structure_texture"
+    }  # fmt: skip
+    assert bodies["instruction"]["structured_outputs"] == {"regex": r"[\s\S]*\\boxed\{[1-5]\}"}
+    assert "structured_outputs" not in bodies["plan"] and "logprobs" not in bodies["plan"]
+    assert all(bodies[k]["logprobs"] is True and bodies[k]["top_logprobs"] == 4 for k in ("execution", "quality"))
+    assert rf["quality"]["response_format"]["type"] == "json_schema"
+    assert rf["quality"]["response_format"]["json_schema"]["strict"] is True
+    assert "response_format" not in rf["instruction"]  # a boxed answer is not JSON: sent unconstrained
+    with pytest.raises(ValueError, match="structured_outputs must be one of off, vllm, response_format"):
+        _critic(srv.url, structured_outputs="grammar")
+    with pytest.raises(ValueError, match="top_logprobs must be in 0..20"):
+        _critic(srv.url, top_logprobs=50)
+
+
+def _kind(body):
+    text = prompt_text(body)
+    for needle, kind in [("Judge EXECUTION", "execution"), ("Judge CONSISTENCY", "consistency"),
+                         ("checklist of concrete", "plan"), ("Requirements to check", "instruction")]:  # fmt: skip
+        if needle in text:
+            return kind
+    return "quality"

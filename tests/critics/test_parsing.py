@@ -246,3 +246,42 @@ def test_score_range_and_quality_aspects_have_one_definition():
     assert set(parse_quality_scores('{"aesthetics": 4, "technical_quality": 3, "structure_texture": 5}')) == set(
         schema.QUALITY_ASPECTS
     )
+
+
+# ---- the released FIRM answer formats
+
+
+def test_official_quality_answer_is_a_list_of_three_aspect_scores_whose_minimum_is_quality():
+    text = '{"reasoning": "pleasant colours, a smeared hand", "score": [4, 3, 5]}'
+    res = explain_quality_scores(text)
+    assert res.value == {"aesthetics": 4, "technical": 3, "structure": 5} and min(res.value.values()) == 3
+    assert res.reasoning == "pleasant colours, a smeared hand"
+    assert {a: text[s:e] for a, (s, e) in res.spans.items()} == {"aesthetics": "4", "technical": "3", "structure": "5"}
+    # broken JSON around it (an unescaped quote) still has a readable list
+    broken = 'Looks fine.\n{"reasoning": "the "hands" are off", "score": [5, 2, 4]}'
+    assert parse_quality_scores(broken) == {"aesthetics": 5, "technical": 2, "structure": 4}
+    # anything else is still not a score
+    assert parse_quality_scores('{"score": [4, 3]}') is None
+    assert "outside 1..5" in explain_quality_scores('{"score": [4, 3, 6]}').reason
+    assert parse_quality_scores('{"score": [4, "x", 5]}') is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("**Final Analysis**: all there.\n**Final Alignment Rating**: [4]\n\\boxed{[4]}", 4),
+        ("\\boxed{[ 2 ]}", 2),
+        ("\\boxed{{5}}", 5),
+        # an unreadable box falls back to the labelled rating next to it
+        ("Final Alignment Rating: [3]\n\\boxed{three}", 3),
+        ("Final Alignment Rating: 2", 2),
+    ],
+)
+def test_official_instruction_answers(text, expected):
+    assert parse_boxed_score(text) == expected
+
+
+def test_an_unreadable_box_without_a_labelled_rating_is_still_missing():
+    res = explain_boxed_score("The image is fine. \\boxed{great}")
+    assert res.value is None and "\\boxed{great}" in res.reason
+    assert parse_boxed_score("\\boxed{[4, 5]}") is None

@@ -190,6 +190,8 @@ def test_cli_scores_a_folder_through_the_served_critic(served, tmp_path, capsys)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["key"] for r in rows] == ["000", "001", "002"]
     assert all(r["reward"] is None and r["scores"]["execution"] is None and r["errors"] for r in rows)
+    # the raw answers are in the JSONL, so that a run of null scores shows what the model said
+    assert all(set(r["raw"]) == {"execution", "consistency"} and isinstance(r["raw"]["execution"], str) for r in rows)
     assert "missing 3" in capsys.readouterr().out
     assert Image.open(io.BytesIO((tmp_path / "edited" / "000.png").read_bytes())).size == (48, 40)
 

@@ -134,3 +134,31 @@ def test_retry_failed_relaunch_after_a_finished_run_rebuilds_the_selection(tmp_p
     final = _keys(run_dir / "final")
     assert sorted(final) == sorted(expected) and Counter(scored[k] for k in final) == {2: 2, 5: 2}
     assert again["counts"]["final"] == 4 and "rebuilding" in caplog.text
+
+
+def test_a_relaunch_after_a_failed_start_may_fix_the_config(tmp_path, caplog):
+    """A first launch that failed before judging anything (a wrong source path) binds nothing: the corrected relaunch
+    runs, and a relaunch after real work with another config is still refused."""
+    from firm.config import ConfigError
+    from firm.curation.runner import load_curation, run_curation
+
+    yaml_path = tmp_path / "shards.yaml"
+    yaml_path.write_text(
+        f"name: fix_test\noutput_dir: {tmp_path / 'runs'}\nimports: [tests.helpers.curation_teachers]\n"
+        "pipeline: difference_first\nsource: {name: shards, path: does/not/exist, schema: edit}\n"
+        "teachers:\n  default: {name: shapes_rule_killable}\nbalance: {enabled: false}\nprogress: false\n"
+    )
+    with pytest.raises(FileNotFoundError, match="shard not found: does/not/exist"):
+        run_curation(load_curation(yaml_path))
+    # real shards, written by the same writer `firm data import` uses, under a prefix
+    from datamodules.writer import ShardWriter
+    from firm.curation.shapes import ShapesEditSource
+
+    with ShardWriter(tmp_path / "data" / "raw", "edit", max_count=3) as w:
+        for s in ShapesEditSource(ShapesEditSource.Config(count=5, size=32)):
+            w.write(s)
+    manifest = run_curation(load_curation(yaml_path, [f"source.path={tmp_path / 'data' / 'raw'}"]))
+    assert manifest["counts"]["scored"] == 5
+    assert "earlier launch recorded no results; replacing its config" in caplog.text
+    with pytest.raises(ConfigError, match="differs in: source.limit"):
+        run_curation(load_curation(yaml_path, [f"source.path={tmp_path / 'data' / 'raw'}", "source.limit=2"]))

@@ -162,3 +162,23 @@ def test_random_image_modes_survive(tmp_path):
     write_shards(samples, tmp_path / "m", "rl_prompt")
     for im, s in zip(ims, iter_samples(tmp_path, "rl_prompt")):
         assert s["source"].mode == im.mode and np.array_equal(pixels(s["source"]), pixels(im))
+
+
+def test_a_shard_prefix_names_the_shards_written_under_it(tmp_path):
+    """`firm data import --out data/edit/raw` writes data/edit/raw-000000.tar ...; `source.path=data/edit/raw` (as the
+    docs say) reads them."""
+    from datamodules.reader import expand_shards, iter_samples
+    from datamodules.writer import ShardWriter
+    from firm.curation.shapes import ShapesEditSource
+
+    prefix = tmp_path / "data" / "edit" / "raw"
+    samples = list(ShapesEditSource(ShapesEditSource.Config(count=5, size=32)))
+    with ShardWriter(prefix, "edit", max_count=2) as w:
+        for s in samples:
+            w.write(s)
+    assert expand_shards(str(prefix)) == w.shards and len(w.shards) == 3
+    assert [s["key"] for s in iter_samples(str(prefix), "edit", decode_images=False)] == [s["key"] for s in samples]
+    (tmp_path / "data" / "edit" / "rawer-000000.tar").write_bytes(b"")  # another prefix's shards are not taken
+    assert expand_shards(str(prefix)) == w.shards
+    with pytest.raises(FileNotFoundError, match="shard not found: .*nothing.*prefix with .*nothing-000000.tar"):
+        expand_shards(str(tmp_path / "nothing"))

@@ -400,7 +400,7 @@ class KLCodec(nn.Module):
 
 
 def tiny_kl_vae(channels: int) -> nn.Module:
-    """A two-level ``AutoencoderKL`` (8x smaller images are 2x smaller latents) for tiny checkpoints."""
+    """A two-level ``AutoencoderKL`` (2x smaller latents) for tiny checkpoints, with SD3.5's latent scale and shift."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -412,4 +412,6 @@ def tiny_kl_vae(channels: int) -> nn.Module:
         layers_per_block=1,
         latent_channels=channels,
         norm_num_groups=4,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
     )

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 QWEN_SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -180,6 +178,9 @@ def qwen_image_scheduler() -> Any:
     )
 
 
-def seeded(seed: int):
-    torch.manual_seed(seed)
-    return seed
+def advantages(run_dir: Path) -> list[float]:
+    """``adv/abs_mean`` of every RL step a run logged (the LoRA tests check that their runs really trained)."""
+    import csv
+
+    rows = csv.DictReader(open(next(run_dir.glob("csv/**/metrics.csv"))))
+    return [float(r["adv/abs_mean"]) for r in rows if r.get("adv/abs_mean")]

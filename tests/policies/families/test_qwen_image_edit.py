@@ -228,6 +228,8 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
             "module.ema_decay=null",
         ],
     )
+    adv = hub.advantages(run_dir)
+    assert adv and max(adv) > 0  # the run really trained (an update with nonzero advantages)
     out = export_lora(run_dir, tmp_path / "lora")
     cfg = to_object(load_experiment(run_dir / "config.yaml"))
     cfg.module.policy.condition_area = None  # the pipeline's default source size

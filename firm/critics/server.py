@@ -1,7 +1,14 @@
 """`firm serve-critic`: a local critic behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (LitServe).
 
+An OpenAI-faithful subset: ``model`` (another name than the served one: HTTP 404 ``model_not_found``), ``messages``,
+``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``logprobs`` /
+``top_logprobs``, ``response_format`` of type ``text``, ``user``; answers carry ``finish_reason`` (``length`` when
+cut at the token budget) and ``usage`` with ``prompt_tokens``. Any other request field is refused with HTTP 400
+naming it (nothing is ignored silently), and so are ``n > 1`` and ``stream``. Every error is in OpenAI's format
+``{"error": {"message", "type", "param", "code"}}`` and never echoes the request.
+
 Requests are validated before they are queued (malformed JSON, unknown roles, images that are not base64 data
-URLs, any parameter out of range, NaN and infinities included: HTTP 422 with the reason). Then, before any model
+URLs, any parameter out of range, NaN and infinities included: HTTP 400 with the reason). Then, before any model
 work and for that request only: a prompt whose text is longer than ``max_prompt_tokens`` tokens gets HTTP 413 (a
 long text would otherwise hold the worker in prefill for minutes, the cost growing with the square of its length);
 an image whose bytes are not PNG, JPEG or WEBP gets HTTP 415 (checked from the magic bytes; no other Pillow plugin
@@ -9,14 +16,13 @@ ever sees client bytes, so no TIFF, ICO, PCX, TGA or EPS/Ghostscript); an image 
 HTTP 413 (checked from the image header, before decoding the pixels); an image that does not decode HTTP 400. A
 request body over ``max_request_bytes`` gets HTTP 413 (read no further). Valid requests are
 batched dynamically (up to ``max_batch_size``, waiting at most ``batch_timeout`` s to fill a batch) and answered by
-one batched ``generate``. ``GET /v1/models`` lists the served name; ``GET /health`` (open without the key) says
-when the model is loaded. There is no ``/docs`` or ``/openapi.json``.
+one batched ``generate`` per group of equal settings. ``GET /v1/models`` lists the served name; ``GET /health``
+(open without the key) says when the model is loaded. There is no ``/docs`` or ``/openapi.json``.
 The server binds 127.0.0.1 unless told otherwise; with an API key it expects ``Authorization: Bearer KEY`` (or
 ``X-API-Key: KEY``) on every request. On SIGTERM or SIGINT it stops every process it started (HTTP servers,
 inference workers) and frees the port (:func:`serve`).
 
-Only text and ``data:image/...;base64`` image parts are accepted (the server never fetches URLs); ``n`` must be 1
-and streaming is not supported.
+Only text and ``data:image/...;base64`` image parts are accepted (the server never fetches URLs).
 """
 
 # No `from __future__ import annotations` here: LitServe and FastAPI read the request type from the annotation.

@@ -12,7 +12,7 @@ install_requires = [
     "lightning>=2.4",
     "triton>=3.0; platform_system == 'Linux'",
     "transformers>=4.57",  # Qwen3-VL
-    "diffusers>=0.35",  # SD3 / Qwen-Image transformers, flow-matching schedulers
+    "diffusers>=0.37",  # the first release with every pipeline class the families use (Flux2KleinPipeline)
     "peft>=0.17",
     "torchmetrics>=1.4",
     "torchdata>=0.10",  # StatefulDataLoader: exact data position on resume

@@ -112,7 +112,7 @@ def snapshot(module):
 
 def probe_velocities(module):
     policy = module.policy
-    imgs = [Image.new("RGB", (16, 16), (255, 0, 0))] * 2 if policy.family.uses_source_image else None
+    imgs = [Image.new("RGB", (16, 16), (255, 0, 0))] * 2 if policy.family.task == "edit" else None
     cond = policy.encode_prompts(["a red circle", "make it blue"], imgs)
     x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
     s = torch.tensor([0.8, 0.4])

@@ -102,7 +102,7 @@ def test_tiny_experiment_runs_and_exports_a_diffusers_lora(tmp_path, monkeypatch
     assert not policy.load_state_dict(sd, strict=False).unexpected_keys
     from PIL import Image
 
-    imgs = [Image.new("RGB", (32, 32), (250, 250, 250))] * 2 if policy.family.uses_source_image else None
+    imgs = [Image.new("RGB", (32, 32), (250, 250, 250))] * 2 if policy.family.task == "edit" else None
     cond = policy.encode_prompts(["a red circle at the top", "a blue square"], imgs)
     x, s = torch.randn(2, *policy.latent_shape()), torch.tensor([0.7, 0.3])
     ours = policy.velocity(x, s, cond)

@@ -376,9 +376,11 @@ class FlowPolicy(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- encoding
 
-    def encode_prompts(self, prompts: list[str], images: list[Any] | None = None) -> Conditioning:
+    def encode_prompts(
+        self, prompts: list[str], images: list[Any] | None = None, *, with_sources: bool = True
+    ) -> Conditioning:
         """Conditioning for ``prompts`` (and their source images when editing: one PIL image, or a list, per prompt),
-        from the per-prompt cache."""
+        from the per-prompt cache; ``with_sources=False`` leaves the source latents out (the caller has them)."""
         fam = self.family
         edit = fam.task == "edit"
         if edit and (images is None or any(im is None for im in images)):
@@ -402,7 +404,7 @@ class FlowPolicy(nn.Module):
             self._cache.move_to_end(k)
             items.append(self._cache[k])
         cond = fam.stack(items, self.text_encoder).to(self.device)
-        if edit:
+        if edit and with_sources:
             cond = cond.with_image_latents(fam.encode_sources(self.codec, use_images, self.device))
         return cond
 
@@ -412,8 +414,8 @@ class FlowPolicy(nn.Module):
 
     def encode_negative(self, like: Conditioning, images: list[Any] | None = None) -> Conditioning:
         """The unconditional (negative-prompt) conditioning for a batch like ``like`` (same source images)."""
-        neg = self.encode_prompts([self.config.negative_prompt] * len(like), images)
-        return neg.with_image_latents(like.image_latents)
+        neg = self.encode_prompts([self.config.negative_prompt] * len(like), images, with_sources=False)
+        return neg.with_image_latents(like.image_latents)  # the same source latents: no second VAE pass
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

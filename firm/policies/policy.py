@@ -109,7 +109,7 @@ class TinyConfig:
 class PolicyConfig:
     """What to load (or build), how to adapt it, and at which resolution to sample."""
 
-    family: str = "sd3"  # a name in firm.registry.FAMILIES (`firm list families`; docs/models.md)
+    family: str = "sd3"  # a name in firm.registry.FAMILIES: sd3, qwen_image(_edit), flux_kontext, ... (docs/models.md)
     pretrained: str | None = None  # diffusers-layout directory or hub id; null builds the `tiny` random model
     revision: str | None = None  # hub revision of `pretrained`
     dtype: str = "float32"  # frozen weights: float32 | bfloat16 | float16 (LoRA weights stay float32)

@@ -120,6 +120,7 @@ class PolicyConfig:
     condition_area: int | None = None  # edit: pixels the source image is VAE-encoded at; null: the pipeline's
     shift: float | None = None  # override the scheduler's shift (null: the checkpoint's)
     negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance
+    embedded_guidance: float | None = None  # guidance-distilled families: the value in every forward; null: pipeline's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward (less memory, ~30% slower)
     cache_size: int = 4096  # prompt embeddings kept in the cache (on the CPU)
@@ -137,6 +138,8 @@ class PolicyConfig:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
         if self.cache_size < 0:
             raise ValueError(f"cache_size: must be >= 0, got {self.cache_size}")
+        if self.embedded_guidance is not None and not math.isfinite(self.embedded_guidance):
+            raise ValueError(f"embedded_guidance: must be a finite number or null, got {self.embedded_guidance}")
         if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"shift: must be a finite number > 0 or null, got {self.shift}")
 

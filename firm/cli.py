@@ -22,6 +22,7 @@ PROVIDERS: list[str] = [
     "firm.synthetic.cli",
     "firm.bench.cli",
     "firm.curation.cli",
+    "firm.eval.cli",
 ]
 
 

@@ -81,6 +81,25 @@ CURATION_SOURCES: dict[str, Any] = {
     "shapes_gen": "firm.curation.shapes:ShapesGenSource",
 }
 
+# Prompt sets of `firm eval` (firm/eval/items.py: one loader per benchmark format), class with a nested Config.
+EVAL_SETS: dict[str, Any] = {
+    "gedit": "firm.eval.items:GEditBench",  # GEdit-Bench (EN / CN, 11 task types)
+    "imgedit": "firm.eval.items:ImgEditBench",  # ImgEdit Basic-Edit (9 edit types)
+    "geneval": "firm.eval.items:GenEvalSet",  # GenEval prompts + metadata
+    "jsonl": "firm.eval.items:JsonlPromptSet",  # any {id, prompt[, category][, source]} list
+    "shapes_edit": "firm.synthetic.evaluate:ShapesEditSet",  # shapes world, held-out editing tasks
+    "shapes_gen": "firm.synthetic.evaluate:ShapesGenSet",  # shapes world, held-out generation tasks
+}
+
+# Judges of `firm eval` (firm/eval/judges.py), class with a nested Config, built as `cls(config, kind)`.
+JUDGES: dict[str, Any] = {
+    "firm_critic": "firm.eval.judges:FirmCriticJudge",  # any critic backend: E/C/CME or I/Q/QMA
+    "viescore": "firm.eval.judges:VIEScoreJudge",  # GEdit-Bench: SC, PQ 0-10, overall sqrt(SC*PQ)
+    "imgedit": "firm.eval.judges:ImgEditJudge",  # ImgEdit: three 1-5 criteria
+    "geneval_vqa": "firm.eval.judges:GenEvalVQAJudge",  # GenEval-style yes/no questions (not the detector)
+    "shapes_rule": "firm.synthetic.evaluate:ShapesRuleJudge",  # shapes world: the rule critic's exact scores
+}
+
 REGISTRIES: dict[str, dict[str, Any]] = {
     "modules": MODULES,
     "families": FAMILIES,
@@ -90,6 +109,8 @@ REGISTRIES: dict[str, dict[str, Any]] = {
     "rewards": REWARDS,
     "teachers": TEACHERS,
     "curation_sources": CURATION_SOURCES,
+    "eval_sets": EVAL_SETS,
+    "judges": JUDGES,
 }
 
 

@@ -11,22 +11,20 @@ whatever reward a run trained on.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from tqdm import tqdm
 
 from firm.critics.types import CONSISTENCY, EXECUTION, INSTRUCTION, QUALITY
-from firm.rewards.combiners import CMEReward, QMAReward
-from firm.rewards.functions import FirmEditReward, FirmGenReward
+from firm.eval.generate import sample_images
+from firm.eval.items import PromptItem, PromptSet
+from firm.eval.judges import FirmCriticJudge, Query
 from firm.synthetic.critic import ShapesRuleCritic, task_request
-from firm.synthetic.tasks import EditTask, GenTask
+from firm.synthetic.tasks import EditTask, GenTask, SplitConfig, edit_tasks, gen_tasks
 from firm.synthetic.world import WorldConfig, render
 
 TASK_DIMENSIONS = {"edit": (EXECUTION, CONSISTENCY), "gen": (INSTRUCTION, QUALITY)}
@@ -43,11 +41,17 @@ def task_kind(tasks: Sequence[EditTask | GenTask]) -> str:
     return kinds.pop()
 
 
-def _seed_of(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+def task_items(tasks: Sequence[EditTask | GenTask], world: WorldConfig) -> list[PromptItem]:
+    """Shapes tasks as :class:`firm.eval.items.PromptItem` (edit sources rendered; the noise key is the task key)."""
+    kind = task_kind(tasks)
+    if kind == "edit":
+        return [PromptItem(t.key, t.instruction, t.kind, source=render(t.source, world), key=t.key) for t in tasks]
+    return [
+        PromptItem(t.key, t.prompt, f"{len(t.spec.objects)}-objects", meta={"checklist": list(t.checklist)}, key=t.key)
+        for t in tasks
+    ]
 
 
-@torch.no_grad()
 def sample_tasks(
     policy: Any,
     tasks: Sequence[EditTask | GenTask],
@@ -62,10 +66,11 @@ def sample_tasks(
     progress: bool = False,
     desc: str = "sampling",
 ) -> list[Image.Image]:
-    """Images a :class:`~firm.policies.policy.FlowPolicy` produces for ``tasks`` (deterministic sampler).
+    """Images a :class:`~firm.policies.policy.FlowPolicy` produces for ``tasks``: `firm eval`'s sampler
+    (:func:`firm.eval.generate.sample_images`) on the tasks as prompt items.
 
     Args:
-        policy: the flow policy (``encode_prompts`` / ``velocity`` / ``decode`` / ``adapter``).
+        policy: the flow policy.
         tasks: editing tasks (the policy gets the rendered source and the instruction) or generation tasks.
         world: renders edit sources.
         seed: evaluation seed; task ``k``'s initial noise is seeded by ``(seed, k.key)``.
@@ -77,38 +82,18 @@ def sample_tasks(
         progress: show a progress bar.
         desc: its label.
     """
-    from firm.policies.samplers import DETERMINISTIC_SOLVERS, sample
-
-    if method not in DETERMINISTIC_SOLVERS:
-        raise ValueError(
-            f"evaluation samples deterministically: method must be one of {DETERMINISTIC_SOLVERS}, got {method!r}"
-        )
-    kind = task_kind(tasks)
-    sigmas = policy.sigmas(num_steps)
-    shape = policy.latent_shape()
-    out: list[Image.Image] = []
-    starts = range(0, len(tasks), batch_size)
-    for lo in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        chunk = tasks[lo : lo + batch_size]
-        if kind == "edit":
-            prompts, sources = [t.instruction for t in chunk], [render(t.source, world) for t in chunk]
-        else:
-            prompts, sources = [t.prompt for t in chunk], None
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(_seed_of("eval", seed, t.key))) for t in chunk]
-        ).to(policy.device)  # (b, C, h, w)
-        with policy.adapter(adapter):
-            cond = policy.encode_prompts(prompts, sources)
-            uncond = policy.encode_negative(cond, sources) if policy.needs_uncond(guidance_scale) else None
-
-            def vfn(x: torch.Tensor, sig: torch.Tensor, cond=cond, uncond=uncond) -> torch.Tensor:
-                return policy.velocity(x, sig, cond, guidance_scale=guidance_scale, uncond=uncond)
-
-            traj = sample(vfn, noise, sigmas, method=method, noise_level=0.0, record=False)
-        images = policy.decode(traj.final).cpu()  # (b, 3, H, W) in [0, 1]
-        arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (b, H, W, 3)
-        out.extend(Image.fromarray(a, mode="RGB") for a in arr)
-    return out
+    return sample_images(
+        policy,
+        task_items(tasks, world),
+        seed=seed,
+        num_steps=num_steps,
+        method=method,
+        guidance_scale=guidance_scale,
+        adapter=adapter,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
 
 
 @dataclass
@@ -190,33 +175,29 @@ def evaluate_policy(
         An :class:`EvalResult` (normalised components, headline reward, first seed's images).
     """
     kind = task_kind(tasks)
-    critic = critic or ShapesRuleCritic()
-    if kind == "edit":
-        reward_fn: Any = FirmEditReward(critic, CMEReward())
-    else:
-        reward_fn = FirmGenReward(critic, QMAReward())
+    judge = ShapesRuleJudge(ShapesRuleJudge.Config(), kind, critic=critic or ShapesRuleCritic())
+    items = task_items(tasks, world)
     dims = TASK_DIMENSIONS[kind]
     comps = {d: np.full((len(seeds), len(tasks)), np.nan) for d in dims}
     reward = np.full((len(seeds), len(tasks)), np.nan)
     first: list[Image.Image] = []
     for i, seed in enumerate(seeds):
-        images = sample_tasks(
+        images = sample_images(
             policy,
-            tasks,
-            world,
+            items,
             seed=seed,
             num_steps=num_steps,
             method=method,
+            guidance_scale=guidance_scale,
             adapter=adapter,
             batch_size=batch_size,
-            guidance_scale=guidance_scale,
             progress=progress,
             desc=f"{desc} seed {seed}",
         )
-        out = reward_fn([task_request(t, im, world) for t, im in zip(tasks, images)])
-        reward[i] = out.rewards.double().numpy()
+        metrics = judge.judge_images(items, images)
+        reward[i] = [math.nan if m[judge.headline] is None else m[judge.headline] for m in metrics]
         for d in dims:
-            comps[d][i] = out.components[d].double().numpy()
+            comps[d][i] = [math.nan if m[d] is None else m[d] for m in metrics]
         if i == 0:
             first = images
     return EvalResult(kind, [t.key for t in tasks], list(seeds), comps, reward, first)
@@ -228,3 +209,79 @@ def score_images(
     """The rule critic's 1..5 scores of each (task, image) pair."""
     critic = critic or ShapesRuleCritic()
     return [dict(r.scores) for r in critic.score([task_request(t, im, world) for t, im in zip(tasks, images)])]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `firm eval` plugins: the shapes world's prompt sets and judge (registered in firm.registry.EVAL_SETS / JUDGES)
+
+
+class ShapesRuleJudge(FirmCriticJudge):
+    """The shapes world's judge: FIRM's rubrics scored exactly by the pixel rule critic (CME / QMA headline)."""
+
+    @dataclass
+    class Config:
+        name: str = "shapes_rule"
+        critic: dict[str, Any] = field(default_factory=lambda: {"name": "shapes_rule"})  # the rule critic's settings
+        reward: dict[str, Any] | None = None  # the combiner (null: cme for edits, qma for generation)
+        use_expected: bool = False  # (the rule critic gives integer scores only)
+
+    def judge_images(self, items: list[PromptItem], images: list[Image.Image]) -> list[dict[str, Any]]:
+        """Metrics of ``images`` (one per item) in memory, without a cache (the demo's held-out evaluation)."""
+        queries = [Query(f"mem/{it.id}", q, it, im) for it, im in zip(items, images, strict=True) for q in self.dims]
+        preds = self.answer(queries)
+        answers = [
+            {
+                q.qid: p
+                for q, p in zip(queries[i * len(self.dims) : (i + 1) * len(self.dims)], preds[i * len(self.dims) :])
+            }
+            for i in range(len(items))
+        ]
+        return self.metrics_batch(items, answers)
+
+
+class ShapesEditSet:
+    """Held-out shapes-world editing tasks (the ``test`` split), exact ground truth for the rule critic."""
+
+    @dataclass
+    class Config:
+        name: str = "shapes_edit"
+        n_tasks: int = 64  # tasks in the set
+        split_name: str = "test"  # which split (keep `test`: base models and RL never saw it)
+        world: WorldConfig = field(default_factory=WorldConfig)  # scene settings
+        split: SplitConfig = field(default_factory=SplitConfig)  # how tasks are split into train / test
+        kinds: list[str] | None = None  # instruction kinds (null: all)
+
+    task = "edit"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def tasks(self) -> list[EditTask | GenTask]:
+        c = self.config
+        return list(edit_tasks(c.split_name, world=c.world, split_config=c.split, kinds=c.kinds, limit=c.n_tasks))
+
+    def load(self) -> PromptSet:
+        return PromptSet(self.config.name, self.task, task_items(self.tasks(), self.config.world), "shapes world")
+
+
+class ShapesGenSet(ShapesEditSet):
+    """Held-out shapes-world generation tasks (the ``test`` split)."""
+
+    @dataclass
+    class Config:
+        name: str = "shapes_gen"
+        n_tasks: int = 64  # tasks in the set
+        split_name: str = "test"  # which split
+        world: WorldConfig = field(default_factory=WorldConfig)  # scene settings
+        split: SplitConfig = field(default_factory=SplitConfig)  # how tasks are split into train / test
+        exclusive_prob: float = 0.5  # share of prompts ending in "and nothing else"
+
+    task = "gen"
+
+    def tasks(self) -> list[EditTask | GenTask]:
+        c = self.config
+        return list(
+            gen_tasks(
+                c.split_name, world=c.world, split_config=c.split, exclusive_prob=c.exclusive_prob, limit=c.n_tasks
+            )
+        )

@@ -34,6 +34,8 @@ What the pipeline does (diffusers 0.42 ``pipelines/flux/pipeline_flux_kontext.py
 * LoRA: the joint attention projections (which also match the single blocks' ``attn.to_q/k/v``), as FIRM-Reward's
   Kontext trainer adapts; exports load with ``FluxLoraLoaderMixin.load_lora_weights``.
 
+Nothing here needs torchvision: the text side is two tokenizers, the source goes through ``VaeImageProcessor`` (PIL).
+
 Deliberate differences from the pipeline: sources are converted to RGB (the pipeline would hand an RGBA image's four
 channels to the VAE); a batch whose sources resize to different sizes is an error (the pipeline resizes every image of
 a batch to the first one's size, distorting the others).
@@ -141,6 +143,8 @@ class FluxKontext(ModelFamily):
         t = self.config.tiny
         if sum(t.rope_axes) != t.head_dim:
             raise ValueError(f"tiny.rope_axes {t.rope_axes} must sum to tiny.head_dim={t.head_dim} for flux_kontext")
+        if t.source_conditioning != "sequence":
+            raise ValueError("flux_kontext appends the source tokens: tiny.source_conditioning must be sequence")
         return self.transformer_class()(
             patch_size=1,
             in_channels=4 * channels,  # packed 2x2 patches; out_channels defaults to the same width

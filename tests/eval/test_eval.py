@@ -39,13 +39,18 @@ def gedit_fixture(root: Path) -> Path:
     for i, (task, lang) in enumerate([("color_alter", "en"), ("subject-add", "cn"), ("color_alter", "en")]):
         img = _png(root / f"src{i}.png", (40 * i, 90, 160))
         text = "make it GARBAGE" if i == 2 else f"instruction {i}"
-        recs.append({"key": f"k{i}", "task_type": task, "instruction": text, "instruction_language": lang, "input_image": img})
+        recs.append(
+            {"key": f"k{i}", "task_type": task, "instruction": text, "instruction_language": lang, "input_image": img}
+        )
     (root / "gedit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return root / "gedit.jsonl"
 
 
 def imgedit_fixture(root: Path) -> Path:
-    data = {str(i): {"id": _png(root / f"im{i}.png"), "prompt": f"change {i}", "edit_type": t} for i, t in enumerate(["add", "style"])}
+    data = {
+        str(i): {"id": _png(root / f"im{i}.png"), "prompt": f"change {i}", "edit_type": t}
+        for i, t in enumerate(["add", "style"])
+    }
     (root / "basic_edit.json").write_text(json.dumps(data))
     return root / "basic_edit.json"
 
@@ -53,8 +58,17 @@ def imgedit_fixture(root: Path) -> Path:
 def geneval_fixture(root: Path) -> Path:
     recs = [
         {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
-        {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}], "prompt": "a photo of two cats"},
-        {"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "car", "count": 1, "position": ["left of", 0]}], "prompt": "a car left of a dog"},
+        {
+            "tag": "counting",
+            "include": [{"class": "cat", "count": 2}],
+            "exclude": [{"class": "cat", "count": 3}],
+            "prompt": "a photo of two cats",
+        },
+        {
+            "tag": "position",
+            "include": [{"class": "dog", "count": 1}, {"class": "car", "count": 1, "position": ["left of", 0]}],
+            "prompt": "a car left of a dog",
+        },
     ]
     root.mkdir(parents=True, exist_ok=True)
     (root / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -70,7 +84,10 @@ def test_loaders_read_the_formats_and_name_the_keys_they_found(tmp_path):
     assert [it.language for it in ps.items] == ["en", "cn", "en"] and ps.categories() == ["color_alter", "subject-add"]
     en = GEditBench(GEditBench.Config(path=str(tmp_path / "g" / "gedit.jsonl"), languages=["en"])).load()
     assert len(en.items) == 2
-    assert ImgEditBench(ImgEditBench.Config(path=str(imgedit_fixture(tmp_path / "i")))).load().categories() == ["add", "style"]
+    assert ImgEditBench(ImgEditBench.Config(path=str(imgedit_fixture(tmp_path / "i")))).load().categories() == [
+        "add",
+        "style",
+    ]
     assert GenEvalSet(GenEvalSet.Config(path=str(geneval_fixture(tmp_path / "e")))).load().kind == "gen"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "image": "a.png"}) + "\n")
@@ -92,7 +109,12 @@ def test_judge_parsers_never_turn_a_bad_answer_into_a_score():
     assert i.parse("score", "Prompt Compliance: 5\nVisual Naturalness: 4")[0] is None
     g = GenEvalVQAJudge(GenEvalVQAJudge.Config(), "gen")
     assert g.parse("inc0", "Yes.")[0] == 1.0 and g.parse("inc0", "no")[0] == 0.0 and g.parse("inc0", "maybe")[0] is None
-    qs = geneval_questions({"include": [{"class": "cat", "count": 2}, {"class": "car", "color": "red", "position": ["left of", 0]}], "exclude": [{"class": "cat", "count": 3}]})
+    qs = geneval_questions(
+        {
+            "include": [{"class": "cat", "count": 2}, {"class": "car", "color": "red", "position": ["left of", 0]}],
+            "exclude": [{"class": "cat", "count": 3}],
+        }
+    )
     assert [q for q, _, _ in qs] == ["inc0", "inc1", "col1", "pos1", "exc0"] and qs[-1][2] is False
     with pytest.raises(ValueError, match="scores"):
         GenEvalVQAJudge(GenEvalVQAJudge.Config(), "edit")
@@ -157,9 +179,18 @@ def _manifest_lines(out: Path, label: str) -> list[dict]:
 
 
 def test_sigkill_during_generate_and_score_then_relaunch(tmp_path):
-    ov = [f"output_root={tmp_path}", "prompts.n_tasks=12", "generation.batch_size=2", "generation.seeds=[0]",
-          "policies.trained.lora=null", "progress=false", "score_batch_size=2",
-          "judge.critic={name: delayed, seconds: 0.4, inner: {name: shapes_rule}}"]
+    ov = [
+        f"output_root={tmp_path}",
+        "prompts.n_tasks=8",
+        "generation.batch_size=2",
+        "generation.seeds=[0]",
+        "policies.trained.lora=null",
+        "policies.trained.policy.family=qwen_image_edit",
+        "progress=false",
+        "score_batch_size=2",
+        "judge.name=test_slow_shapes",
+        f"imports=[{Path(__file__).parent / 'slow_judge.py'}]",
+    ]
     out = tmp_path / "shapes_edit"
     cmd = [*FIRM, "eval", str(EXP / "shapes_edit.yaml"), *ov]
     proc = subprocess.Popen([*cmd, "--stage", "generate"], cwd=REPO, env=ENV)
@@ -169,35 +200,49 @@ def test_sigkill_during_generate_and_score_then_relaunch(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_before = len(list((out / "images" / "base").glob("*.png")))
-    assert 0 < n_before < 12 or len(list((out / "images").rglob("*.png"))) < 24
+    assert 0 < n_before < 8 or len(list((out / "images").rglob("*.png"))) < 16
     subprocess.run([*cmd, "--stage", "generate"], cwd=REPO, env=ENV, check=True, capture_output=True)
     for label in ("base", "trained"):
         lines = _manifest_lines(out, label)
         generated = [x["sample_id"] for x in lines if x["generated"]]
         assert len(generated) == len(set(generated)), "an image was generated twice"
-        assert len({x["sample_id"] for x in lines}) == 12 and len(list((out / "images" / label).glob("*.png"))) == 12
+        assert len({x["sample_id"] for x in lines}) == 8 and len(list((out / "images" / label).glob("*.png"))) == 8
     proc = subprocess.Popen([*cmd, "--stage", "score"], cwd=REPO, env=ENV)
     t0 = time.time()
-    cache = lambda: sum(len(p.read_text().splitlines()) for p in (out / "score").glob("*.jsonl")) if (out / "score").is_dir() else 0  # noqa: E731
+    cache = lambda: (
+        sum(len(p.read_text().splitlines()) for p in (out / "score").glob("*.jsonl")) if (out / "score").is_dir() else 0
+    )  # noqa: E731
     while cache() < 4 and time.time() - t0 < 120:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_cached = cache()
-    assert 0 < n_cached < 48
+    assert 0 < n_cached < 32
     r = subprocess.run([*cmd, "--stage", "score"], cwd=REPO, env=ENV, check=True, capture_output=True, text=True)
     assert f"'n_cached': {n_cached}" in r.stdout or f"'n_cached': {n_cached - 1}" in r.stdout
     lines = [json.loads(x) for p in (out / "score").glob("*.jsonl") for x in p.read_text().splitlines() if x.strip()]
     ids = [x["item_id"] for x in lines]
-    assert len(ids) == len(set(ids)) == 48, "a question was asked twice or is missing"
+    assert len(ids) == len(set(ids)) == 32, "a question was asked twice or is missing"
 
 
 def test_two_ranks_split_the_work_and_the_report_merges_them(tmp_path):
-    ov = [f"output_root={tmp_path}", "prompts.n_tasks=5", "generation.seeds=[0]", "policies.trained.lora=null",
-          "progress=false", "report.grid_items=1"]
+    ov = [
+        f"output_root={tmp_path}",
+        "prompts.n_tasks=5",
+        "generation.seeds=[0]",
+        "policies.trained.lora=null",
+        "policies.trained.policy.family=qwen_image_edit",
+        "progress=false",
+        "report.grid_items=1",
+    ]
     procs = [
-        subprocess.Popen([*FIRM, "eval", str(EXP / "shapes_edit.yaml"), *ov], cwd=REPO,
-                         env={**ENV, "RANK": str(r), "WORLD_SIZE": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [*FIRM, "eval", str(EXP / "shapes_edit.yaml"), *ov],
+            cwd=REPO,
+            env={**ENV, "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for r in range(2)
     ]
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
@@ -232,7 +277,11 @@ class _Judge(BaseHTTPRequestHandler):
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = " ".join(p.get("text", "") for m in req["messages"] for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]))
+        text = " ".join(
+            p.get("text", "")
+            for m in req["messages"]
+            for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])
+        )
         if "GARBAGE" in text:
             answer = "I would rather not say."
         elif "editing success" in text:
@@ -245,9 +294,15 @@ class _Judge(BaseHTTPRequestHandler):
             answer = "No"
         else:
             answer = "Yes, there is."
-        self._send({"id": "x", "object": "chat.completion", "model": "judge",
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        self._send(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "judge",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
 
 
 @pytest.fixture
@@ -261,8 +316,13 @@ def judge_server():
 @pytest.mark.parametrize("name", ["gedit", "imgedit", "geneval"])
 def test_benchmark_yamls_end_to_end_with_a_local_judge(name, tmp_path, judge_server):
     fixture = {"gedit": gedit_fixture, "imgedit": imgedit_fixture, "geneval": geneval_fixture}[name](tmp_path / "data")
-    ov = [f"output_root={tmp_path}", f"prompts.path={fixture}", f"judge.backend.endpoints=[{judge_server}]",
-          "generation.seeds=[0]", "progress=false"]
+    ov = [
+        f"output_root={tmp_path}",
+        f"prompts.path={fixture}",
+        f"judge.backend.endpoints=[{judge_server}]",
+        "generation.seeds=[0]",
+        "progress=false",
+    ]
     c = load_eval_config(EXP / f"{name}_tiny.yaml", ov)
     run_eval(c, echo=False)
     res = json.loads((tmp_path / f"{name}_tiny" / "results.json").read_text())
@@ -272,9 +332,14 @@ def test_benchmark_yamls_end_to_end_with_a_local_judge(name, tmp_path, judge_ser
         # SC = min(8, 6), PQ = min(9, 4), overall = sqrt(24); the GARBAGE item is a parse failure, not a score
         assert m["categories"]["subject-add"] == pytest.approx(np.sqrt(24)) and m["n_missing"] == 1
         assert res["policies"]["base"]["parse_failures"] == 1 and res["failure_examples"]
-        assert [p["overall"] for p in res["published"]] == [7.54, 7.84] and all(p["published"] for p in res["published"])
+        assert [p["overall"] for p in res["published"]] == [7.54, 7.84] and all(
+            p["published"] for p in res["published"]
+        )
     elif name == "imgedit":
         assert m["overall"] == pytest.approx(4.0)
     else:
-        assert m["overall"] == pytest.approx(1.0) and "NOT GenEval's detector" in (tmp_path / "geneval_tiny" / "table.md").read_text()
+        assert (
+            m["overall"] == pytest.approx(1.0)
+            and "NOT GenEval's detector" in (tmp_path / "geneval_tiny" / "table.md").read_text()
+        )
     assert "published:" in (tmp_path / f"{name}_tiny" / "table.md").read_text()

@@ -49,24 +49,33 @@ def _firm(*args, timeout=900):
 
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
-    from firm.bench.tiny import build_tiny_critic
-    from firm.critics import PromptSet
+    from firm.bench.tiny import TinyCriticConfig, build_tiny_critic
+    from firm.critics import EditRequest, PromptSet
     from firm.critics.export import complete_processor_layout
+    from firm.critics.local import LocalCritic
     from tests.critics.teach import edit_examples, gen_examples, noise_pairs, teach
 
     root = tmp_path_factory.mktemp("vllm")
     t0 = time.perf_counter()
-    path = build_tiny_critic(root / "tiny-critic")
+    # `firm tiny-critic`'s architecture, narrower (64 wide, 2 layers) so that teaching takes a minute or two on CPU
+    small = TinyCriticConfig(hidden_size=64, layers=2, heads=2, kv_heads=1, head_dim=32, vision_depth=1,
+                             vision_hidden=64, vocab_size=800, corpus_samples=40)  # fmt: skip
+    path = build_tiny_critic(root / "tiny-critic", small)
     texts = [json.loads(line)["prompt"] for line in RL_PROMPTS.read_text().splitlines()][:3]
     ps = PromptSet()
     pairs = noise_pairs(3, size=64, seed=1)
     gen = gen_examples(ps, [b for _, b in pairs[:2]], ["a red circle", "two cats"])
     examples = edit_examples(ps, pairs, texts) + gen
-    teach(path, examples, steps=80)
+    teach(path, examples, steps=80, lr=1e-2)
     written = complete_processor_layout(path, path, "qwen3_vl")
     REPORT["critic"] = {"build_and_teach_s": round(time.perf_counter() - t0, 1), "hub_files_written": written}
     cfg = json.loads((path / "config.json").read_text())["text_config"]
     assert cfg["head_dim"] == 32
+    # what the taught critic answers in this process (transformers), to compare with vLLM's answers below
+    src, out = noise_pairs(1, size=64, seed=20)[0]
+    probe = EditRequest(src, out, texts[0], key="probe")
+    [local] = LocalCritic(LocalCritic.Config(model=str(path), max_new_tokens=40, expected_score=True)).score([probe])
+    assert local.complete, f"teaching failed: the local critic answers {local.raw}"
 
     port = free_port()
     log_path = root / "vllm.log"
@@ -90,7 +99,18 @@ def vllm_url(tmp_path_factory):
                 pytest.fail(f"vllm serve did not become healthy:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
         REPORT["vllm_startup_s"] = round(time.perf_counter() - t0, 1)
-        yield f"http://127.0.0.1:{port}/v1", texts
+        from firm.critics.http import HTTPCritic
+
+        url = f"http://127.0.0.1:{port}/v1"
+        http = HTTPCritic(HTTPCritic.Config(endpoints=[url], max_tokens=40, parse_retries=0, expected_score=True))
+        [remote] = http.score([probe])
+        REPORT["local_vs_vllm"] = {
+            "local_raw": local.raw,
+            "vllm_raw": remote.raw,
+            "local_expected": local.details.get("expected_scores"),
+            "vllm_expected": remote.details.get("expected_scores"),
+        }
+        yield url, texts
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

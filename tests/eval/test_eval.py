@@ -209,9 +209,11 @@ def test_sigkill_during_generate_and_score_then_relaunch(tmp_path):
         assert len({x["sample_id"] for x in lines}) == 8 and len(list((out / "images" / label).glob("*.png"))) == 8
     proc = subprocess.Popen([*cmd, "--stage", "score"], cwd=REPO, env=ENV)
     t0 = time.time()
-    cache = lambda: (
-        sum(len(p.read_text().splitlines()) for p in (out / "score").glob("*.jsonl")) if (out / "score").is_dir() else 0
-    )  # noqa: E731
+
+    def cache() -> int:
+        files = (out / "score").glob("*.jsonl") if (out / "score").is_dir() else []
+        return sum(len(p.read_text().splitlines()) for p in files)
+
     while cache() < 4 and time.time() - t0 < 120:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -11,7 +11,7 @@ What the pipeline does, and so what this family does:
 * Latents: the FLUX-style ``AutoencoderKL`` (16 channels, 8x) with ``(z - shift_factor) * scaling_factor``; the
   sampler state is (B, 16, H/8, W/8), the pipeline's own latent layout. ``ZImageTransformer2DModel`` takes a list of
   per-sample (C, F=1, h, w) latents and patchifies them itself (2x2 patches, position ids from the caption length).
-* Time: the transformer is trained with time running the other way. The pipeline calls it with
+* Time: the transformer's time runs the other way (0 = noise, 1 = clean). The pipeline calls it with
   ``timestep = (1000 - 1000 sigma) / 1000`` (i.e. ``1 - sigma``) and steps the scheduler with the *negated* output,
   so FIRM's velocity (``x_next = x + (sigma_next - sigma) v``, sigma from 1 to 0) is ``-transformer(...)``.
 * Sigmas: ``linspace(1, 1/T, T)`` (``get_default_z_image_sigmas``) through ``set_timesteps(sigmas=..., mu=...)``,
@@ -31,9 +31,11 @@ Deliberate differences from the pipeline's interface (not its numbers):
 * ``guidance_scale`` here is FIRM's classifier-free guidance weight ``w`` (1 = off, ``v_u + w (v_c - v_u)``), as for
   every other family and as FIRM-Reward's Z-Image trainer uses it (``guidance_scale <= 1`` skips the negative pass).
   ``ZImagePipeline`` writes the same combination as ``pos + g (pos - neg)`` with ``g = w - 1`` (0 = off; its
-  Z-Image-Turbo default is 0). So FIRM ``guidance_scale = w`` equals the pipeline's ``guidance_scale = w - 1``.
+  ``__call__`` default is 5, Z-Image-Turbo is run at 0). So FIRM ``guidance_scale = w`` is the pipeline's
+  ``guidance_scale = w - 1``; with the pipeline's scale passed unchanged the results differ (the test checks it).
 * The pipeline decides truncation once per step; FIRM decides it per sample (rows may sit at different sigmas while
-  training) with a select instead of a host-side branch, so a truncated row still runs in the batched pass.
+  training) with a select instead of a host-side branch, so a truncated row still runs in the batched pass (the
+  batch composition moves the last bits: 5e-7 in the parity test, 0 without truncation).
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ class ZImage(ModelFamily):
         super().check(components)
         want = components["transformer"].config.cap_feat_dim
         enc = components["text_encoder"]
-        width = enc.model.config.hidden_size if isinstance(enc, ZImageTextEncoder) else getattr(enc.config, "dim", None)
+        if isinstance(enc, ZImageTextEncoder):
+            width = enc.model.config.hidden_size
+        else:  # the hash text encoder of tiny policies
+            width = getattr(getattr(enc, "config", None), "dim", None)
         if width is not None and width != want:
             raise ValueError(
                 f"the transformer takes {want}-wide caption features (cap_feat_dim) but the text encoder gives "

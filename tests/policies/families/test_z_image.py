@@ -301,6 +301,7 @@ def test_trained_lora_loads_into_the_pipeline(tmp_path, monkeypatch, checkpoint,
 
 def test_tiny_random_model_and_clear_errors(checkpoint):
     """``pretrained: null`` builds the family's classes (hash text encoder, pixel or tiny VAE); bad settings say why."""
+    from firm.policies.encoders import HashTextEncoder
     from firm.policies.policy import TinyConfig
 
     for vae, channels in (("pixel", 3), ("tiny", 4)):
@@ -323,7 +324,6 @@ def test_tiny_random_model_and_clear_errors(checkpoint):
     policy = policy_for(checkpoint)
     with pytest.raises(ValueError, match="no source images"):
         policy.text_encoder.encode(["a red circle"], [object()])
-    comps = {"transformer": policy.transformer, "codec": policy.codec, "text_encoder": FlowPolicy(cfg).text_encoder}
-    with pytest.raises(ValueError, match="cap_feat_dim"):  # a 32-wide hash encoder would fit; make it 16 wide
-        comps["text_encoder"].config.dim = 16
-        policy.family.check(comps)
+    narrow = HashTextEncoder(HashTextEncoder.Config(dim=16))  # the transformer takes 32-wide captions
+    with pytest.raises(ValueError, match="cap_feat_dim"):
+        policy.family.check({"transformer": policy.transformer, "codec": policy.codec, "text_encoder": narrow})

@@ -51,6 +51,11 @@ def test_the_score_token_is_found_by_bytes_and_its_alternatives_are_read():
     value, why = expected_from_logprobs(content, text, span)
     # " 4" and "4" are different tokens: only the written token's own variants (" 1".." 5") count
     assert why is None and value == pytest.approx((4 * 0.6 + 5 * 0.3 + 3 * 0.05) / 0.95)
+    # vLLM also lists the end-of-turn token, which the answer text does not show
+    with_eos = [*content, _entry("<|im_end|>", -0.001)]
+    assert expected_from_logprobs(with_eos, text, span) == (value, None)
+    # but tokens that spell something else before the answer's end are refused
+    assert expected_from_logprobs(with_eos[1:], text, span)[0] is None
 
 
 def test_locating_fails_with_a_reason_never_a_guess():

@@ -9,12 +9,13 @@ from firm.config import load_experiment, to_object
 from firm.registry import REGISTRIES, resolve
 from firm.runner import experiments_root, list_experiments
 
-# experiments/curation/ holds `firm curate` configs (validated by tests/curation/test_experiments.py) and
-# experiments/bench/ `firm bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/).
+# experiments/curation/ holds `firm curate` configs (validated by tests/curation/test_experiments.py),
+# experiments/bench/ `firm bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/) and experiments/eval/
+# `firm eval` configs (validated in tests/eval/).
 SHIPPED = sorted(
     p
     for p in experiments_root().rglob("*.yaml")
-    if p.relative_to(experiments_root()).parts[0] not in ("curation", "bench")
+    if p.relative_to(experiments_root()).parts[0] not in ("curation", "bench", "eval")
 )
 
 
@@ -33,6 +34,12 @@ def test_shipped_experiment_validates(path):
 @pytest.mark.parametrize("registry,name", [(r, n) for r, t in REGISTRIES.items() for n in list(t)])
 def test_registry_entry_resolves_to_a_configurable_component(registry, name):
     comp = resolve(registry, name)
+    if registry == "families":  # configured by PolicyConfig: the family class names itself and its pipeline
+        from firm.policies.families.base import ModelFamily
+
+        assert issubclass(comp, ModelFamily) and comp.name == name and comp.pipeline and comp.lora_loader
+        assert comp.task in ("generate", "edit")
+        return
     conf = comp if dataclasses.is_dataclass(comp) else comp.Config
     assert dataclasses.is_dataclass(conf)
     assert conf().name == name, f"{registry}:{name}: its Config.name default must equal its registry key"

@@ -228,7 +228,10 @@ class FlowPolicy(nn.Module):
         self.config = config
         self.family = fam = get_family(config)
         if components is None:
-            components = fam.build_tiny() if config.pretrained is None else load_components(config)
+            if config.pretrained is None:
+                components = fam.build_tiny()
+            else:  # this family object loads, so that what it learns from the checkpoint stays with it
+                components = fam.load(_local_checkpoint(config.pretrained, config.revision), _dtype(config.dtype))
         self.transformer: nn.Module = components["transformer"]
         self.scheduler = components["scheduler"]
         self.codec: nn.Module = components["codec"]

@@ -19,11 +19,14 @@ def perturb(policy: FlowPolicy, scale: float = 0.1) -> None:
 
 @pytest.mark.parametrize("family,vae", [("sd3", "tiny"), ("qwen_image_edit", "tiny"), ("qwen_image_edit", "pixel")])
 def test_saved_tiny_checkpoint_loads_back_identically(tmp_path, family, vae):
-    cfg = tiny_policy_config(family, tiny={"vae": vae})
+    cfg = tiny_policy_config(family, tiny={"vae": vae}, condition_area=32 * 32)
     comps = build_tiny_components(cfg)
     save_components(comps, tmp_path / "ckpt")
     built = FlowPolicy(cfg, components=comps)
-    loaded = FlowPolicy(tiny_policy_config(family, pretrained=str(tmp_path / "ckpt"), tiny={"vae": vae}))
+    area = {
+        "condition_area": 32 * 32
+    }  # the edit source's VAE area: a saved checkpoint would take the pipeline's 1024^2
+    loaded = FlowPolicy(tiny_policy_config(family, pretrained=str(tmp_path / "ckpt"), tiny={"vae": vae}, **area))
     assert type(loaded.codec) is type(built.codec) and isinstance(loaded.text_encoder, HashTextEncoder)
     src = [Image.new("RGB", (24, 20), (200, 10, 10))] * 2 if family != "sd3" else None
     cond_a = built.encode_prompts(["a red circle", "blue square"], src)

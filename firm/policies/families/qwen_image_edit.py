@@ -5,7 +5,7 @@ What the pipelines do, and so what this family does:
 
 * Source images for the VAE: each resized (lanczos, ``VaeImageProcessor``) to about 1024 x 1024 pixels of area with
   its aspect ratio kept (sides rounded to multiples of 32; ``policy.condition_area`` changes the area; tiny models
-  built with ``pretrained: null`` default to the output's area), encoded
+  built with ``pretrained: null`` or on pixel latents default to the output's area), encoded
   (the distribution's mode), normalised per channel, packed and appended to the target tokens; each source image
   adds its own (frame, h, w) entry to the RoPE shapes.
 * Prompt: Qwen2.5-VL's last hidden states over the edit template with the first 64 tokens dropped. 2509 shows the
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from firm.policies.encoders import Conditioning, PromptEmbedding
-from firm.policies.families.base import fit_area, pil_to_tensor, rows_as_lists, vae_preprocess
+from firm.policies.families.base import PixelCodec, fit_area, pil_to_tensor, rows_as_lists, vae_preprocess
 from firm.policies.families.qwen_image import QwenImage, masked_rows, qwen_forward
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,10 @@ class QwenImageEdit(QwenImage):
                 raise ValueError("a channel-conditioned editor takes exactly one source image per prompt")
             return (codec.encode(pil_to_tensor([r[0] for r in rows], self.config.resolution).to(device)).float(),)
         c = self.config
-        # null: the pipeline's 1024^2; a tiny built model (no checkpoint, often pixel latents) takes the output's area
-        area = c.condition_area or (VAE_AREA if c.pretrained is not None else c.resolution**2)
+        # null: the pipeline's 1024^2 for a checkpoint with a real VAE; tiny models (built with pretrained: null, or
+        # pixel latents, which no pipeline runs) take the output's area, or a 32 px source would be a million tokens
+        tiny = c.pretrained is None or isinstance(codec, PixelCodec)
+        area = c.condition_area or (c.resolution**2 if tiny else VAE_AREA)
         if len({len(r) for r in rows}) != 1:
             raise ValueError(
                 f"every prompt of a batch needs the same number of source images, got {[len(r) for r in rows]}"

@@ -80,7 +80,7 @@ def test_tiny_editor_conditions_on_the_source_along_channels(tmp_path):
     tasks = list(edit_tasks("train", world=WORLD, limit=2))
     src = [render(t.source, WORLD) for t in tasks]
     cond = policy.encode_prompts([tasks[0].instruction] * 2, src)
-    assert cond.image_latents.shape == (2, 12, 16, 16)
+    assert len(cond.image_latents) == 1 and cond.image_latents[0].shape == (2, 12, 16, 16)  # one source per row
     x = torch.randn(2, 12, 16, 16)
     v = policy.velocity(torch.cat([x[:1], x[:1]]), torch.full((2,), 0.5), cond)
     assert v.shape == (2, 12, 16, 16)

@@ -22,6 +22,7 @@ from firm.algorithms.diffusion_nft import DiffusionNFT as DiffusionNFTModule
 from firm.algorithms.flow_grpo import FlowGRPO as FlowGRPOModule
 from firm.critics.stats import ImageStatsCritic
 from firm.policies.scoring import OverlappedScorer
+from firm.registry import resolve
 from firm.rewards.combiners import CMEReward, QMAReward
 from firm.rewards.functions import RewardOutput
 from tests.policies.conftest import tiny_policy_config
@@ -89,7 +90,7 @@ def grpo(**kw) -> FlowGRPOModule:
 def nft(**kw) -> DiffusionNFTModule:
     family = kw.pop("family", "sd3")
     critic = kw.pop("critic", ImageStatsCritic.Config())
-    task = "edit" if family == "qwen_image_edit" else "gen"
+    task = "edit" if resolve("families", family).task == "edit" else "gen"
     return DiffusionNFTModule(
         DiffusionNFTModule.Config(
             task=task,

@@ -28,9 +28,9 @@ What the pipeline does (diffusers 0.42 ``pipelines/flux/pipeline_flux_kontext.py
 
 * ``policy.condition_area`` (FIRM, not the pipeline): when set, the source is resized to about that many pixels with its
   aspect ratio kept (sides multiples of 16) instead of the preferred resolutions; FIRM-Reward trains Kontext this way
-  (square sources at the output size, ``_auto_resize=False``). Tiny models built with ``pretrained: null`` default to
-  the output's area, as in :mod:`~firm.policies.families.qwen_image_edit`. ``policy.shift`` replaces the dynamic shift
-  by a static one.
+  (square sources at the output size, ``_auto_resize=False``). Tiny models built with ``pretrained: null``, and
+  checkpoints with pixel latents, default to the output's area (as :mod:`~firm.policies.families.qwen_image_edit`).
+  ``policy.shift`` replaces the dynamic shift by a static one.
 * LoRA: the joint attention projections (which also match the single blocks' ``attn.to_q/k/v``), as FIRM-Reward's
   Kontext trainer adapts; exports load with ``FluxLoraLoaderMixin.load_lora_weights``.
 
@@ -53,6 +53,7 @@ from firm.policies.encoders import Conditioning, PromptEmbedding
 from firm.policies.families.base import (
     KLCodec,
     ModelFamily,
+    PixelCodec,
     fit_area,
     pack_latents,
     rows_as_lists,
@@ -180,11 +181,14 @@ class FluxKontext(ModelFamily):
 
     # ---------------------------------------------------------------------------------------------- conditioning
 
-    def source_size(self, image: Any, scale_factor: int) -> tuple[int, int]:
-        """(width, height) the source ``image`` is VAE-encoded at (see the module docstring)."""
-        multiple = 2 * scale_factor  # the pipeline's multiple_of: VAE downsampling x 2x2 packing
+    def source_size(self, image: Any, codec: nn.Module) -> tuple[int, int]:
+        """(width, height) the source ``image`` is VAE-encoded at by ``codec`` (see the module docstring)."""
+        multiple = 2 * codec.scale_factor  # the pipeline's multiple_of: VAE downsampling x 2x2 packing
         c = self.config
-        if c.condition_area is None and c.pretrained is not None:
+        # tiny models (built with pretrained: null, or on pixel latents, which no pipeline runs) take the output's
+        # area: the preferred ~1 MP would make a 32 px policy's source a quarter of a million tokens
+        tiny = c.pretrained is None or isinstance(codec, PixelCodec)
+        if c.condition_area is None and not tiny:
             # FluxKontextPipeline.__call__ step 3: floor to the image processor's multiple, then the preferred
             # Kontext resolution of the nearest aspect ratio (ties: the smaller width, as Python's tuple min)
             w, h = (s - s % multiple for s in image.size)
@@ -202,7 +206,7 @@ class FluxKontext(ModelFamily):
         if any(len(r) != 1 for r in rows):
             raise ValueError(f"FLUX.1-Kontext edits one source image per prompt, got {[len(r) for r in rows]}")
         sources = [r[0] for r in rows]
-        sizes = [self.source_size(im, codec.scale_factor) for im in sources]
+        sizes = [self.source_size(im, codec) for im in sources]
         if len(set(sizes)) != 1:
             raise ValueError(
                 f"the source images resize to different sizes across the batch {sorted(set(sizes))} (different aspect "

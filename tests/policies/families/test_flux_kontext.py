@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from firm.policies.families import flux_kontext as fk
-from firm.policies.families.base import calculate_shift, pack_latents, unpack_latents
+from firm.policies.families.base import PixelCodec, calculate_shift, pack_latents, unpack_latents
 from firm.policies.policy import FlowPolicy, LoRAConfig, PolicyConfig
 
 RES = 64  # output pixels: 8x8 latents, 16 target tokens
@@ -312,7 +312,11 @@ def test_a_batch_needs_one_source_each_resizing_to_one_size(loaded):
         policy.encode_prompts(PROMPTS[:1])
     # condition_area: the aspect ratio kept at about that many pixels, sides multiples of 16 (FIRM-Reward's 512 px)
     fam = fk.FluxKontext(PolicyConfig(family="flux_kontext", pretrained="x", condition_area=512 * 512))
-    assert fam.source_size(wide, 8) == (720, 368) and fam.source_size(sources(1, size=(40, 40))[0], 8) == (512, 512)
+    vae = policy.codec
+    assert fam.source_size(wide, vae) == (720, 368) and fam.source_size(sources(1, size=(40, 40))[0], vae) == (512, 512)
+    # pixel latents (a saved tiny checkpoint): the output's area, as for a tiny built model
+    pixel = fk.FluxKontext(PolicyConfig(family="flux_kontext", pretrained="x", resolution=32))
+    assert pixel.source_size(wide, PixelCodec()) == (46, 22) and fam.source_size(wide, PixelCodec()) == (724, 362)
 
 
 def test_policy_shift_replaces_the_dynamic_shift_by_a_static_one(checkpoint):

@@ -257,6 +257,10 @@ class ModelFamily:
         both = Conditioning.cat([uncond, cond])
         out = self.forward(transformer, torch.cat([x, x]), torch.cat([sigma, sigma]), both).float()  # (2B, ...)
         v_u, v_c = out.chunk(2)
+        return self.combine(v_u, v_c, scale)
+
+    def combine(self, v_u: torch.Tensor, v_c: torch.Tensor, scale: float) -> torch.Tensor:
+        """How the pipeline combines the two passes. Default: ``v_u + scale (v_c - v_u)``."""
         return v_u + scale * (v_c - v_u)
 
     # ---------------------------------------------------------------------------------------------------- export

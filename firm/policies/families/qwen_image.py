@@ -97,22 +97,7 @@ class QwenImage(ModelFamily):
     def forward(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return qwen_forward(transformer, x, sigma, cond, sources=())
 
-    def velocity(
-        self,
-        transformer: nn.Module,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: Conditioning,
-        uncond: Conditioning | None,
-        scale: float,
-    ) -> torch.Tensor:
-        if not self.needs_uncond(scale):
-            return self.forward(transformer, x, sigma, cond)
-        if uncond is None:
-            raise ValueError(f"guidance_scale {scale} needs the unconditional conditioning (`uncond`)")
-        both = Conditioning.cat([uncond, cond])
-        out = self.forward(transformer, torch.cat([x, x]), torch.cat([sigma, sigma]), both).float()
-        v_u, v_c = out.chunk(2)
+    def combine(self, v_u: torch.Tensor, v_c: torch.Tensor, scale: float) -> torch.Tensor:
         return true_cfg(v_u, v_c, scale)
 
 

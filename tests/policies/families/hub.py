@@ -184,3 +184,26 @@ def advantages(run_dir: Path) -> list[float]:
 
     rows = csv.DictReader(open(next(run_dir.glob("csv/**/metrics.csv"))))
     return [float(r["adv/abs_mean"]) for r in rows if r.get("adv/abs_mean")]
+
+
+def trained_policy(yaml: str, checkpoint: Path, tmp_path: Path, overrides: list[str]) -> tuple[Any, Path]:
+    """A short RL run of ``yaml`` on ``checkpoint``, checked to have trained (nonzero advantages), exported with
+    ``export_lora``; returns the run's policy with its trained adapters loaded and the exported LoRA's directory."""
+    import torch
+
+    from firm.config import load_experiment, to_object
+    from firm.policies.export import export_lora
+    from firm.policies.policy import FlowPolicy
+    from firm.runner import run
+
+    run_dir = run(yaml, [f"output_root={tmp_path}", f"module.policy.pretrained={checkpoint}", *overrides])
+    adv = advantages(run_dir)
+    assert adv and max(adv) > 0  # the run really trained (an update with nonzero advantages)
+    out = export_lora(run_dir, tmp_path / "lora")
+    cfg = to_object(load_experiment(run_dir / "config.yaml"))
+    cfg.module.policy.condition_area = None  # compare at the pipeline's default source size
+    policy = FlowPolicy(cfg.module.policy, old_adapter=True).eval()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    sd = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}
+    assert not policy.load_state_dict(sd, strict=False).unexpected_keys
+    return policy, out.parent

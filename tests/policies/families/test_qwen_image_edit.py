@@ -207,16 +207,12 @@ def test_the_first_release_pipeline_too(tmp_path, checkpoint):
 
 
 def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, monkeypatch):
-    from firm.config import load_experiment, to_object
-    from firm.policies.export import export_lora
-    from firm.runner import run
-
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
-    run_dir = run(
+    policy, lora_dir = hub.trained_policy(
         "experiments/rl/tiny_qwen_edit_nft.yaml",
+        checkpoint,
+        tmp_path,
         [
-            f"output_root={tmp_path}",
-            f"module.policy.pretrained={checkpoint}",
             f"module.policy.resolution={RES}",
             "module.policy.condition_area=65536",  # train with small sources (cheap); compare at the defaults below
             "module.lr=0.01",
@@ -228,22 +224,13 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
             "module.ema_decay=null",
         ],
     )
-    adv = hub.advantages(run_dir)
-    assert adv and max(adv) > 0  # the run really trained (an update with nonzero advantages)
-    out = export_lora(run_dir, tmp_path / "lora")
-    cfg = to_object(load_experiment(run_dir / "config.yaml"))
-    cfg.module.policy.condition_area = None  # the pipeline's default source size
-    policy = FlowPolicy(cfg.module.policy, old_adapter=True).eval()
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    sd = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}
-    assert not policy.load_state_dict(sd, strict=False).unexpected_keys
     image = source(48, 40)
     noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(3))
     pipe = official(checkpoint)
     with torch.no_grad():
         base = pipeline_latents(pipe, [image], noise, 1.0)
         ours = policy.sample_latents([PROMPT], noise, STEPS, images=[image])
-        pipe.load_lora_weights(str(out.parent))
+        pipe.load_lora_weights(str(lora_dir))
         theirs = pipeline_latents(pipe, [image], noise, 1.0)
     d, effect = diff(ours, theirs), diff(theirs, base)
     print(f"qwen_image_edit LoRA round trip: max abs diff {d:.2e}; the adapter moves the output by {effect:.2e}")

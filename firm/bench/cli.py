@@ -1,4 +1,4 @@
-"""Subcommands `firm bench`, `bench-convert`, `bench-shapes`, `tiny-critic` and `export-critic`.
+"""Subcommands `firm bench`, `bench-convert`, `bench-shapes` and `export-critic`.
 
 Heavy libraries are imported inside the handlers so that `firm --help` stays fast.
 """
@@ -54,14 +54,6 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tiny_critic(args: argparse.Namespace) -> int:
-    from firm.bench.tiny import TinyCriticConfig, build_tiny_critic
-
-    out = build_tiny_critic(args.out, TinyCriticConfig(image_size=args.image_size), seed=args.seed)
-    print(f"[firm tiny-critic] wrote {out} (random weights; train it with experiments/critic/tiny_*_cpu.yaml)")
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from firm.critics.export import export_critic
 
@@ -113,17 +105,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     p.add_argument("--train-split", action="store_true", help="draw from the training split, not the held-out one")
     p.set_defaults(func=_cmd_shapes)
-
-    p = sub.add_parser(
-        "tiny-critic",
-        help="write a tiny random Qwen3-VL critic (tokenizer, image processor, chat template) for CPU runs",
-        description="The real Qwen3-VL architecture at a tiny size with a BPE tokenizer trained on the critic "
-        "prompts and shapes-world answers: what the CPU critic-training experiments fine-tune.",
-    )
-    p.add_argument("out", help="output directory (save_pretrained layout)")
-    p.add_argument("--image-size", type=int, default=64, help="largest image side the processor keeps (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_tiny_critic)
 
     p = sub.add_parser(
         "export-critic",

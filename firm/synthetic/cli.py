@@ -1,8 +1,9 @@
-"""`firm shapes ...`: look at the shapes world and measure its rule critic.
+"""`firm shapes ...`: look at the shapes world and measure its rule critic; `firm tiny-critic`: the tiny CPU critic.
 
 firm shapes preview --task edit --n 6 --out shapes_edit.png   # tasks, simulated outputs and the critic's scores
 firm shapes bench --n 200 --out shapes_bench.json             # critic speed and agreement with the ground truth
 firm shapes ablate --seeds 0 1                                 # the reward ablation of the editing demo (table + plot)
+firm tiny-critic runs/tiny-critic                              # a tiny random Qwen3-VL critic for the CPU experiments
 """
 
 from __future__ import annotations
@@ -169,6 +170,14 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tiny_critic(args: argparse.Namespace) -> int:
+    from firm.synthetic.tiny_critic import TinyCriticConfig, build_tiny_critic
+
+    out = build_tiny_critic(args.out, TinyCriticConfig(image_size=args.image_size), seed=args.seed)
+    print(f"[firm tiny-critic] wrote {out} (random weights; train it with experiments/critic/tiny_*_cpu.yaml)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shapes", help="the procedural shapes world: preview tasks, benchmark the rule critic")
     ss = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND", required=True)
@@ -212,3 +221,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default=None, help="output folder (default: runs/ablation_edit_rewards/<timestamp>)")
     q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     q.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser(
+        "tiny-critic",
+        help="write a tiny random Qwen3-VL critic (tokenizer, image processor, chat template) for CPU runs",
+        description="The real Qwen3-VL architecture at a tiny size with a BPE tokenizer trained on the critic "
+        "prompts and shapes-world answers: what the CPU critic-training experiments fine-tune.",
+    )
+    p.add_argument("out", help="output directory (save_pretrained layout)")
+    p.add_argument("--image-size", type=int, default=64, help="largest image side the processor keeps (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny_critic)

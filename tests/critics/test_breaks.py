@@ -42,7 +42,7 @@ def test_run_yaml_then_resume_with_an_override_continues_the_newest_run(tmp_path
 
 
 def test_tiny_critic_has_a_head_dim_vllm_serves(tmp_path):
-    from firm.bench.tiny import VLLM_HEAD_DIMS, TinyCriticConfig
+    from firm.synthetic.tiny_critic import VLLM_HEAD_DIMS, TinyCriticConfig
 
     assert TinyCriticConfig().head_dim in VLLM_HEAD_DIMS and 24 not in VLLM_HEAD_DIMS
     with pytest.raises(ValueError, match="head_dim 24 is not served by vLLM"):

@@ -90,7 +90,7 @@ def _curate(yaml, out, name, *overrides):
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A tiny Qwen3-VL critic and shards curated from the shapes world (the pipelines of `firm curate`)."""
-    from firm.bench.tiny import TinyCriticConfig, build_tiny_critic
+    from firm.synthetic.tiny_critic import TinyCriticConfig, build_tiny_critic
 
     root = tmp_path_factory.mktemp("sft")
     small = TinyCriticConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, vision_depth=1, vision_hidden=32,

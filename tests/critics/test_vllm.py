@@ -49,10 +49,10 @@ def _firm(*args, timeout=900):
 
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
-    from firm.bench.tiny import TinyCriticConfig, build_tiny_critic
     from firm.critics import EditRequest, PromptSet
     from firm.critics.export import complete_processor_layout
     from firm.critics.local import LocalCritic
+    from firm.synthetic.tiny_critic import TinyCriticConfig, build_tiny_critic
     from tests.critics.teach import edit_examples, gen_examples, noise_pairs, teach
 
     root = tmp_path_factory.mktemp("vllm")

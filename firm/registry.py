@@ -71,14 +71,14 @@ REWARDS: dict[str, Any] = {
 TEACHERS: dict[str, Any] = {
     "local": "firm.curation.teachers:LocalTeacher",
     "http": "firm.curation.teachers:HTTPTeacher",
-    "shapes_rule": "firm.curation.shapes:ShapesRuleTeacher",
+    "shapes_rule": "firm.synthetic.curation:ShapesRuleTeacher",  # the shapes world's rule teacher (exact, CPU)
 }
 
 # Inputs of curation runs: iterables of samples, class with a nested Config.
 CURATION_SOURCES: dict[str, Any] = {
     "shards": "firm.curation.sources:ShardsSource",
-    "shapes_edit": "firm.curation.shapes:ShapesEditSource",
-    "shapes_gen": "firm.curation.shapes:ShapesGenSource",
+    "shapes_edit": "firm.synthetic.curation:ShapesEditSource",  # simulated shapes-world edits
+    "shapes_gen": "firm.synthetic.curation:ShapesGenSource",  # simulated shapes-world generations
 }
 
 # Prompt sets of `firm eval` (firm/eval/items.py: one loader per benchmark format), class with a nested Config.

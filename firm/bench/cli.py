@@ -1,4 +1,6 @@
-"""Subcommands `firm bench`, `bench-convert`, `bench-shapes` and `export-critic`.
+"""Subcommands `firm bench`, `bench-convert` and `export-critic`.
+
+`firm bench-shapes` (the synthetic shapes benchmark) belongs to the shapes plugin: firm/synthetic/cli.py.
 
 Heavy libraries are imported inside the handlers so that `firm --help` stays fast.
 """
@@ -44,16 +46,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_shapes(args: argparse.Namespace) -> int:
-    from firm.bench.synthetic import build_shapes_bench
-
-    out = build_shapes_bench(
-        args.out, n_per_task=args.n_per_task, seed=args.seed, size=args.size, held_out=not args.train_split
-    )
-    print(f"[firm bench-shapes] wrote {out}")
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from firm.critics.export import export_critic
 
@@ -92,19 +84,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--copy-images", action="store_true", help="copy images instead of symlinking them")
     p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser(
-        "bench-shapes",
-        help="build a small synthetic benchmark from the procedural shapes world",
-        description="Edit and generation items from the shapes world, scored by the ground-truth rubric "
-        "(not by humans). Runs on CPU in seconds.",
-    )
-    p.add_argument("out", help="output benchmark directory")
-    p.add_argument("--n-per-task", type=int, default=40, help="items per task (default 40)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
-    p.add_argument("--train-split", action="store_true", help="draw from the training split, not the held-out one")
-    p.set_defaults(func=_cmd_shapes)
 
     p = sub.add_parser(
         "export-critic",

@@ -3,7 +3,7 @@
 A source is iterable over sample dicts of the pipeline's schema (scores not needed; a given ``difference_report``
 or ``checklist`` is reused instead of asking the teacher), and has ``total`` (number of samples, or None when
 unknown) and ``source_id`` (for the manifest). Sources are registered in the ``curation_sources`` registry:
-``shards`` (below), ``shapes_edit`` and ``shapes_gen`` (:mod:`firm.curation.shapes`).
+``shards`` (below), ``shapes_edit`` and ``shapes_gen`` (:mod:`firm.synthetic.curation`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ runs on:
 - ``local``: a vision-language checkpoint in this process (the critics' local transformers backend);
 - ``http``: OpenAI-compatible endpoints such as vLLM (the critics' HTTP client, :meth:`HTTPCritic.complete
   <firm.critics.http.HTTPCritic.complete>`: retries, endpoint balancing, bounded concurrency);
-- ``shapes_rule``: the shapes world's rule teacher (:mod:`firm.curation.shapes`), exact and CPU-only.
+- ``shapes_rule``: the shapes world's rule teacher (:mod:`firm.synthetic.curation`), exact and CPU-only.
 
 Teachers are registered in the ``teachers`` registry and built with :func:`build_teacher`.
 """

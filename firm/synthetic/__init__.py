@@ -5,6 +5,11 @@ and parsed back (:mod:`.language`), seeded tasks with leak-free train/test split
 scores images from their pixels on FIRM's 1..5 rubrics (:mod:`.perception`, :mod:`.scoring`, :mod:`.critic`),
 simulated imperfect outputs (:mod:`.simulate`) and datasets (:mod:`.data`). See docs/new-task.md.
 
+A plugin: nothing else in firm/ imports this package (tests/test_layering.py). Its parts of the library's pipelines
+are registered by name in firm/registry.py: the curation teacher and sources (:mod:`.curation`), the rule critic,
+eval sets and judge; its commands (`firm shapes`, `firm bench-shapes` with :mod:`.bench`, `firm tiny-critic` with
+:mod:`.tiny_critic`) are a provider of firm/cli.py (:mod:`.cli`).
+
 Importing this package does not import torch; :mod:`.data` does.
 """
 

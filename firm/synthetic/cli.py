@@ -1,8 +1,9 @@
-"""`firm shapes ...`: look at the shapes world and measure its rule critic; `firm tiny-critic`: the tiny CPU critic.
+"""`firm shapes ...`: look at the shapes world and measure its rule critic; `firm bench-shapes`, `firm tiny-critic`.
 
 firm shapes preview --task edit --n 6 --out shapes_edit.png   # tasks, simulated outputs and the critic's scores
 firm shapes bench --n 200 --out shapes_bench.json             # critic speed and agreement with the ground truth
 firm shapes ablate --seeds 0 1                                 # the reward ablation of the editing demo (table + plot)
+firm bench-shapes runs/bench-data/shapes                       # a small synthetic FIRM-Bench (ground-truth scores)
 firm tiny-critic runs/tiny-critic                              # a tiny random Qwen3-VL critic for the CPU experiments
 """
 
@@ -170,6 +171,16 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_shapes(args: argparse.Namespace) -> int:
+    from firm.synthetic.bench import build_shapes_bench
+
+    out = build_shapes_bench(
+        args.out, n_per_task=args.n_per_task, seed=args.seed, size=args.size, held_out=not args.train_split
+    )
+    print(f"[firm bench-shapes] wrote {out}")
+    return 0
+
+
 def _cmd_tiny_critic(args: argparse.Namespace) -> int:
     from firm.synthetic.tiny_critic import TinyCriticConfig, build_tiny_critic
 
@@ -221,6 +232,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default=None, help="output folder (default: runs/ablation_edit_rewards/<timestamp>)")
     q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     q.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser(
+        "bench-shapes",
+        help="build a small synthetic benchmark from the procedural shapes world",
+        description="Edit and generation items from the shapes world, scored by the ground-truth rubric "
+        "(not by humans). Runs on CPU in seconds.",
+    )
+    p.add_argument("out", help="output benchmark directory")
+    p.add_argument("--n-per-task", type=int, default=40, help="items per task (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--train-split", action="store_true", help="draw from the training split, not the held-out one")
+    p.set_defaults(func=_cmd_bench_shapes)
 
     p = sub.add_parser(
         "tiny-critic",

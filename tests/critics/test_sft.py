@@ -199,7 +199,7 @@ def test_train_validate_export_and_serve(tiny_setup, tmp_path, monkeypatch):
     assert res[0].key == "k" and set(res[0].scores) == {"execution", "consistency"}
     # `firm bench` runs the exported critic like any other (a 4-token budget: its answers are unparseable, and counted).
     from firm.bench.run import load_bench_config, run_bench
-    from firm.bench.synthetic import build_shapes_bench
+    from firm.synthetic.bench import build_shapes_bench
 
     bench = build_shapes_bench(tmp_path / "bench", n_per_task=1, size=32)
     cfg = load_bench_config(

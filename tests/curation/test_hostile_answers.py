@@ -6,7 +6,7 @@ import pytest
 from firm.curation.parsing import parse_checklist_score, parse_difference_report, parse_edit_evaluation, parse_plan
 from firm.curation.pipelines import DifferenceFirst, PlanThenScore
 from firm.curation.prompts import CurationPrompts
-from firm.curation.shapes import ShapesEditSource, ShapesGenSource, ShapesRuleTeacher
+from firm.synthetic.curation import ShapesEditSource, ShapesGenSource, ShapesRuleTeacher
 
 DEEP = "[" * 5000 + "5" + "]" * 5000
 HOSTILE_ANSWERS = [

@@ -10,9 +10,9 @@ from firm.critics.types import EditRequest, GenRequest
 from firm.curation.journal import ShardSink
 from firm.curation.pipelines import DifferenceFirst, PlanThenScore
 from firm.curation.prompts import CurationPrompts
-from firm.curation.shapes import ShapesEditSource, ShapesGenSource, ShapesRuleTeacher
 from firm.curation.teachers import HTTPTeacher, LocalTeacher, Teacher, TeacherRequest, build_teacher
 from firm.synthetic.critic import ShapesRuleCritic
+from firm.synthetic.curation import ShapesEditSource, ShapesGenSource, ShapesRuleTeacher
 from tests.critics.servers import ScriptedServer, chat_answer, prompt_text
 from tests.helpers.curation_teachers import JunkTeacher
 from tests.helpers.data import edit_sample

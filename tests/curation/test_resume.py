@@ -152,7 +152,7 @@ def test_a_relaunch_after_a_failed_start_may_fix_the_config(tmp_path, caplog):
         run_curation(load_curation(yaml_path))
     # real shards, written by the same writer `firm data import` uses, under a prefix
     from datamodules.writer import ShardWriter
-    from firm.curation.shapes import ShapesEditSource
+    from firm.synthetic.curation import ShapesEditSource
 
     with ShardWriter(tmp_path / "data" / "raw", "edit", max_count=3) as w:
         for s in ShapesEditSource(ShapesEditSource.Config(count=5, size=32)):

@@ -169,7 +169,7 @@ def test_a_shard_prefix_names_the_shards_written_under_it(tmp_path):
     docs say) reads them."""
     from datamodules.reader import expand_shards, iter_samples
     from datamodules.writer import ShardWriter
-    from firm.curation.shapes import ShapesEditSource
+    from firm.synthetic.curation import ShapesEditSource
 
     prefix = tmp_path / "data" / "edit" / "raw"
     samples = list(ShapesEditSource(ShapesEditSource.Config(count=5, size=32)))

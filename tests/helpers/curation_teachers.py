@@ -17,8 +17,8 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from firm.curation.shapes import ShapesRuleTeacher
 from firm.registry import TEACHERS, register
+from firm.synthetic.curation import ShapesRuleTeacher
 
 _calls = 0
 _lock = threading.Lock()

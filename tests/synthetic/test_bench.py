@@ -6,7 +6,7 @@ import pytest
 
 from firm.bench.data import load_benchmark
 from firm.bench.run import load_bench_config, run_bench
-from firm.bench.synthetic import build_shapes_bench
+from firm.synthetic.bench import build_shapes_bench
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,15 @@ lint: $(BIN)/.installed
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
+# The demo RL under the rule, the trained and the hallucinating critic, 2 training seeds (docs/faithfulness.md). The
+# trained critic is the export of the critic proof run; FAITH_ARGS adds options (e.g. --steps 30) or overrides.
+CRITIC_MODEL ?= runs/critic-proof/critic
+FAITH_OUT    ?= runs/faithfulness
+FAITH_ARGS   ?=
+.PHONY: faithfulness
+faithfulness: $(BIN)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/firm shapes faithfulness --critic-model $(CRITIC_MODEL) --seeds 0 1 --out $(FAITH_OUT) $(FAITH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
 

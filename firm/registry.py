@@ -53,6 +53,8 @@ CRITICS: dict[str, Any] = {
     "local": "firm.critics.local:LocalCritic",
     "http": "firm.critics.http:HTTPCritic",
     "shapes_rule": "firm.synthetic.critic:ShapesRuleCritic",  # the shapes world's pixel rule critic
+    # the rule critic through a seeded bias + noise model of a general VLM judge (the faithfulness experiment)
+    "shapes_hallucinating": "firm.synthetic.hallucinating:ShapesHallucinatingCritic",
     "image_stats": "firm.critics.stats:ImageStatsCritic",  # pixel statistics: varied scores for smoke runs
     "delayed": "firm.critics.delayed:DelayedCritic",  # another critic's answers after a set latency (benchmarks)
     "constant": "firm.bench.baselines:ConstantCritic",  # prior-only baseline for benchmark tables

@@ -3,6 +3,7 @@
 firm shapes preview --task edit --n 6 --out shapes_edit.png   # tasks, simulated outputs and the critic's scores
 firm shapes bench --n 200 --out shapes_bench.json             # critic speed and agreement with the ground truth
 firm shapes ablate --seeds 0 1                                 # the reward ablation of the editing demo (table + plot)
+firm shapes faithfulness --critic-model runs/critic-proof/critic  # the same RL under rule / trained / hallucinating
 firm bench-shapes runs/bench-data/shapes                       # a small synthetic FIRM-Bench (ground-truth scores)
 firm tiny-critic runs/tiny-critic                              # a tiny random Qwen3-VL critic for the CPU experiments
 """
@@ -171,6 +172,33 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_faithfulness(args: argparse.Namespace) -> int:
+    import time
+
+    from firm.synthetic.faithfulness import run_faithfulness
+
+    prompts = {}
+    for item in args.critic_prompts:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise SystemExit(f"--critic-prompts {item!r}: expected TEMPLATE=PATH (e.g. edit_execution=prompt.txt)")
+        prompts[key] = path
+    out = args.out or f"runs/faithfulness/{time.strftime('%Y%m%d-%H%M%S')}"
+    run_faithfulness(
+        out,
+        experiment=args.experiment,
+        critics=args.critics,
+        seeds=args.seeds,
+        critic_model=args.critic_model,
+        max_new_tokens=args.critic_max_new_tokens,
+        batch_size=args.critic_batch_size,
+        prompts=prompts,
+        steps=args.steps,
+        overrides=args.overrides,
+    )
+    return 0
+
+
 def _cmd_bench_shapes(args: argparse.Namespace) -> int:
     from firm.synthetic.bench import build_shapes_bench
 
@@ -232,6 +260,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default=None, help="output folder (default: runs/ablation_edit_rewards/<timestamp>)")
     q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     q.set_defaults(func=_cmd_ablate)
+
+    q = ss.add_parser(
+        "faithfulness",
+        help="the same editing RL under the rule, a trained and a hallucinating critic; true held-out table + plot",
+        description="Run the RL experiment once per critic and training seed (module.critic replaced per run), then "
+        "write faithfulness.md (held-out numbers by the rule critic), faithfulness.json and faithfulness.png.",
+    )
+    q.add_argument("--experiment", default="experiments/demo/shapes_edit_cme.yaml", help="the RL experiment")
+    q.add_argument("--critics", nargs="+", default=["rule", "trained", "hallucinating"], help="which arms")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    q.add_argument("--critic-model", default=None, help="the trained critic's save_pretrained directory")
+    q.add_argument("--critic-max-new-tokens", type=int, default=12, help="its token budget (score-first JSON)")
+    q.add_argument("--critic-batch-size", type=int, default=None, help="its conversations per generate() call")
+    q.add_argument(
+        "--critic-prompts",
+        action="append",
+        default=[],
+        metavar="TEMPLATE=PATH",
+        help="one of its prompt templates (PromptConfig field=file); repeat for more",
+    )
+    q.add_argument("--steps", type=int, default=None, help="trainer.max_steps of every run (default: the experiment's)")
+    q.add_argument("--out", default=None, help="output folder (default: runs/faithfulness/<timestamp>)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    q.set_defaults(func=_cmd_faithfulness)
 
     p = sub.add_parser(
         "bench-shapes",

@@ -551,7 +551,9 @@ def _boxed_score(body: str, off: int, problem: str | None) -> ParseResult:
             start = m.start("inner") + num.start() if num else m.start()
             end = m.start("inner") + num.end() if num else m.end()
             spans = _shift({"score": (start, end)}, off)
-            return ParseResult(value=score, reasoning=body[: m.start()].strip(), spans=spans)
+            # the reasoning is what precedes the box, or (a score-first answer: "\boxed{4}\n\nbecause ...") follows it
+            reasoning = body[: m.start()].strip() or body[m.end() :].strip()
+            return ParseResult(value=score, reasoning=reasoning, spans=spans)
         boxed_why = f"\\boxed{{{_shown(inner.strip())}}}: {why}"
     # No readable box: a labelled line such as "Final Alignment Rating: [4]" (the released template writes both).
     score, why, span = _labelled_score(body)

@@ -15,6 +15,11 @@ instruction     gen_instruction (image)           item-by-item reasoning, then `
 quality         gen_quality (image)               ``{"reasoning": ..., "aesthetics": a, "technical_quality": t,
                                                   "structure_texture": s}``
 ==============  ================================  ====================================================
+
+``answer_order`` moves the score in front of the reasoning (``score_first``: ``{"score": N, "reasoning": "..."}``,
+``\\boxed{N}`` then the reasoning) or drops the reasoning (``score_only``). The parsers read all three. Score-first
+answers make the score a direct function of the inputs instead of a copy of the reasoning written before it: what a
+small critic trained from scratch needs to learn the judgement itself (measured in docs/faithfulness.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CONSISTENCY, EXECUTION, INSTRUCTION, QUALITY
 
 DIMENSIONS = (EXECUTION, CONSISTENCY, INSTRUCTION, QUALITY)
+ANSWER_ORDERS = ("reasoning_first", "score_first", "score_only")
 _EDIT = {EXECUTION: "edit_execution", CONSISTENCY: "edit_consistency"}
 
 
@@ -37,13 +43,27 @@ def checklist_texts(checklist: list | None) -> list[str] | None:
     return [c["text"] if isinstance(c, dict) else str(c) for c in checklist]
 
 
-def format_answer(dimension: str, score: int, reasoning: str, aspects: dict[str, int] | None = None) -> str:
-    """The critic's answer for one judgement, in the format its prompt asks for."""
-    reasoning = (reasoning or "").strip()
+def format_answer(
+    dimension: str,
+    score: int,
+    reasoning: str,
+    aspects: dict[str, int] | None = None,
+    order: str = "reasoning_first",
+) -> str:
+    """The critic's answer for one judgement, in the format its prompt asks for (``order``: see the module doc)."""
+    if order not in ANSWER_ORDERS:
+        raise ValueError(f"unknown answer order {order!r}; known: {', '.join(ANSWER_ORDERS)}")
+    reasoning = "" if order == "score_only" else (reasoning or "").strip()
     if dimension in _EDIT:
-        return json.dumps({"reasoning": reasoning, "score": int(score)}, ensure_ascii=False)
+        if order == "reasoning_first":
+            return json.dumps({"reasoning": reasoning, "score": int(score)}, ensure_ascii=False)
+        body = {"score": int(score), **({"reasoning": reasoning} if reasoning else {})}
+        return json.dumps(body, ensure_ascii=False)
     if dimension == INSTRUCTION:
-        return f"{reasoning}\n\n\\boxed{{{int(score)}}}" if reasoning else f"\\boxed{{{int(score)}}}"
+        box = f"\\boxed{{{int(score)}}}"
+        if not reasoning:
+            return box
+        return f"{box}\n\n{reasoning}" if order == "score_first" else f"{reasoning}\n\n{box}"
     if dimension == QUALITY:
         if not aspects or set(aspects) != set(QUALITY_ASPECTS):
             raise ValueError(f"a quality answer needs the three aspect scores, got {aspects!r}")
@@ -67,13 +87,22 @@ class CriticSFTRenderer:
             trained on exactly the prompts it will be served with.
         require_reasoning: skip judgements whose reasoning is empty (a bare score teaches the critic to answer
             without reasons).
+        answer_order: ``reasoning_first`` (the released FIRM formats), ``score_first`` or ``score_only``.
     """
 
-    def __init__(self, prompts: dict[str, Any] | PromptConfig | None = None, require_reasoning: bool = True) -> None:
+    def __init__(
+        self,
+        prompts: dict[str, Any] | PromptConfig | None = None,
+        require_reasoning: bool = True,
+        answer_order: str = "reasoning_first",
+    ) -> None:
         if isinstance(prompts, dict):
             prompts = PromptConfig(**prompts)
+        if answer_order not in ANSWER_ORDERS:
+            raise ValueError(f"answer_order must be one of {', '.join(ANSWER_ORDERS)}, got {answer_order!r}")
         self.prompt_set = PromptSet(prompts)
         self.require_reasoning = require_reasoning
+        self.answer_order = answer_order
 
     def __call__(self, sample: dict, dimension: str) -> tuple[list[dict], str] | None:
         schema = sample.get("__schema__") or ("edit" if "edited" in sample else "generation")
@@ -86,7 +115,7 @@ class CriticSFTRenderer:
             msgs = self.prompt_set.messages(
                 _EDIT[dimension], [sample["source"], sample["edited"]], instruction=sample["instruction"]
             )
-            return msgs, format_answer(dimension, score, reasoning)
+            return msgs, format_answer(dimension, score, reasoning, order=self.answer_order)
         if dimension not in (INSTRUCTION, QUALITY):
             raise ValueError(f"unknown judgement {dimension!r}; known: {', '.join(DIMENSIONS)}")
         if schema != "generation":
@@ -101,7 +130,7 @@ class CriticSFTRenderer:
             msgs = self.prompt_set.messages(
                 "gen_instruction", [sample["image"]], prompt=sample["prompt"], checklist=checklist
             )
-            return msgs, format_answer(INSTRUCTION, score, reasoning)
+            return msgs, format_answer(INSTRUCTION, score, reasoning, order=self.answer_order)
         aspects = sample.get("quality_aspects")
         if not aspects:
             return None

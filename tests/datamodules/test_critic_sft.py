@@ -36,6 +36,23 @@ def test_answer_formats_parse_back_with_the_critic_parsers():
     assert explain_quality_scores(format_answer("quality", 2, "noisy", aspects)).value == aspects
 
 
+
+def test_score_first_and_score_only_answers_parse_back_and_put_the_score_first():
+    for order in ("score_first", "score_only"):
+        edit = format_answer("execution", 2, "the circle is still red", order=order)
+        inst = format_answer("instruction", 4, "1. circle: yes", order=order)
+        assert edit.startswith('{"score": 2') and inst.startswith("\\boxed{4}")
+        assert explain_json_score(edit).value == 2 and explain_boxed_score(inst).value == 4
+        want = "" if order == "score_only" else "the circle is still red"
+        assert explain_json_score(edit).reasoning == want
+        assert explain_boxed_score(inst).reasoning == ("" if order == "score_only" else "1. circle: yes")
+    # a score-first answer cut short (a small max_new_tokens in RL) still gives its score
+    assert explain_json_score(format_answer("consistency", 3, "two new objects", order="score_first")[:16]).value == 3
+    with pytest.raises(ValueError, match="answer order"):
+        format_answer("execution", 2, "x", order="score_last")
+    with pytest.raises(ValueError, match="answer_order"):
+        CriticSFTRenderer(answer_order="last")
+
 def test_only_answer_tokens_are_unmasked(tiny_vlm):
     from firm.critics.local import ChatEncoder
 

@@ -199,6 +199,27 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_critic_proof(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from firm.synthetic.critic_proof import ProofConfig, run_critic_proof
+
+    fields = {f.name: f for f in dataclasses.fields(ProofConfig)}
+    values: dict = {"out": args.out, "fresh": args.fresh}
+    for item in args.settings:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields or key in ("critic", "train_overrides", "bench_overrides"):
+            simple = ", ".join(k for k in fields if k not in ("critic", "train_overrides", "bench_overrides"))
+            raise SystemExit(f"firm shapes critic-proof: {item!r}: expected KEY=VALUE with KEY one of {simple}")
+        kind = type(fields[key].default)
+        values[key] = raw if kind is str else (raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw))
+    values["critic"] = dict(kv.split("=", 1) for kv in args.critic)
+    values["critic"] = {k: int(v) for k, v in values["critic"].items()}
+    values["train_overrides"], values["bench_overrides"] = list(args.train), list(args.bench)
+    results = run_critic_proof(ProofConfig(**values))
+    return 0 if results["acceptance"]["ok"] else 1
+
+
 def _cmd_bench_shapes(args: argparse.Namespace) -> int:
     from firm.synthetic.bench import build_shapes_bench
 
@@ -285,6 +306,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     q.set_defaults(func=_cmd_faithfulness)
 
+    q = ss.add_parser(
+        "critic-proof",
+        help="build the held-out shapes bench, curate training data, train the tiny critic from scratch, benchmark it",
+        description="The critic half of FIRM's claim on a CPU (docs/faithfulness.md): benchmark, curation with the "
+        "rule teacher, a random tiny Qwen3-VL, critic SFT, export, firm bench of the rule critic / label priors / "
+        "untrained / trained critic; writes results.json, table.md and training.png into --out (finished stages are "
+        "reused on a rerun). Exit status 1 when the trained critic misses its targets.",
+    )
+    q.add_argument("--out", default="runs/critic-proof", help="output folder (default runs/critic-proof)")
+    q.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished stages")
+    q.add_argument("--critic", action="append", default=[], metavar="FIELD=INT", help="a TinyCriticConfig size")
+    q.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="an override of the SFT run")
+    q.add_argument("--bench", action="append", default=[], metavar="KEY=VALUE", help="an override of firm bench")
+    q.add_argument("settings", nargs="*", help="ProofConfig settings, e.g. steps=1500 train_edits=3000")
+    q.set_defaults(func=_cmd_critic_proof)
+
     p = sub.add_parser(
         "bench-shapes",
         help="build a small synthetic benchmark from the procedural shapes world",
@@ -305,6 +342,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "prompts and shapes-world answers: what the CPU critic-training experiments fine-tune.",
     )
     p.add_argument("out", help="output directory (save_pretrained layout)")
-    p.add_argument("--image-size", type=int, default=64, help="largest image side the processor keeps (default 64)")
+    p.add_argument("--image-size", type=int, default=48, help="side every image is resized to (default 48)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny_critic)

@@ -277,11 +277,14 @@ class ShapesEditSource:
                 "overedit_n",
             ]
         )  # simulated editor behaviours, drawn uniformly per task (repeat one to weight it)
+        degrade_prob: float = 0.0  # share of outputs given pixel noise / blur / speckle (the rubrics ignore them)
 
     def __init__(self, config: Config | None = None) -> None:
         from firm.synthetic.simulate import EDIT_MODES
 
         self.config = config or self.Config()
+        if not 0.0 <= self.config.degrade_prob <= 1.0:
+            raise ValueError(f"shapes_edit: degrade_prob must be in [0, 1], got {self.config.degrade_prob}")
         bad = [m for m in self.config.modes if m not in EDIT_MODES]
         if bad or not self.config.modes:
             raise ValueError(f"shapes_edit: unknown mode(s) {bad or '(none)'}; known: {', '.join(EDIT_MODES)}")
@@ -289,6 +292,7 @@ class ShapesEditSource:
         self.source_id = f"shapes_edit(count={self.config.count}, start={self.config.start}, size={self.config.size})"
 
     def __iter__(self) -> Iterator[dict]:
+        from firm.synthetic.data import _maybe_degrade
         from firm.synthetic.simulate import simulate_edit
         from firm.synthetic.tasks import edit_tasks
         from firm.synthetic.world import WorldConfig, render
@@ -299,12 +303,19 @@ class ShapesEditSource:
             rng = _seeded("edit-mode", task.seed)
             mode = rng.choice(c.modes)
             produced = simulate_edit(task, mode, rng, world)
+            edited, how = _maybe_degrade(render(produced, world), rng, c.degrade_prob)
             yield {
                 "key": f"shapes-edit-{task.seed}",
                 "source": render(task.source, world),
-                "edited": render(produced, world),
+                "edited": edited,
                 "instruction": task.instruction,
-                "provenance": {"source": "shapes_edit", "task_seed": task.seed, "mode": mode, "size": c.size},
+                "provenance": {
+                    "source": "shapes_edit",
+                    "task_seed": task.seed,
+                    "mode": mode,
+                    "size": c.size,
+                    "degradation": how,
+                },  # fmt: skip
             }
 
 
@@ -321,11 +332,14 @@ class ShapesGenSource:
         modes: list[str] = field(
             default_factory=lambda: ["perfect", "perfect", "missing", "wrong_colour", "wrong_shape", "extra", "random"]
         )  # simulated generator behaviours, drawn uniformly per task
+        degrade_prob: float = 0.0  # share of outputs given pixel noise / blur / speckle (the rubrics ignore them)
 
     def __init__(self, config: Config | None = None) -> None:
         from firm.synthetic.simulate import GEN_MODES
 
         self.config = config or self.Config()
+        if not 0.0 <= self.config.degrade_prob <= 1.0:
+            raise ValueError(f"shapes_gen: degrade_prob must be in [0, 1], got {self.config.degrade_prob}")
         bad = [m for m in self.config.modes if m not in GEN_MODES]
         if bad or not self.config.modes:
             raise ValueError(f"shapes_gen: unknown mode(s) {bad or '(none)'}; known: {', '.join(GEN_MODES)}")
@@ -333,6 +347,7 @@ class ShapesGenSource:
         self.source_id = f"shapes_gen(count={self.config.count}, start={self.config.start}, size={self.config.size})"
 
     def __iter__(self) -> Iterator[dict]:
+        from firm.synthetic.data import _maybe_degrade
         from firm.synthetic.simulate import simulate_generation
         from firm.synthetic.tasks import gen_tasks
         from firm.synthetic.world import WorldConfig, render
@@ -342,9 +357,16 @@ class ShapesGenSource:
         for task in gen_tasks(c.split, world=world, start=c.start, limit=c.count):
             rng = _seeded("gen-mode", task.seed)
             mode = rng.choice(c.modes)
+            image, how = _maybe_degrade(render(simulate_generation(task, mode, rng, world), world), rng, c.degrade_prob)
             yield {
                 "key": f"shapes-gen-{task.seed}",
-                "image": render(simulate_generation(task, mode, rng, world), world),
+                "image": image,
                 "prompt": task.prompt,
-                "provenance": {"source": "shapes_gen", "task_seed": task.seed, "mode": mode, "size": c.size},
+                "provenance": {
+                    "source": "shapes_gen",
+                    "task_seed": task.seed,
+                    "mode": mode,
+                    "size": c.size,
+                    "degradation": how,
+                },  # fmt: skip
             }

@@ -57,7 +57,8 @@ class TinyCriticConfig:
     vision_depth: int = 2  # vision transformer blocks
     vision_hidden: int = 64  # vision width
     patch_size: int = 8  # pixels per patch side; 2x2 patches merge into one visual token
-    image_size: int = 64  # images are resized to at most image_size^2 pixels (64 px -> 16 visual tokens)
+    image_size: int = 48  # every image is resized to image_size^2 pixels (48 px, patch 8, merge 2: 3x3 visual tokens,
+    # one per grid cell of the shapes world; 64 px gave 4x4 tokens that straddle the cells)
     vocab_size: int = 1500  # BPE vocabulary (including the special tokens)
     corpus_samples: int = 300  # shapes samples whose prompts and answers train the tokenizer
 
@@ -130,7 +131,9 @@ def build_tiny_critic(out: str | Path, config: TinyCriticConfig | None = None, s
         patch_size=c.patch_size,
         temporal_patch_size=2,
         merge_size=2,
-        size={"shortest_edge": (2 * c.patch_size) ** 2, "longest_edge": side * side},
+        # min = max pixels: every image is resized to side x side, so a 32 px editor output and a 64 px benchmark
+        # image both give (side / patch / 2)^2 visual tokens (48 px, patch 8: 3x3, one per grid cell)
+        size={"shortest_edge": side * side, "longest_edge": side * side},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )

@@ -48,7 +48,9 @@ class ProofConfig:
     train_edits: int = 6000  # simulated edits curated for training (about half survive balancing)
     train_gens: int = 6000  # simulated generations curated for training
     val_samples: int = 64  # per task, unbalanced, other train-split tasks
-    image_size: int = 64  # pixels of the curated and benchmark images (the critic resizes to its own size)
+    image_size: int = 64  # pixels of the benchmark images (the critic resizes every image to its own size)
+    train_sizes: list[int] = field(default_factory=lambda: [64, 32])  # curated image sizes, counts split evenly
+    # (32 px is the RL demo's canvas: the critic that rewards the editor should have seen images of that size)
     degrade_prob: float = 0.25  # share of curated outputs with pixel noise / blur, as in the benchmark
     steps: int = 3000  # optimizer steps of critic SFT
     batch_size: int = 32
@@ -95,15 +97,18 @@ def _curate(experiment: str, overrides: list[str]) -> dict:
     return run_curation(load_curation(EXPERIMENTS / experiment, overrides))
 
 
-def _priors(out: Path) -> dict[str, dict[str, int]]:
-    """The median and the most frequent label of each judgement in the curated training data."""
+def _priors(out: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    """The median and the most frequent label of each judgement in the curated training data ``names``."""
     hist: dict[str, dict[int, int]] = {}
-    for name in ("edit_train", "gen_train"):
+    for name in names:
         manifest = json.loads((out / "curation" / name / "manifest.json").read_text())
         final = manifest["histograms"].get("final") or manifest["histograms"]["scored"]
         for dim, counts in final.items():
             if dim in GROUP_OF:
-                hist[dim] = {int(k): int(v) for k, v in counts.items() if str(k).isdigit()}
+                h = hist.setdefault(dim, {})
+                for k, v in counts.items():
+                    if str(k).isdigit():
+                        h[int(k)] = h.get(int(k), 0) + int(v)
     priors: dict[str, dict[str, int]] = {"median": {}, "mode": {}}
     for dim, counts in hist.items():
         total, run = sum(counts.values()), 0
@@ -143,17 +148,22 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
         lambda: (bench_dir / "items.jsonl").is_file(),
         lambda: build_shapes_bench(bench_dir, n_per_task=cfg.bench_items, seed=cfg.seed, size=cfg.image_size),
     )
-    common = [f"output_dir={cur}", f"source.size={cfg.image_size}", "source.split=train", "progress=false"]
-    common += ["output.max_count=1024", f"source.degrade_prob={cfg.degrade_prob}"]
+    common = [f"output_dir={cur}", "source.split=train", "progress=false", "output.max_count=1024"]
+    common += [f"source.degrade_prob={cfg.degrade_prob}"]
     edit = [*common, f"source.modes={EDIT_MODES_ALL}"]
     gen = [*common, f"source.modes={GEN_MODES_ALL}", "quality=false"]
     val = ["balance.enabled=false", "source.start=3000000", f"source.count={cfg.val_samples}"]
-    curations = {
-        "edit_train": ("curation/shapes_edit_tiny.yaml", [*edit, f"source.count={cfg.train_edits}"]),
-        "gen_train": ("curation/shapes_gen_tiny.yaml", [*gen, f"source.count={cfg.train_gens}"]),
-        "edit_val": ("curation/shapes_edit_tiny.yaml", [*edit, *val]),
-        "gen_val": ("curation/shapes_gen_tiny.yaml", [*gen, *val]),
-    }
+    val += [f"source.size={cfg.image_size}"]
+    curations: dict[str, tuple[str, list[str]]] = {}
+    sizes = list(cfg.train_sizes) or [cfg.image_size]
+    for i, size in enumerate(sizes):  # disjoint task seeds per size
+        part = [f"source.size={size}", f"source.start={i * 1_000_000}"]
+        n_edit, n_gen = cfg.train_edits // len(sizes), cfg.train_gens // len(sizes)
+        curations[f"edit_train_{size}"] = ("curation/shapes_edit_tiny.yaml", [*edit, *part, f"source.count={n_edit}"])
+        curations[f"gen_train_{size}"] = ("curation/shapes_gen_tiny.yaml", [*gen, *part, f"source.count={n_gen}"])
+    curations["edit_val"] = ("curation/shapes_edit_tiny.yaml", [*edit, *val])
+    curations["gen_val"] = ("curation/shapes_gen_tiny.yaml", [*gen, *val])
+    train_sets = [n for n in curations if "_train_" in n]
 
     def curate_all() -> None:
         for name, (yaml, overrides) in curations.items():
@@ -185,7 +195,7 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
             f"trainer.max_steps={cfg.steps}",
             f"data.batch_size={cfg.batch_size}",
             f"data.processor={init_dir}",
-            f"data.train_shards={final('edit_train')}::{final('gen_train')}",
+            f"data.train_shards={'::'.join(final(n) for n in train_sets)}",
             f"data.val_shards={scored('edit_val')}::{scored('gen_val')}",
             *cfg.train_overrides,
         ]
@@ -204,7 +214,7 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
         lambda: (critic_dir / "config.json").is_file(),
         lambda: export_critic(run_dir, critic_dir),
     )
-    priors = _priors(out)
+    priors = _priors(out, train_sets)
 
     def bench() -> dict:
         overrides = [

@@ -32,12 +32,21 @@ format: $(BIN)/.installed
 
 # The demo RL under the rule, the trained and the hallucinating critic, 2 training seeds (docs/faithfulness.md). The
 # trained critic is the export of the critic proof run; FAITH_ARGS adds options (e.g. --steps 30) or overrides.
-CRITIC_MODEL ?= runs/critic-proof/critic
+PROOF_OUT    ?= runs/critic-proof
+PROOF_ARGS   ?=
+# The critic half (docs/faithfulness.md): bench, curation, tiny critic from random init, SFT, export, firm bench.
+.PHONY: critic-proof
+critic-proof: $(BIN)/.installed
+	OMP_NUM_THREADS=2 $(BIN)/firm shapes critic-proof --out $(PROOF_OUT) $(PROOF_ARGS)
+
+PROOF_PROMPTS = $(foreach t,edit_execution edit_consistency gen_instruction,--critic-prompts $(t)=experiments/critic/prompts/proof_$(t).txt)
+CRITIC_MODEL ?= $(PROOF_OUT)/critic
 FAITH_OUT    ?= runs/faithfulness
 FAITH_ARGS   ?=
 .PHONY: faithfulness
 faithfulness: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/firm shapes faithfulness --critic-model $(CRITIC_MODEL) --seeds 0 1 --out $(FAITH_OUT) $(FAITH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/firm shapes faithfulness --critic-model $(CRITIC_MODEL) $(PROOF_PROMPTS) --seeds 0 1 \
+	  --out $(FAITH_OUT) $(FAITH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -58,6 +58,7 @@ class ProofConfig:
     critic: dict[str, Any] = field(default_factory=dict)  # TinyCriticConfig overrides (default: its defaults)
     train_overrides: list[str] = field(default_factory=list)  # extra key=value for the SFT run
     bench_overrides: list[str] = field(default_factory=list)  # extra key=value for firm bench
+    jobs: int = 2  # curation processes at once
     fresh: bool = False  # delete <out> first (otherwise finished stages are reused)
 
 
@@ -89,12 +90,6 @@ class _Timings(dict):
     def __setitem__(self, key: str, value: float) -> None:
         super().__setitem__(key, value)
         self.path.write_text(json.dumps(dict(self), indent=2) + "\n")
-
-
-def _curate(experiment: str, overrides: list[str]) -> dict:
-    from firm.curation.runner import load_curation, run_curation
-
-    return run_curation(load_curation(EXPERIMENTS / experiment, overrides))
 
 
 def _priors(out: Path, names: list[str]) -> dict[str, dict[str, int]]:
@@ -166,8 +161,28 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
     train_sets = [n for n in curations if "_train_" in n]
 
     def curate_all() -> None:
-        for name, (yaml, overrides) in curations.items():
-            _curate(yaml, [f"name={name}", *overrides])
+        # Each curation is a `firm curate` process; `jobs` run at once (the rule teacher is single-threaded Python)
+        import subprocess
+
+        pending = [
+            (name, [sys.executable, "-m", "firm", "curate", str(EXPERIMENTS / yaml), f"name={name}", *ov])
+            for name, (yaml, ov) in curations.items()
+            if not (cur / name / "manifest.json").is_file()
+        ]
+        running: list[tuple[str, subprocess.Popen]] = []
+        logs = cur / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        while pending or running:
+            while pending and len(running) < max(1, cfg.jobs):
+                name, cmd = pending.pop(0)
+                log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
+                running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+            name, proc = running.pop(0)
+            if proc.wait() != 0:
+                for _, other in running:
+                    other.kill()
+                tail = (logs / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"curation {name} failed (log: {logs / name}.log):\n{tail}")
 
     def curated() -> bool:
         return all((cur / n / "manifest.json").is_file() for n in curations)

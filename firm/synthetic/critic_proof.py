@@ -45,14 +45,14 @@ class ProofConfig:
     out: str = "runs/critic-proof"
     seed: int = 0
     bench_items: int = 40  # benchmark items per task (edit-execution, edit-consistency, generation)
-    train_edits: int = 6000  # simulated edits curated for training (about half survive balancing)
+    train_edits: int = 8000  # simulated edits curated for training (about half survive balancing)
     train_gens: int = 6000  # simulated generations curated for training
     val_samples: int = 64  # per task, unbalanced, other train-split tasks
     image_size: int = 64  # pixels of the benchmark images (the critic resizes every image to its own size)
     train_sizes: list[int] = field(default_factory=lambda: [64, 32])  # curated image sizes, counts split evenly
     # (32 px is the RL demo's canvas: the critic that rewards the editor should have seen images of that size)
     degrade_prob: float = 0.25  # share of curated outputs with pixel noise / blur, as in the benchmark
-    steps: int = 3000  # optimizer steps of critic SFT
+    steps: int = 4500  # optimizer steps of critic SFT
     batch_size: int = 32
     lr: float = 1.0e-3
     critic: dict[str, Any] = field(default_factory=dict)  # TinyCriticConfig overrides (default: its defaults)
@@ -143,7 +143,7 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
         lambda: (bench_dir / "items.jsonl").is_file(),
         lambda: build_shapes_bench(bench_dir, n_per_task=cfg.bench_items, seed=cfg.seed, size=cfg.image_size),
     )
-    common = [f"output_dir={cur}", "source.split=train", "progress=false", "output.max_count=1024"]
+    common = [f"output_dir={cur}", "source.split=train", "progress=false", "output.max_count=512"]
     common += [f"source.degrade_prob={cfg.degrade_prob}"]
     edit = [*common, f"source.modes={EDIT_MODES_ALL}"]
     gen = [*common, f"source.modes={GEN_MODES_ALL}", "quality=false"]

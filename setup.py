@@ -42,9 +42,16 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["firm", "firm.*", "kernels", "kernels.*", "datamodules", "datamodules.*"]),
-    # The shapes world's tiny pretrained base models (a few MB of safetensors + configs) ship with the package.
-    package_data={"firm.synthetic": ["checkpoints/README.md", "checkpoints/*/*.json", "checkpoints/*/*/*"]},
+    # One import root: everything FIRM ships imports as firm.* (a generic top-level name such as `kernels` collides
+    # with other packages; Hugging Face's `kernels` did, through transformers 5.25).
+    # experiments/ ships as package data, firm/experiments/ in an installed wheel (firm/paths.py finds it either way).
+    packages=[*find_packages(include=["firm", "firm.*"]), "firm.experiments"],
+    package_dir={"firm.experiments": "experiments"},
+    package_data={
+        # The shapes world's tiny pretrained base models (a few MB of safetensors + configs).
+        "firm.synthetic": ["checkpoints/README.md", "checkpoints/*/*.json", "checkpoints/*/*/*"],
+        "firm.experiments": [f"**/*.{ext}" for ext in ("yaml", "txt", "sh", "json", "jsonl", "png", "safetensors")],
+    },
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["firm=firm.cli:main"]},

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from firm.config import ConfigError
+from firm.paths import find_experiment
 
 # Modules that contribute subcommands (each defines `add_commands(subparsers)`).
 PROVIDERS: list[str] = [
@@ -42,7 +43,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.insert(0, resume)
         resume = "latest"
     if experiment is not None:
-        experiment = _find_experiment(experiment)
+        experiment = find_experiment(experiment)
         _check_kind(experiment)
     run(experiment, overrides, dry_run=args.dry_run, resume=resume)
     return 0
@@ -72,18 +73,6 @@ def _check_kind(path: str) -> None:
     )
 
 
-def _find_experiment(spec: str) -> str:
-    """A YAML path as given, or a shipped experiment named relative to `experiments/` (with or without .yaml)."""
-    from firm.runner import experiments_root
-
-    if Path(spec).exists():
-        return spec
-    for candidate in (experiments_root() / spec, experiments_root() / f"{spec}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return spec  # load_experiment reports the missing file
-
-
 # The command that runs the experiments of a top-level folder of experiments/ (default: `firm run`).
 FOLDER_COMMANDS = {"curation": "firm curate", "bench": "firm bench"}
 
@@ -110,7 +99,8 @@ def _bench_step_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from firm.runner import experiments_root, list_experiments
+    from firm.paths import experiments_root
+    from firm.runner import list_experiments
 
     rows = list_experiments()
     if not rows:

@@ -35,11 +35,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import omegaconf
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from firm.paths import shipped
 from firm.registry import REGISTRIES, resolve
+
+
+def _shipped_resolver(relative: str) -> str:
+    return str(shipped(relative))
+
+
+# ${shipped:experiments/...} / ${shipped:firm/...}: a file that ships with FIRM, found in a checkout or an install.
+# (OmegaConf 2.4 renamed register_new_resolver to register_resolver; 2.3's register_resolver is the legacy API.)
+if hasattr(OmegaConf, "register_new_resolver") and omegaconf.__version__.startswith("2.3"):
+    OmegaConf.register_new_resolver("shipped", _shipped_resolver, replace=True)
+else:
+    OmegaConf.register_resolver("shipped", _shipped_resolver, replace=True)
 
 __all__ = [
     "MISSING",

@@ -1,6 +1,6 @@
 """`firm kernels bench` and `firm kernels profile`: the fused-kernel benchmark and profiler (see docs/kernels.md).
 
-Thin wrappers over :mod:`kernels.bench` (also runnable as ``python -m kernels.bench``); torch is imported only
+Thin wrappers over :mod:`firm.kernels.bench` (also runnable as ``python -m firm.kernels.bench``); torch is imported only
 when a subcommand runs.
 """
 
@@ -10,19 +10,19 @@ import argparse
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kernels.bench import bench_main
+    from firm.kernels.bench import bench_main
 
     return bench_main(args)
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from kernels.bench import profile_main
+    from firm.kernels.bench import profile_main
 
     return profile_main(args)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # Mirrors kernels.bench.add_common_args without importing torch at parser-build time.
+    # Mirrors firm.kernels.bench.add_common_args without importing torch at parser-build time.
     p.add_argument("--ops", default="step_log_prob,nft_loss,group_advantages", help="comma-separated subset of the ops")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="input dtype (CPU: fp32)")
     p.add_argument("--out", default="runs/kernels", help="directory for the CSV/JSON results or the trace")

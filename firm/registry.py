@@ -25,9 +25,9 @@ MODULES: dict[str, Any] = {
 
 # LightningDataModules.
 DATAMODULES: dict[str, Any] = {
-    "synthetic_regression": "datamodules.toy:RegressionDataModule",
-    "critic_sft": "datamodules.critic_sft:CriticSFTDataModule",
-    "prompts": "datamodules.prompts:PromptDataModule",
+    "synthetic_regression": "firm.data.toy:RegressionDataModule",
+    "critic_sft": "firm.data.critic_sft:CriticSFTDataModule",
+    "prompts": "firm.data.prompts:PromptDataModule",
     "shapes_pairs": "firm.synthetic.pretrain:ShapesPairsDataModule",  # rendered shapes-world training pairs
     "shapes_prompts": "firm.synthetic.demo:ShapesPromptDataModule",  # shapes-world RL prompts (exported once)
 }

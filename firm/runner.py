@@ -383,15 +383,11 @@ def _quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-def experiments_root() -> Path:
-    """The shipped `experiments/` folder: beside the package in a source checkout, else ./experiments."""
-    beside = Path(__file__).resolve().parent.parent / "experiments"
-    return beside if beside.is_dir() else Path.cwd() / "experiments"
-
-
 def list_experiments(root: Path | None = None) -> list[tuple[str, str]]:
     """(relative path, description) of every shipped experiment YAML."""
     import yaml
+
+    from firm.paths import experiments_root
 
     root = root or experiments_root()
     rows = []

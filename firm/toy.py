@@ -11,7 +11,7 @@ from firm.module import FirmModule
 
 
 class ToyRegressionModule(FirmModule):
-    """An MLP fitted to a noisy linear map (see ``datamodules.toy.RegressionDataModule``)."""
+    """An MLP fitted to a noisy linear map (see ``firm.data.toy.RegressionDataModule``)."""
 
     @dataclass
     class Config:

@@ -20,7 +20,7 @@ step "1. GPU tests (bf16 kernels vs float64, compiled Triton path)"
 timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 
 step "2. kernels at the paper's shapes: eager vs torch.compile vs Triton, % of copy bandwidth"
-timeout 150 $PY -m kernels.bench bench --dtype bf16 --out "$OUT/kernels" 2>&1 | tee "$OUT/kernels.txt"
+timeout 150 $PY -m firm.kernels.bench bench --dtype bf16 --out "$OUT/kernels" 2>&1 | tee "$OUT/kernels.txt"
 
 step "3. bench-step: random-weight SD3.5-M-sized DiffusionNFT at 512 px (no critic latency)"
 timeout 120 $PY -m firm bench-step experiments/rl/bench_sd35m_random.yaml --steps 2 --warmup 1 \

@@ -6,8 +6,9 @@ import pytest
 
 from firm.cli import main
 from firm.config import load_experiment, to_object
+from firm.paths import experiments_root
 from firm.registry import REGISTRIES, resolve
-from firm.runner import experiments_root, list_experiments
+from firm.runner import list_experiments
 
 # experiments/curation/ holds `firm curate` configs (validated by tests/curation/test_experiments.py),
 # experiments/bench/ `firm bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/) and experiments/eval/

@@ -1,4 +1,5 @@
-"""Layering: the shapes world (firm/synthetic/) is a plugin; nothing else in firm/ imports it.
+"""Layering: the shapes world (firm/synthetic/) is a plugin; nothing else in firm/ imports it. The fused kernels
+(firm/kernels/) and the data layer (firm/data/) import nothing else of firm.
 
 Every ``.py`` under firm/ outside firm/synthetic/ is parsed with ``ast`` and every import statement is checked, at
 module level and inside functions alike, including relative imports and ``importlib.import_module`` /
@@ -20,12 +21,17 @@ def _package(path: Path) -> str:
     return ".".join(path.relative_to(FIRM.parent).parent.parts)
 
 
-def _is_plugin(name: str) -> bool:
-    return name == PLUGIN or name.startswith(PLUGIN + ".")
+def _is_in(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 def plugin_imports(source: str, package: str) -> list[tuple[int, str]]:
     """(line, statement) for each import of firm.synthetic in ``source``, a module of the package ``package``."""
+    return imports_matching(source, package, lambda name: _is_in(name, PLUGIN))
+
+
+def imports_matching(source: str, package: str, bad) -> list[tuple[int, str]]:
+    """(line, statement) for each import in ``source`` (a module of ``package``) that names a module ``bad`` accepts."""
     parts = package.split(".")
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -38,13 +44,13 @@ def plugin_imports(source: str, package: str) -> list[tuple[int, str]]:
                 target = ".".join([*base, node.module] if node.module else base)
             else:
                 target = node.module or ""
-            names = [target, *(f"{target}.{alias.name}" for alias in node.names)]
+            names = [f"{target}.{alias.name}" for alias in node.names]  # `from firm import kernels` names firm.kernels
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
                 names = [node.args[0].value]
-        if any(_is_plugin(n) for n in names):
+        if any(bad(n) for n in names):
             found.append((node.lineno, ast.get_source_segment(source, node) or ast.dump(node)))
     return found
 
@@ -101,3 +107,29 @@ def test_the_check_finds_plugin_imports(package, source):
 )
 def test_the_check_allows_registry_strings_and_other_modules(package, source):
     assert plugin_imports(source, package) == []
+
+
+@pytest.mark.parametrize("layer", ["firm.kernels", "firm.data"])
+def test_kernels_and_data_import_nothing_else_of_firm(layer):
+    folder = FIRM.parent.joinpath(*layer.split("."))
+    files = sorted(folder.rglob("*.py"))
+    assert len(files) >= 5, f"{folder} has too few modules to check"
+
+    def outside(name: str) -> bool:
+        return _is_in(name, "firm") and not _is_in(name, layer)
+
+    offences = [
+        f"{path.relative_to(FIRM.parent)}:{line}: {text}"
+        for path in files
+        for line, text in imports_matching(path.read_text(encoding="utf-8"), _package(path), outside)
+    ]
+    assert not offences, f"{layer} must import nothing else of firm\n" + "\n".join(offences)
+
+
+def test_the_wall_check_sees_an_import_of_the_library():
+    def outside(name: str) -> bool:
+        return _is_in(name, "firm") and not _is_in(name, "firm.kernels")
+
+    assert imports_matching("from firm.critics import types", "firm.kernels", outside)
+    assert imports_matching("from .. import config", "firm.kernels", outside)
+    assert imports_matching("from . import _common\nfrom firm.kernels import nft_loss", "firm.kernels", outside) == []

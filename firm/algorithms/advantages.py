@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import kernels
+from firm import kernels
 
 if TYPE_CHECKING:
     from firm.algorithms.base import RLAlgorithm
 
 
 def world_advantages(module: RLAlgorithm, rewards: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
-    """Rewards and group labels are all-gathered; ``kernels.group_advantages`` normalises per prompt group over the
+    """Rewards and group labels are all-gathered; ``firm.kernels.group_advantages`` normalises per prompt group over the
     world (NaN rewards excluded, advantage 0). Returns this rank's slice and mask, and the world's mask on the host
     (one copy per RL step), from which every rank computes each optimizer step's kept count without communication.
     """

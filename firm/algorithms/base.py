@@ -5,7 +5,7 @@ copies may sit on different ranks):
 
 1. **Rollout** (:func:`firm.algorithms.rollout.run_rollout`) in chunks of ``rollout_chunk`` samples with the
    ``rollout_adapter``; each chunk is scored by the critic on a worker thread while the next one is sampled.
-2. **Advantages**: rewards and group labels are all-gathered and ``kernels.group_advantages`` normalises per prompt
+2. **Advantages**: rewards and group labels are all-gathered and ``firm.kernels.group_advantages`` normalises per prompt
    group over the whole world (NaN rewards excluded, advantage 0); each rank keeps its slice and a training mask
    (missing rewards, optionally zero-std groups and zero advantages, are left out of the loss).
 3. **Update** (manual optimisation): ``inner_epochs`` passes over the batch in optimizer steps of

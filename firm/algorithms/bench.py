@@ -91,7 +91,7 @@ class SyncCounter(TorchDispatchMode):
 
 def device_name(device: torch.device) -> str:
     """The kernel benchmark's device name, plus the torch thread count on a CPU (it changes CPU timings most)."""
-    from kernels.bench import device_name as kernels_device_name
+    from firm.kernels.bench import device_name as kernels_device_name
 
     name = kernels_device_name(device)
     return name if device.type == "cuda" else f"{name}, {torch.get_num_threads()} torch threads"
@@ -139,7 +139,7 @@ class StepProfiler:
         return wrapper
 
     def _patch(self) -> None:
-        import kernels
+        from firm import kernels
 
         m, policy = self.module, self.module.policy
         velocity = policy.velocity
@@ -171,7 +171,7 @@ class StepProfiler:
             setattr(kernels, name, self._timed(fn, "kernels"))
 
     def restore(self) -> None:
-        import kernels
+        from firm import kernels
 
         for name, fn in self._kernels.items():
             setattr(kernels, name, fn)
@@ -325,9 +325,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from firm.cli import _find_experiment
+    from firm.paths import find_experiment
 
-    experiment = _find_experiment(args.experiment)
+    experiment = find_experiment(args.experiment)
     runs = [(list(args.overrides), "base")]
     runs += [(list(args.overrides) + shlex.split(c), c) for c in (args.compare or [])]
     results = []

@@ -10,7 +10,7 @@ velocities (reference: DiffusionNFT/scripts/train_nft_sd3.py, the training loop 
     loss   = c / beta * [r |x_t - t v_pos - x0|^2 / w_pos + (1 - r) |x_t - t v_neg - x0|^2 / w_neg]
              + kl_beta * mean((v - v_ref)^2)
 
-(``w`` the detached mean absolute error of each branch, fused in ``kernels.nft_loss``). After each RL step the old
+(``w`` the detached mean absolute error of each branch, fused in ``firm.kernels.nft_loss``). After each RL step the old
 adapter moves towards the trained one: ``old <- decay * old + (1 - decay) * trained`` with
 ``decay = min(old_decay_rate * (n - old_decay_start), old_decay_max)`` (0 before the start), where ``n`` counts
 optimizer steps as DiffusionNFT's ``global_step`` does (``old_decay_unit: rl_step`` counts RL steps instead).
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-import kernels
+from firm import kernels
 from firm.algorithms.base import Micro, RLAlgorithm
 from firm.algorithms.config import RLConfig, SamplerConfig
 from firm.algorithms.rollout import Rollout

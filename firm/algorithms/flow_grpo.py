@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-import kernels
+from firm import kernels
 from firm.algorithms.base import Micro, RLAlgorithm
 from firm.algorithms.config import RLConfig, SamplerConfig
 from firm.algorithms.rollout import Rollout

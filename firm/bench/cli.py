@@ -13,8 +13,8 @@ import argparse
 def _cmd_bench(args: argparse.Namespace) -> int:
     from firm.bench.evaluate import BenchEvaluationError
     from firm.bench.run import load_bench_config, run_bench
-    from firm.cli import _find_experiment
     from firm.config import ConfigError
+    from firm.paths import find_experiment
 
     experiment, overrides = args.experiment, list(args.overrides)
     if experiment is not None and "=" in experiment and not experiment.endswith((".yaml", ".yml")):
@@ -25,7 +25,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.fresh:
         overrides.append("fresh=true")
     cfg = load_bench_config(
-        _find_experiment(experiment) if experiment else None, overrides, data=args.data, critics=args.critic
+        find_experiment(experiment) if experiment else None, overrides, data=args.data, critics=args.critic
     )
     try:
         run_bench(cfg, progress=None)

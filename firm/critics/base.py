@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from datamodules.chat import prepare_image  # shared with the SFT data: same image preparation
 from firm.critics.parsing import (
     ParseResult,
     explain_boxed_score,
@@ -35,6 +34,7 @@ from firm.critics.types import (
     EditRequest,
     GenRequest,
 )
+from firm.data.chat import prepare_image  # shared with the SFT data: same image preparation
 
 log = logging.getLogger(__name__)
 

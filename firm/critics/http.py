@@ -46,7 +46,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from datamodules.chat import prepare_messages
 from firm.critics.base import PLAN, Completion, Job, PromptedCritic, now
 from firm.critics.expected import expected_from_logprobs
 from firm.critics.parsing import ParseResult
@@ -54,6 +53,7 @@ from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.structured import MODES as STRUCTURED_MODES
 from firm.critics.structured import request_fields
 from firm.critics.types import CriticRequest, CriticResult
+from firm.data.chat import prepare_messages
 
 log = logging.getLogger(__name__)
 

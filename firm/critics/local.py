@@ -6,7 +6,7 @@ model's next-token distribution at the position where it wrote the score digit a
 mean over the five score tokens, ``sum_k k * p(k) / sum_k p(k)``, a continuous and less noisy reward signal.
 
 The directory is what ``save_pretrained`` writes (``config.json``, weights, tokenizer, image processor, chat
-template). Prompts are encoded by :class:`datamodules.chat.ChatEncoder`, the same code that encodes critic SFT
+template). Prompts are encoded by :class:`firm.data.chat.ChatEncoder`, the same code that encodes critic SFT
 examples, so a critic sees at inference exactly the tokens it was trained on (``ChatEncoder`` and
 ``split_images`` are importable from here too).
 """
@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from datamodules.chat import ChatEncoder, split_images
 from firm.critics.base import Completion, Job, PromptedCritic, now
 from firm.critics.expected import SCORE_DIGITS, expected_score
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CriticRequest, CriticResult
+from firm.data.chat import ChatEncoder, split_images
 
 __all__ = ["ChatEncoder", "Generation", "LocalCritic", "TokenLogprob", "critic_checkpoint", "split_images"]
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from datamodules.schema import QUALITY_ASPECTS, SCORE_MAX, SCORE_MIN
+from firm.data.schema import QUALITY_ASPECTS, SCORE_MAX, SCORE_MIN
 
 __all__ = [
     "MAX_ANSWER_CHARS",
@@ -56,7 +56,7 @@ __all__ = [
     "parse_quality_scores",
 ]
 
-# QUALITY_ASPECTS (defined in datamodules.schema, re-exported here): the three aspects of the generation Quality
+# QUALITY_ASPECTS (defined in firm.data.schema, re-exported here): the three aspects of the generation Quality
 # judgement, as the parsers report them; the Quality score is their minimum.
 
 # Limits on what the parsers look at. A critic answer is bounded by its generation budget (1024 tokens by default,

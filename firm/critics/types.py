@@ -12,7 +12,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-from datamodules.schema import SCORE_MAX, SCORE_MIN  # the score range, defined once (datamodules cannot import firm)
+from firm.data.schema import (  # the score range, defined once (firm.data imports nothing else of firm)
+    SCORE_MAX,
+    SCORE_MIN,
+)
 
 # Dimension names, as used in results, logs and rewards.
 EXECUTION = "execution"

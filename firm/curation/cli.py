@@ -19,7 +19,7 @@ def parse_size(text: str) -> float:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from datamodules.importers import DataImportError, import_samples
+    from firm.data.importers import DataImportError, import_samples
 
     try:
         report = import_samples(
@@ -43,8 +43,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from datamodules.inspect import inspect_shards
-    from datamodules.reader import CorruptShardError
+    from firm.data.inspect import inspect_shards
+    from firm.data.reader import CorruptShardError
 
     try:
         report = inspect_shards(args.shards, args.out, num_render=args.render, schema=args.schema)
@@ -56,11 +56,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_curate(args: argparse.Namespace) -> int:
-    from firm.cli import _find_experiment
     from firm.config import to_yaml
     from firm.curation.runner import load_curation, print_report, run_curation
+    from firm.paths import find_experiment
 
-    cfg = load_curation(_find_experiment(args.experiment), list(args.overrides))
+    cfg = load_curation(find_experiment(args.experiment), list(args.overrides))
     if args.dry_run:
         print(to_yaml(cfg))
         return 0

@@ -23,9 +23,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from datamodules.reader import iter_samples
-from datamodules.schema import get_schema
-from datamodules.writer import TMP_SUFFIX, ShardWriter
+from firm.data.reader import iter_samples
+from firm.data.schema import get_schema
+from firm.data.writer import TMP_SUFFIX, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ShardSink:
         directory: the folder (created).
         prefix: shard file prefix.
         schema: sample schema of the shards.
-        writer_kwargs: :class:`~datamodules.writer.ShardWriter` options (max_count, max_size, image_format, ...).
+        writer_kwargs: :class:`~firm.data.writer.ShardWriter` options (max_count, max_size, image_format, ...).
         extra_of: ``sample -> dict`` of small per-key facts to journal with each sealed key (e.g. its scores), so
             histograms can be computed without reading the shards.
     """

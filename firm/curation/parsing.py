@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from datamodules.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
 from firm.critics.parsing import MAX_ANSWER_CHARS, coerce_score, find_json, strip_thinking
+from firm.data.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
 
 Parsed = tuple[Any, str | None]
 

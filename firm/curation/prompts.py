@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
+from firm.data.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
 from firm.templates import check_template, read_template, render_template
 
 ASPECT_GUIDE = {

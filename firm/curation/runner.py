@@ -338,14 +338,14 @@ def _check_run_dir(run_dir: Path, cfg_node: Any) -> None:
 
 
 def _histograms(facts: dict[str, dict], dims: Iterable[str]) -> dict[str, dict[str, int]]:
-    from datamodules.inspect import histogram
+    from firm.data.inspect import histogram
 
     return {d: histogram([f.get("scores", {}).get(d) for f in facts.values()]) for d in dims}
 
 
 def _scored_iter(sinks: list[ShardSink], keys: set[str]) -> Iterator[dict]:
     """Samples with ``keys`` from the sealed shards of ``sinks`` (reading only the shards that hold them)."""
-    from datamodules.reader import iter_samples
+    from firm.data.reader import iter_samples
 
     for sink in sinks:
         shard_names = sorted({sink.shard_of[k] for k in keys if k in sink.shard_of})
@@ -494,7 +494,7 @@ def run_curation(cfg_node: Any) -> dict:
 
 
 def _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final, dims, dim, shares) -> dict:
-    from datamodules.inspect import plot_histograms
+    from firm.data.inspect import plot_histograms
 
     hist = {"scored": _histograms(scored.done, dims)}
     counts: dict[str, Any] = {
@@ -540,7 +540,7 @@ def _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final
 
 def print_report(manifest: dict) -> None:
     """The manifest's counts and histograms as text."""
-    from datamodules.inspect import format_histogram
+    from firm.data.inspect import format_histogram
 
     c = manifest["counts"]
     print(f"curation {manifest['name']} ({manifest['pipeline']}): {c['scored']} scored, {c['failed']} failed", end="")

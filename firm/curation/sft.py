@@ -1,6 +1,6 @@
 """Critic SFT examples: a curated sample + a judgement -> (the critic's prompt, the answer the critic should give).
 
-:class:`CriticSFTRenderer` is the ``renderer`` that :class:`datamodules.critic_sft.CriticSFTDataModule` uses by
+:class:`CriticSFTRenderer` is the ``renderer`` that :class:`firm.data.critic_sft.CriticSFTDataModule` uses by
 default (the datamodule imports nothing from ``firm``; it resolves the renderer from its config string). The prompt
 is exactly what a FIRM critic backend sends for that judgement (:class:`firm.critics.prompts.PromptSet`, with the
 same template overrides), and the answer is written in the format that prompt asks for and that
@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from datamodules.schema import QUALITY_ASPECTS
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CONSISTENCY, EXECUTION, INSTRUCTION, QUALITY
+from firm.data.schema import QUALITY_ASPECTS
 
 DIMENSIONS = (EXECUTION, CONSISTENCY, INSTRUCTION, QUALITY)
 ANSWER_ORDERS = ("reasoning_first", "score_first", "score_only")

@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from datamodules.reader import ReadStats, expand_shards, iter_samples
+from firm.data.reader import ReadStats, expand_shards, iter_samples
 
 
 class ShardsSource:

@@ -178,9 +178,6 @@ def _local_checkpoint(path: str, revision: str | None) -> Path:
     p = Path(path)
     if p.is_dir():
         return p
-    beside = Path(__file__).resolve().parents[2] / path  # a relative path of a shipped YAML, from the repository root
-    if not p.is_absolute() and beside.is_dir():
-        return beside
     if p.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"policy.pretrained: {path} is not a directory (nor a hub id like org/name)")
     from huggingface_hub import snapshot_download

@@ -6,7 +6,7 @@ With ``dt = sigma_next - sigma < 0`` every stochastic step is Gaussian::
 
     x_next ~ N(coef_x * x + coef_v * v, std^2)
 
-and the step functions below return these per-sample coefficients, which is what ``kernels.step_log_prob`` takes.
+and the step functions below return these per-sample coefficients, which is what ``firm.kernels.step_log_prob`` takes.
 
 * **Euler ODE**: ``coef_x = 1``, ``coef_v = dt``, ``std = 0``.
 * **Flow-GRPO SDE**: ``s_t = noise_level * sqrt(sigma / (1 - sigma))``;
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+from firm import kernels
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, ...), sigma (B,)) -> v (B, ...)
 
@@ -179,7 +179,7 @@ def step_log_prob(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B,) log-prob of ``next_sample`` under one step, in the given form, and (B,) ``mean((v - v_ref)^2)``.
 
-    Both forms come from one fused ``kernels.step_log_prob`` pass (float32). ``residual`` is the Gaussian form with
+    Both forms come from one fused ``firm.kernels.step_log_prob`` pass (float32). ``residual`` is the Gaussian form with
     its normalisers added back and the ``1 / (2 std^2)`` factor multiplied out: ``mean(-(x' - mu)^2)``.
     """
     logp, sq = kernels.step_log_prob(sample, velocity, next_sample, *coefs, ref_velocity=ref_velocity)
@@ -325,7 +325,7 @@ def sample(
         record_means: also keep the mean of every stochastic step (GRPO-Guard's RatioNorm needs it).
 
     Returns:
-        A :class:`Trajectory`. Log-probs are computed with ``kernels.step_log_prob`` in float32.
+        A :class:`Trajectory`. Log-probs are computed with ``firm.kernels.step_log_prob`` in float32.
     """
     spec = sampler_method(method)
     solver = method if not spec.stochastic else deterministic

@@ -146,8 +146,10 @@ def run_arms(
         One record per run ``{arm_key: arm name, seed, run_dir, summary, curves}`` (in arm, then seed order) and the
         elapsed seconds.
     """
+    from firm.paths import find_experiment
     from firm.runner import RUN_DIR_ENV, run
 
+    experiment = find_experiment(experiment)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()

@@ -275,7 +275,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Run the RL experiment once per reward and training seed, then write ablation.md (table), "
         "ablation.json and ablation.png into --out.",
     )
-    q.add_argument("--experiment", default="experiments/demo/ablation_edit_rewards.yaml", help="the RL experiment")
+    q.add_argument(
+        "--experiment", default="demo/ablation_edit_rewards", help="the RL experiment (a path or a shipped name)"
+    )
     q.add_argument("--rewards", nargs="+", default=["cme", "weighted_sum", "execution_only"])
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     q.add_argument("--out", default=None, help="output folder (default: runs/ablation_edit_rewards/<timestamp>)")
@@ -288,7 +290,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Run the RL experiment once per critic and training seed (module.critic replaced per run), then "
         "write faithfulness.md (held-out numbers by the rule critic), faithfulness.json and faithfulness.png.",
     )
-    q.add_argument("--experiment", default="experiments/demo/shapes_edit_cme.yaml", help="the RL experiment")
+    q.add_argument("--experiment", default="demo/shapes_edit_cme", help="the RL experiment (a path or a shipped name)")
     q.add_argument("--critics", nargs="+", default=["rule", "trained", "hallucinating"], help="which arms")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     q.add_argument("--critic-model", default=None, help="the trained critic's save_pretrained directory")

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+from firm.paths import experiments_root
+
 TARGET_MAE = 0.6  # overall MAE of the trained critic (issue #17)
 TARGET_SPEARMAN = 0.7  # on each of execution, consistency, instruction
 GROUP_OF = {"execution": "edit-execution", "consistency": "edit-consistency", "instruction": "generation"}
@@ -165,7 +166,7 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
         import subprocess
 
         pending = [
-            (name, [sys.executable, "-m", "firm", "curate", str(EXPERIMENTS / yaml), f"name={name}", *ov])
+            (name, [sys.executable, "-m", "firm", "curate", str(experiments_root() / yaml), f"name={name}", *ov])
             for name, (yaml, ov) in curations.items()
             if not (cur / name / "manifest.json").is_file()
         ]
@@ -214,7 +215,7 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
             f"data.val_shards={scored('edit_val')}::{scored('gen_val')}",
             *cfg.train_overrides,
         ]
-        run_dir = run(str(EXPERIMENTS / "critic" / "tiny_shapes_proof.yaml"), overrides)
+        run_dir = run(str(experiments_root() / "critic" / "tiny_shapes_proof.yaml"), overrides)
         if run_dir is None:
             raise RuntimeError("critic training returned no run directory")
         return Path(run_dir)
@@ -241,7 +242,9 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
             *[f"critics.{p}_prior.{d}={v}" for p, dims in priors.items() for d, v in dims.items()],
             *cfg.bench_overrides,
         ]
-        return run_bench(load_bench_config(EXPERIMENTS / "bench" / "shapes_proof.yaml", overrides), progress=False)
+        return run_bench(
+            load_bench_config(experiments_root() / "bench" / "shapes_proof.yaml", overrides), progress=False
+        )
 
     _stage("bench", timings, lambda: False, bench)
     report = json.loads((out / "bench" / "results.json").read_text())

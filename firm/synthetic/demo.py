@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning as L
 
-from datamodules.prompts import PromptDataModule
+from firm.data.prompts import PromptDataModule
 from firm.synthetic.tasks import SplitConfig, edit_tasks, gen_tasks
 from firm.synthetic.world import WorldConfig
 
@@ -47,7 +47,7 @@ class ShapesPromptDataModule(PromptDataModule):
 
     The file (``prompts.jsonl`` + source PNGs, the format of ``firm shapes export``) goes to
     ``<cache_dir>/<task>-<split>-<n>-<hash of the settings>/`` and is reused by later runs. Everything else (groups,
-    batches, resume) is :class:`datamodules.prompts.PromptDataModule`.
+    batches, resume) is :class:`firm.data.prompts.PromptDataModule`.
     """
 
     @dataclass

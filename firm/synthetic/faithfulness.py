@@ -44,7 +44,7 @@ from firm.synthetic.ablation import (
     run_arms,
 )
 
-DEFAULT_EXPERIMENT = "experiments/demo/shapes_edit_cme.yaml"
+DEFAULT_EXPERIMENT = "demo/shapes_edit_cme"  # a shipped name (firm.paths.find_experiment)
 CRITICS = ("rule", "trained", "hallucinating")
 LABELS = {
     "rule": "rule critic (oracle)",

@@ -16,11 +16,11 @@ from PIL import Image
 import firm.algorithms.diffusion_nft as nft_mod
 import firm.algorithms.flow_grpo as grpo_mod
 import firm.policies.samplers as samplers_mod
-from datamodules.prompts import PromptDataModule
 from firm.algorithms.config import SamplerConfig
 from firm.algorithms.diffusion_nft import DiffusionNFT as DiffusionNFTModule
 from firm.algorithms.flow_grpo import FlowGRPO as FlowGRPOModule
 from firm.critics.stats import ImageStatsCritic
+from firm.data.prompts import PromptDataModule
 from firm.policies.scoring import OverlappedScorer
 from firm.registry import resolve
 from firm.rewards.combiners import CMEReward, QMAReward

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+from firm import kernels
 from firm.algorithms.base import ema_decay
 from firm.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig, old_policy_decay
 from firm.algorithms.flow_grpo import StepTerms, step_mean_kl

@@ -3,7 +3,7 @@
 import pytest
 
 from firm.bench.run import load_bench_config
-from firm.runner import experiments_root
+from firm.paths import experiments_root
 
 BENCH = sorted((experiments_root() / "bench").glob("*.yaml"))
 

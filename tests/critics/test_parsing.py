@@ -237,9 +237,9 @@ def test_shared_json_and_score_helpers():
 
 
 def test_score_range_and_quality_aspects_have_one_definition():
-    import datamodules.schema as schema
     import firm.critics as critics
     import firm.critics.types as types
+    import firm.data.schema as schema
 
     assert critics.QUALITY_ASPECTS is schema.QUALITY_ASPECTS
     assert (types.SCORE_MIN, types.SCORE_MAX) == (schema.SCORE_MIN, schema.SCORE_MAX) == (1, 5)

@@ -13,6 +13,7 @@ from firm.critics.sft import (
     prompt_batch,
     warmup_cosine,
 )
+from firm.paths import experiments_root
 
 
 def _batch():
@@ -83,7 +84,7 @@ def _curate(yaml, out, name, *overrides):
     from firm.curation.runner import load_curation, run_curation
 
     common = ["source.split=train", "source.size=32", "progress=false", f"output_dir={out}", "balance.enabled=false"]
-    run_curation(load_curation(f"experiments/curation/{yaml}", [f"name={name}", *common, *overrides]))
+    run_curation(load_curation(str(experiments_root() / f"curation/{yaml}"), [f"name={name}", *common, *overrides]))
     return out / name / "scored"
 
 
@@ -111,7 +112,7 @@ def _overrides(model, shards, tmp_path, *extra):
 
 
 def _sft_batch(model, shards):
-    from datamodules.critic_sft import CriticSFTDataModule
+    from firm.data.critic_sft import CriticSFTDataModule
 
     dm = CriticSFTDataModule(
         CriticSFTDataModule.Config(
@@ -175,7 +176,7 @@ def test_train_validate_export_and_serve(tiny_setup, tmp_path, monkeypatch):
     model_dir, shards = tiny_setup
     monkeypatch.setenv("FIRM_RUN_DIR", str(tmp_path / "run"))
     run_dir = run(
-        "experiments/critic/tiny_shapes_cpu.yaml",
+        str(experiments_root() / "critic/tiny_shapes_cpu.yaml"),
         _overrides(
             model_dir, shards, tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4",
             "trainer.limit_val_batches=1", "module.val_generate_batches=1", "module.val_max_new_tokens=6",
@@ -226,7 +227,9 @@ def test_lora_checkpoint_keeps_only_adapters_and_export_merges(tiny_setup, tmp_p
 
     model_dir, shards = tiny_setup
     extra = ["module.finetune=lora", "module.lora_r=4", "module.lora_alpha=8", "module.gradient_checkpointing=true"]
-    node = load_experiment("experiments/critic/tiny_shapes_cpu.yaml", _overrides(model_dir, shards, tmp_path, *extra))
+    node = load_experiment(
+        str(experiments_root() / "critic/tiny_shapes_cpu.yaml"), _overrides(model_dir, shards, tmp_path, *extra)
+    )
     module = CriticSFTModule(to_object(node).module)
     module.configure_model()
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from datamodules.inspect import inspect_shards
 from firm.cli import main
 from firm.config import to_object
 from firm.curation.runner import CurationConfig, load_curation, run_curation
+from firm.data.inspect import inspect_shards
+from firm.paths import experiments_root
 from firm.registry import resolve
-from firm.runner import experiments_root
 
 CURATION = sorted((experiments_root() / "curation").glob("*.yaml"))
 

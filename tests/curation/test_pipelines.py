@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from datamodules.schema import encode_sample
-from datamodules.writer import ShardWriter
 from firm.critics.types import EditRequest, GenRequest
 from firm.curation.journal import ShardSink
 from firm.curation.pipelines import DifferenceFirst, PlanThenScore
 from firm.curation.prompts import CurationPrompts
 from firm.curation.teachers import HTTPTeacher, LocalTeacher, Teacher, TeacherRequest, build_teacher
+from firm.data.schema import encode_sample
+from firm.data.writer import ShardWriter
 from firm.synthetic.critic import ShapesRuleCritic
 from firm.synthetic.curation import ShapesEditSource, ShapesGenSource, ShapesRuleTeacher
 from tests.critics.servers import ScriptedServer, chat_answer, prompt_text

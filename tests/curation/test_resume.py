@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from datamodules.reader import iter_samples
+from firm.data.reader import iter_samples
 
 N = 40
 
@@ -151,7 +151,7 @@ def test_a_relaunch_after_a_failed_start_may_fix_the_config(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="shard not found: does/not/exist"):
         run_curation(load_curation(yaml_path))
     # real shards, written by the same writer `firm data import` uses, under a prefix
-    from datamodules.writer import ShardWriter
+    from firm.data.writer import ShardWriter
     from firm.synthetic.curation import ShapesEditSource
 
     with ShardWriter(tmp_path / "data" / "raw", "edit", max_count=3) as w:

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datamodules.reader import CorruptShardError, ReadStats, iter_samples
-from datamodules.schema import SchemaError, decode_record, encode_sample, validate
-from datamodules.writer import write_shards
+from firm.data.reader import CorruptShardError, ReadStats, iter_samples
+from firm.data.schema import SchemaError, decode_record, encode_sample, validate
+from firm.data.writer import write_shards
 from tests.helpers.data import edit_sample
 
 SAMPLES = [edit_sample(i, size=6) for i in range(3)]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kernels import bench
+from firm.kernels import bench
 from tests.kernels.utils import gpu, interpreter
 
 

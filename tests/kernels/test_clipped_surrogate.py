@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kernels import SurrogateOutput, clipped_surrogate, clipped_surrogate_reference
+from firm.kernels import SurrogateOutput, clipped_surrogate, clipped_surrogate_reference
 from tests.kernels.utils import assert_fused_close, grad_of
 
 

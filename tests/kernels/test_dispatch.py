@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels import _common
-from kernels._common import elementwise_config, reduction_config, use_triton
+from firm import kernels
+from firm.kernels import _common
+from firm.kernels._common import elementwise_config, reduction_config, use_triton
 
 
 def test_cpu_uses_reference_unless_interpreter(monkeypatch):

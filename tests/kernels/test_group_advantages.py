@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kernels import GroupStats, group_advantages, group_advantages_reference
+from firm.kernels import GroupStats, group_advantages, group_advantages_reference
 from tests.kernels.utils import assert_fused_close, gpu, interpreter
 
 NAN = float("nan")

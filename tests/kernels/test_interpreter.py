@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels._common import HAS_TRITON, INTERPRETER
+from firm.kernels._common import HAS_TRITON, INTERPRETER
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

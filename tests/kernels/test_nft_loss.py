@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import nft_loss, nft_loss_reference
-from kernels.nft_loss import STAT_KEYS
+from firm.kernels import nft_loss, nft_loss_reference
+from firm.kernels.nft_loss import STAT_KEYS
 from tests.kernels.utils import assert_fused_close, gpu, interpreter
 
 SHAPES = [(1, 1), (1, 7), (3, 5, 7, 11), (2, 3, 17, 29)]

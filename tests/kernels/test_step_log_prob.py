@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kernels import step_log_prob, step_log_prob_reference
+from firm.kernels import step_log_prob, step_log_prob_reference
 from tests.kernels.utils import assert_fused_close, gpu, grad_of, interpreter
 
 # Odd sizes: B=1, D=1, D not a multiple of the block (128 in the interpreter, 1024 on GPU), rows split into chunks.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels._common import INTERPRETER
+from firm.kernels._common import INTERPRETER
 
 
 def interpreter(fn):

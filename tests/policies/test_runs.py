@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kernels
+from firm import kernels
 from firm.config import load_experiment, to_object
 from firm.policies.export import export_lora
 from firm.policies.policy import FlowPolicy, build_tiny_components

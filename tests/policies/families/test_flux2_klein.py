@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from firm.paths import experiments_root
 from firm.policies.families import flux2_klein as fk
 from firm.policies.policy import FlowPolicy, LoRAConfig, PolicyConfig
 
@@ -306,7 +307,7 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
 
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     run_dir = run(
-        "experiments/rl/tiny_flux2_klein_nft.yaml",
+        str(experiments_root() / "rl/tiny_flux2_klein_nft.yaml"),
         [
             f"output_root={tmp_path}",
             f"module.policy.pretrained={checkpoint}",

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from firm.paths import experiments_root
 from firm.policies.families import flux_kontext as fk
 from firm.policies.families.base import PixelCodec, calculate_shift, pack_latents, unpack_latents
 from firm.policies.policy import FlowPolicy, LoRAConfig, PolicyConfig
@@ -330,7 +331,7 @@ def test_a_tiny_built_policy_edits_from_its_source():
     """``pretrained: null`` (the tiny YAML): pixel latents, sources at the output's area, the source really used."""
     from firm.config import load_experiment, to_object
 
-    cfg = to_object(load_experiment(Path(__file__).parents[3] / "experiments/rl/tiny_flux_kontext_nft.yaml"))
+    cfg = to_object(load_experiment(experiments_root() / "rl/tiny_flux_kontext_nft.yaml"))
     policy = FlowPolicy(cfg.module.policy).eval()
     res = cfg.module.policy.resolution
     images = sources(2, size=(res, res))
@@ -346,7 +347,7 @@ def test_a_tiny_built_policy_edits_from_its_source():
 def test_full_size_experiment_has_firm_rewards_kontext_settings():
     from firm.config import load_experiment, to_object
 
-    cfg = to_object(load_experiment(Path(__file__).parents[3] / "experiments/rl/firm_flux_kontext_cme.yaml"))
+    cfg = to_object(load_experiment(experiments_root() / "rl/firm_flux_kontext_cme.yaml"))
     m, p = cfg.module, cfg.module.policy
     m.validate()
     assert (m.name, p.family, p.pretrained) == ("diffusion_nft", "flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev")
@@ -366,7 +367,7 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
 
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     run_dir = run(
-        str(Path(__file__).parents[3] / "experiments/rl/tiny_flux_kontext_nft.yaml"),
+        str(experiments_root() / "rl/tiny_flux_kontext_nft.yaml"),
         [
             f"output_root={tmp_path}",
             f"module.policy.pretrained={checkpoint}",

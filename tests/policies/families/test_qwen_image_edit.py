@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from firm.paths import experiments_root
 from firm.policies.families.qwen_image_edit import (
     CLASSIC,
     PLUS,
@@ -209,7 +210,7 @@ def test_the_first_release_pipeline_too(tmp_path, checkpoint):
 def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, monkeypatch):
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     policy, lora_dir = hub.trained_policy(
-        "experiments/rl/tiny_qwen_edit_nft.yaml",
+        str(experiments_root() / "rl/tiny_qwen_edit_nft.yaml"),
         checkpoint,
         tmp_path,
         [

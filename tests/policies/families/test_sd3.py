@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from firm.paths import experiments_root
 from firm.policies.policy import FlowPolicy, LoRAConfig, PolicyConfig
 from tests.policies.families import hub
 
@@ -106,7 +107,7 @@ def test_sampling_equals_the_pipeline(checkpoint, scale):
 def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, monkeypatch):
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     policy, lora_dir = hub.trained_policy(
-        "experiments/rl/tiny_sd3_nft.yaml",
+        str(experiments_root() / "rl/tiny_sd3_nft.yaml"),
         checkpoint,
         tmp_path,
         [

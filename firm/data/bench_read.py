@@ -1,8 +1,8 @@
-"""Read-throughput benchmark of the shard reader: ``python -m datamodules.bench_read``.
+"""Read-throughput benchmark of the shard reader: ``python -m firm.data.bench_read``.
 
 Writes a synthetic edit-sample shard set (default 10k samples, two 128x128 PNG images each: smooth gradients with a
 few flat rectangles, so PNG sizes resemble simple rendered scenes rather than noise), then reads it back through
-:class:`~datamodules.reader.ShardDataset` and a ``StatefulDataLoader`` with full decoding (json + both images to PIL,
+:class:`~firm.data.reader.ShardDataset` and a ``StatefulDataLoader`` with full decoding (json + both images to PIL,
 schema validation) and reports samples/s per worker count. Prints a table and writes JSON with the machine's name.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.reader import ReaderConfig, ShardDataset, make_loader
-from datamodules.schema import PNG_COMPRESS_LEVEL
-from datamodules.writer import ShardWriter
+from firm.data.reader import ReaderConfig, ShardDataset, make_loader
+from firm.data.schema import PNG_COMPRESS_LEVEL
+from firm.data.writer import ShardWriter
 
 
 def synthetic_image(seed: int, size: int) -> Image.Image:

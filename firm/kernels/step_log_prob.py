@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from kernels._common import (
+from firm.kernels._common import (
     as_coef,
     as_rows,
     check_float,

@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.schema import (
+from firm.data.schema import (
     IMAGE_EXTENSIONS,
     Schema,
     SchemaError,
@@ -43,7 +43,7 @@ from datamodules.schema import (
     get_schema,
     sanitise_key,
 )
-from datamodules.writer import ShardWriter
+from firm.data.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def import_samples(
         on_error: ``fail`` stops at the first bad row (naming it); ``skip`` skips it with a warning and counts it.
         extra_to_bag: keep fields outside the schema under ``provenance`` (``meta`` for RL prompts) instead of failing.
         progress: show a tqdm progress bar.
-        writer_kwargs: :class:`~datamodules.writer.ShardWriter` options (image_format, max_count, max_size, ...).
+        writer_kwargs: :class:`~firm.data.writer.ShardWriter` options (image_format, max_count, max_size, ...).
     """
     from tqdm import tqdm
 

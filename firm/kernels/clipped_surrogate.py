@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._common import check_float, check_no_grad, check_same_device
+from firm.kernels._common import check_float, check_no_grad, check_same_device
 
 
 class SurrogateOutput(NamedTuple):

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from datamodules.prompts import GroupBatchSampler, PromptDataModule, collate_prompts, load_prompt_records
+from firm.data.prompts import GroupBatchSampler, PromptDataModule, collate_prompts, load_prompt_records
 
 
 def test_each_step_holds_every_group_exactly_g_times_across_ranks():

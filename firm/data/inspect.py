@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamodules.reader import ReadStats, expand_shards, iter_samples
-from datamodules.schema import SCORE_MAX, SCORE_MIN, decode_image, get_schema
+from firm.data.reader import ReadStats, expand_shards, iter_samples
+from firm.data.schema import SCORE_MAX, SCORE_MIN, decode_image, get_schema
 
 MISSING = "missing"
 BAR_WIDTH = 40

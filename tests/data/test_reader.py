@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from datamodules.reader import (
+from firm.data.reader import (
     CorruptShardError,
     ReaderConfig,
     ShardDataset,
@@ -13,7 +13,7 @@ from datamodules.reader import (
     make_loader,
     rl_prompt_dataset,
 )
-from datamodules.writer import write_shards
+from firm.data.writer import write_shards
 from tests.helpers.data import edit_sample, rl_prompt_sample
 
 
@@ -207,7 +207,7 @@ def test_rl_prompt_reader_filters_by_task(tmp_path):
 
 
 def test_load_rl_prompt_records_in_memory(tmp_path):
-    from datamodules.schema import decode_image
+    from firm.data.schema import decode_image
 
     samples = [rl_prompt_sample(i) for i in range(5)]
     write_shards(samples, tmp_path / "p", "rl_prompt")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import (
+from firm.kernels._common import (
     as_coef,
     as_rows,
     check_float,

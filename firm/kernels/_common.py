@@ -134,7 +134,7 @@ class LaunchConfig(NamedTuple):
 # Row reductions over (B, D) latents are bandwidth-bound. A program streams BLOCK elements per iteration with 4
 # warps (8 fp32 per thread: two 16-byte loads per input); rows are cut into chunks so that about 4 programs per SM
 # are in flight even for B=1. These are the usual settings for bandwidth-bound Triton reductions, NOT yet tuned on
-# hardware (no GPU was available while writing them): `python -m kernels.bench` reports % of copy bandwidth, which
+# hardware (no GPU was available while writing them): `python -m firm.kernels.bench` reports % of copy bandwidth, which
 # is the number to watch when changing them.
 GPU_BLOCK = 1024
 GPU_WARPS = 4

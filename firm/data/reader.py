@@ -42,7 +42,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from datamodules.schema import MAX_IMAGE_PIXELS, Schema, SchemaError, decode_record, get_schema, member_suffixes
+from firm.data.schema import MAX_IMAGE_PIXELS, Schema, SchemaError, decode_record, get_schema, member_suffixes
 
 log = logging.getLogger(__name__)
 
@@ -600,7 +600,7 @@ def rl_prompt_dataset(
 ) -> ShardDataset:
     """RL prompts from ``rl_prompt`` shards: samples ``{"key", "prompt", "task", "source" (PIL or None), "meta"}``.
 
-    The reader for :class:`datamodules.prompts.PromptDataModule`, which groups and places them across ranks.
+    The reader for :class:`firm.data.prompts.PromptDataModule`, which groups and places them across ranks.
 
     Args:
         task: keep only ``edit`` or ``generation`` prompts (None keeps both).
@@ -627,7 +627,7 @@ def load_rl_prompt_records(
 
     Records look like ``{"key", "prompt", "task", "image", "checklist", "meta"}`` where ``image`` is the source image
     of an edit prompt (None for generation): still-encoded PNG/JPEG bytes by default (decode an item with
-    :func:`datamodules.schema.decode_image` when it is drawn -- a few hundred KB per 512 px prompt instead of
+    :func:`firm.data.schema.decode_image` when it is drawn -- a few hundred KB per 512 px prompt instead of
     0.8 MB decoded), or a PIL image with ``decode_images=True``.
 
     Args:

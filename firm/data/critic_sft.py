@@ -36,8 +36,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from datamodules.chat import ChatProcessor
-from datamodules.reader import ReaderConfig, ShardDataset, make_loader
+from firm.data.chat import ChatProcessor
+from firm.data.reader import ReaderConfig, ShardDataset, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def resolve_callable(spec: str) -> Any:
 class ChatExampleEncoder:
     """Tokenises (messages, answer) pairs with a vision-language checkpoint's processor; labels only the answer.
 
-    The prompt is encoded by :class:`datamodules.chat.ChatProcessor`, the very code the local critic encodes its
+    The prompt is encoded by :class:`firm.data.chat.ChatProcessor`, the very code the local critic encodes its
     prompts with at inference, so training and inference prompts are the same tokens.
 
     Args:

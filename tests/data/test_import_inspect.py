@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from datamodules.importers import DataImportError, folder_samples, import_samples
-from datamodules.inspect import histogram, inspect_shards
-from datamodules.reader import iter_samples
-from datamodules.writer import write_shards
 from firm.cli import main
+from firm.data.importers import DataImportError, folder_samples, import_samples
+from firm.data.inspect import histogram, inspect_shards
+from firm.data.reader import iter_samples
+from firm.data.writer import write_shards
 from tests.helpers.data import edit_sample, generation_sample, pixels, random_image
 
 

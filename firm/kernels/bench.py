@@ -1,4 +1,4 @@
-"""Benchmark and profiling harness for the fused ops: ``python -m kernels.bench [bench|profile] [options]``.
+"""Benchmark and profiling harness for the fused ops: ``python -m firm.kernels.bench [bench|profile] [options]``.
 
 For each op at realistic shapes it compares three implementations of the same math:
   * ``eager``   -- the pure-torch reference (float32 compute), as a user would write it;
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from kernels._common import HAS_TRITON, INTERPRETER
+from firm import kernels
+from firm.kernels._common import HAS_TRITON, INTERPRETER
 
 OPS = ("step_log_prob", "nft_loss", "group_advantages")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -488,7 +488,7 @@ def profile_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m firm.kernels.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     add_bench_args(sub.add_parser("bench", help="time and check the ops (default)"))
     add_profile_args(sub.add_parser("profile", help="write a torch.profiler trace"))

@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
-from datamodules.reader import ReaderConfig, ReadStats, ShardDataset, iter_samples
-from datamodules.schema import (
+from firm.data.reader import ReaderConfig, ReadStats, ShardDataset, iter_samples
+from firm.data.schema import (
     MAX_JSON_NESTING,
     ImageTooLargeError,
     SchemaError,
@@ -84,7 +84,7 @@ def test_a_duplicate_key_is_warned_about_counted_and_the_first_is_kept(tmp_path,
     first, other, again = _with_json(0), _with_json(1), _with_json(0, {"instruction": "the second copy"})
     shard = write_tar(tmp_path / "s-000000.tar", [first, other, again])
     stats = ReadStats()
-    with caplog.at_level(logging.WARNING, logger="datamodules.reader"):
+    with caplog.at_level(logging.WARNING, logger="firm.data.reader"):
         got = list(iter_samples(shard, "edit", stats=stats))
     assert [s["key"] for s in got] == ["edit-00000", "edit-00001"]  # was yielded twice
     assert got[0]["instruction"] == edit_sample(0)["instruction"]  # the first one

@@ -8,9 +8,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from datamodules.reader import ReadStats, expand_shards, iter_samples
-from datamodules.schema import SchemaError, encode_sample, validate
-from datamodules.writer import ShardWriter, write_shards
+from firm.data.reader import ReadStats, expand_shards, iter_samples
+from firm.data.schema import SchemaError, encode_sample, validate
+from firm.data.writer import ShardWriter, write_shards
 from tests.helpers.data import edit_sample, generation_sample, pixels, random_image, rl_prompt_sample
 
 MAKERS = {"edit": edit_sample, "generation": generation_sample, "rl_prompt": rl_prompt_sample}
@@ -167,8 +167,8 @@ def test_random_image_modes_survive(tmp_path):
 def test_a_shard_prefix_names_the_shards_written_under_it(tmp_path):
     """`firm data import --out data/edit/raw` writes data/edit/raw-000000.tar ...; `source.path=data/edit/raw` (as the
     docs say) reads them."""
-    from datamodules.reader import expand_shards, iter_samples
-    from datamodules.writer import ShardWriter
+    from firm.data.reader import expand_shards, iter_samples
+    from firm.data.writer import ShardWriter
     from firm.synthetic.curation import ShapesEditSource
 
     prefix = tmp_path / "data" / "edit" / "raw"

@@ -29,19 +29,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 TASKS = ("gen", "edit")
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def resolve_path(path: str | Path) -> Path:
-    """``path`` as given when it exists, else relative to the repository root (so shipped experiments that name
-    ``experiments/rl/data/...`` run from any directory of a source checkout)."""
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
-
-
 def load_prompt_records(path: str | Path, *, task: str = "gen") -> list[dict[str, Any]]:
     """Read a JSONL prompt file; checks each record and resolves image paths relative to the file.
 
@@ -49,7 +36,7 @@ def load_prompt_records(path: str | Path, *, task: str = "gen") -> list[dict[str
         FileNotFoundError: the file or a referenced image does not exist.
         ValueError: a line is not a JSON object with a non-empty ``prompt`` (and an ``image`` for editing).
     """
-    path = resolve_path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     records = []

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._common import check_float, next_pow2, tl, triton, use_triton
+from firm.kernels._common import check_float, next_pow2, tl, triton, use_triton
 
 SCALES = ("group", "batch", "none")
 AGGREGATES = ("sum_then_normalize", "normalize_then_sum")

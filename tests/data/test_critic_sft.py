@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from datamodules.critic_sft import IGNORE_INDEX, ChatExampleEncoder, CriticSFTDataModule, collate_examples
-from datamodules.writer import write_shards
 from firm.critics import PromptSet, explain_boxed_score, explain_json_score, explain_quality_scores
 from firm.curation.sft import CriticSFTRenderer, format_answer
+from firm.data.critic_sft import IGNORE_INDEX, ChatExampleEncoder, CriticSFTDataModule, collate_examples
+from firm.data.writer import write_shards
 from tests.helpers.data import edit_sample, generation_sample
 from tests.helpers.tiny_vlm import build_tiny_vlm
 
@@ -36,7 +36,6 @@ def test_answer_formats_parse_back_with_the_critic_parsers():
     assert explain_quality_scores(format_answer("quality", 2, "noisy", aspects)).value == aspects
 
 
-
 def test_score_first_and_score_only_answers_parse_back_and_put_the_score_first():
     for order in ("score_first", "score_only"):
         edit = format_answer("execution", 2, "the circle is still red", order=order)
@@ -52,6 +51,7 @@ def test_score_first_and_score_only_answers_parse_back_and_put_the_score_first()
         format_answer("execution", 2, "x", order="score_last")
     with pytest.raises(ValueError, match="answer_order"):
         CriticSFTRenderer(answer_order="last")
+
 
 def test_only_answer_tokens_are_unmasked(tiny_vlm):
     from firm.critics.local import ChatEncoder
@@ -135,7 +135,7 @@ def test_renderer_is_injected_and_prompt_matches_critic(tiny_vlm, curated):
 
 
 def test_sft_prompt_tokens_equal_the_local_critics_with_downscaled_non_rgb_images(tiny_vlm):
-    """Training and inference share datamodules.chat: the same image preparation, template and tokens."""
+    """Training and inference share firm.data.chat: the same image preparation, template and tokens."""
     from PIL import Image
 
     from firm.critics import EditRequest

@@ -1,6 +1,6 @@
 """Validating WebDataset shard writer with max-count / max-size rolling and atomic shard sealing.
 
-Every sample is validated against its schema before anything is written (a :class:`~datamodules.schema.SchemaError`
+Every sample is validated against its schema before anything is written (a :class:`~firm.data.schema.SchemaError`
 names the key and the field). Images are stored as PNG (lossless) or JPEG at a configured quality. A shard is written
 under a temporary name (``<name>.tar.tmp``) and renamed to ``<name>.tar`` only when it is complete ("sealed"), so a
 reader or a resumed job never sees half a shard: a ``.tar`` file is always whole.
@@ -22,7 +22,7 @@ from typing import Any
 
 import webdataset as wds
 
-from datamodules.schema import PNG_COMPRESS_LEVEL, Schema, encode_sample, get_schema
+from firm.data.schema import PNG_COMPRESS_LEVEL, Schema, encode_sample, get_schema
 
 TMP_SUFFIX = ".tmp"
 

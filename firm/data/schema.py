@@ -466,7 +466,7 @@ def validate(sample: dict, schema: str | Schema, *, check_images: bool = True) -
 # Encoding to / decoding from WebDataset members
 
 
-# zlib level of PNG members. Measured on 256 px synthetic scenes (datamodules.bench_read.synthetic_image), one core:
+# zlib level of PNG members. Measured on 256 px synthetic scenes (firm.data.bench_read.synthetic_image), one core:
 # level 1 encodes in 2.2 ms at 26.7 KB, level 6 in 5.1 ms at 12.6 KB; decoding 0.84 vs 0.62 ms. Shards are read
 # more often than written, so the default favours small files; writers that are CPU-bound can pass 1.
 PNG_COMPRESS_LEVEL = 6

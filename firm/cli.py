@@ -118,6 +118,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from firm.doctor import main
+
+    return main()
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
@@ -147,6 +153,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="list the shipped experiments")
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this environment: transformers, diffusers/peft and FIRM's fused kernels import, each from its place",
+        description="Imports transformers' hub-kernels integration, diffusers' peft loader and firm.kernels in one "
+        "process and says where the import name `kernels` comes from. Exit status 1 when a check fails.",
+    )
+    p.set_defaults(func=_cmd_doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,7 +156,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "doctor",
-        help="check this environment: transformers, diffusers/peft and FIRM's fused kernels import, each from its place",
+        help="check that transformers, diffusers/peft and FIRM's fused kernels import, each from its own place",
         description="Imports transformers' hub-kernels integration, diffusers' peft loader and firm.kernels in one "
         "process and says where the import name `kernels` comes from. Exit status 1 when a check fails.",
     )

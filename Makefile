@@ -1,21 +1,25 @@
 # FIRM — the two commands of the README, and a few helpers.
-#   make demo   create .venv, install FIRM with a CPU torch, run the embedded default experiment
-#   make test   same setup, run the test suite
+#   make demo     create .venv, install FIRM from the lock (CPU torch), run the embedded default experiment
+#   make test     same setup, run the test suite
+#   make upgrade  re-resolve to the newest releases in a separate venv, run the suite there, rewrite the lock if it passes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+# The exact versions (torch 2.13.0, the CPU build, included) that the suite last passed with; see scripts/lock.sh.
+LOCK   ?= requirements-lock.txt
 DEMO   ?= experiments/demo/shapes_edit_cme.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean upgrade
 
-$(BIN)/.installed: setup.py pyproject.toml
+# Everything comes from the lock, never from whatever is newest: pip itself, the build backend, torch, the rest.
+# FIRM is installed on top without resolving again (--no-deps) and `pip check` proves the lock meets setup.py.
+$(BIN)/.installed: setup.py pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q "$$(grep -E '^pip==' $(LOCK))"
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
 demo: $(BIN)/.installed
@@ -50,6 +54,11 @@ faithfulness: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+
+# The newest releases setup.py allows, in build/upgrade-venv; the lock is rewritten only when the whole suite passes
+# there (README: Reproducible installs). TORCH_SPEC (default torch==2.13.0) holds torch at the CPU build.
+upgrade:
+	PYTHON=$(PYTHON) LOCK=$(LOCK) PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/lock.sh upgrade
 
 # Opt-in, not part of `make test`: FIRM against a real vLLM (CPU) serving the tiny critic. Creates the vLLM venv
 # (scripts/vllm_venv.sh; about 3.5 GB, a few minutes, once), then runs tests/critics/test_vllm.py; the timings and

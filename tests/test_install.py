@@ -101,3 +101,40 @@ def _installed(dist: str) -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_a_wheel_runs_the_shipped_experiments_by_name_from_elsewhere(tmp_path):
+    """`pip install .` (not editable): the experiments, prompts and tiny models come inside the package."""
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("firm-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    env = {**_env(), "PYTHONPATH": str(site)}  # ahead of this venv's editable firm
+
+    def firm(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "firm", *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, f"firm {' '.join(args)}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+
+    listed = firm("list")
+    assert f"under {site / 'firm' / 'experiments'}" in listed and "demo/shapes_edit_cme.yaml" in listed
+    resolved = firm("run", "demo/shapes_edit_cme", "--dry-run")
+    assert f"pretrained: {site / 'firm' / 'synthetic' / 'checkpoints' / 'shapes_edit'}" in resolved, resolved
+    assert "--fresh" in firm("shapes", "critic-proof", "--help")
+    # Every file the shipped YAMLs name through ${shipped:...} is in the wheel.
+    named = {
+        m for y in (REPO / "experiments").rglob("*.yaml") for m in re.findall(r"\$\{shipped:([^}]+)\}", y.read_text())
+    }
+    assert named, "the shipped YAMLs name no files through ${shipped:...}"
+    missing = sorted(n for n in named if not (site / "firm" / n.removeprefix("firm/")).exists())
+    assert not missing, f"named by the shipped YAMLs but missing from the wheel: {missing}"

@@ -30,8 +30,9 @@ install_requires = [
 ]
 
 extras_require = {
-    # hypothesis: tests/fuzz; openai: the official client, tested against `firm serve-critic`
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "openai>=1.40"],
+    # hypothesis: tests/fuzz; openai: the official client, tested against `firm serve-critic`;
+    # pytest-xdist: `make test` runs two workers (one per core of the CI machines)
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "hypothesis>=6.100", "openai>=1.40"],
     "gpu": ["flash-attn>=2.6"],
 }
 

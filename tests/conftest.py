@@ -6,6 +6,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# `make test` runs the suite on two pytest-xdist workers, one per core: each worker, and every process it starts, keeps
+# to one thread (set before torch is imported), so the two do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 @pytest.fixture
 def repo() -> Path:

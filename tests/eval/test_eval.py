@@ -195,7 +195,7 @@ def test_sigkill_during_generate_and_score_then_relaunch(tmp_path):
     cmd = [*FIRM, "eval", str(EXP / "shapes_edit.yaml"), *ov]
     proc = subprocess.Popen([*cmd, "--stage", "generate"], cwd=REPO, env=ENV)
     t0 = time.time()
-    while len(list((out / "images" / "base").glob("*.png"))) < 2 and time.time() - t0 < 120:
+    while len(list((out / "images" / "base").glob("*.png"))) < 2 and time.time() - t0 < 120 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -214,7 +214,7 @@ def test_sigkill_during_generate_and_score_then_relaunch(tmp_path):
         files = (out / "score").glob("*.jsonl") if (out / "score").is_dir() else []
         return sum(len(p.read_text().splitlines()) for p in files)
 
-    while cache() < 4 and time.time() - t0 < 120:
+    while cache() < 4 and time.time() - t0 < 120 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

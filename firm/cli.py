@@ -113,7 +113,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         top = path.split("/", 1)[0] if "/" in path else ""
         if top != folder:
             folder = top
-            print(f"\n{top or '.'}/  (run with `{FOLDER_COMMANDS.get(top, 'firm run')} experiments/<path>`)")
+            print(f"\n{top or '.'}/  (by name, anywhere: `{FOLDER_COMMANDS.get(top, 'firm run')} {top}/<name>`)")
         print(f"  {path:<{width}}  {desc}")
     return 0
 

@@ -70,12 +70,14 @@ def shipped(relative: str) -> Path:
 
 def find_experiment(spec: str) -> str:
     """An experiment YAML: ``spec`` as given when that path exists, else the shipped experiment of that name
-    (relative to ``experiments/``, with or without ``.yaml``: ``demo/shapes_edit_cme``). An unknown name comes back
-    unchanged, for the loader to report as a missing file."""
+    (relative to ``experiments/``, with or without ``.yaml`` and the ``experiments/`` prefix: ``demo/shapes_edit_cme``
+    or ``experiments/demo/shapes_edit_cme.yaml`` from any directory). An unknown name comes back unchanged, for the
+    loader to report as a missing file."""
     if Path(spec).exists():
         return spec
     root = experiments_root()
-    for candidate in (root / spec, root / f"{spec}.yaml"):
+    name = spec.removeprefix("experiments/")
+    for candidate in (root / name, root / f"{name}.yaml"):
         if candidate.is_file():
             return str(candidate)
     return spec

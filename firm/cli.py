@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -193,4 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("firm: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `firm list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code or 0)

@@ -60,7 +60,7 @@ clean:
 # The newest releases setup.py allows, in build/upgrade-venv; the lock is rewritten only when the whole suite passes
 # there (README: Reproducible installs). TORCH_SPEC (default torch==2.13.0) holds torch at the CPU build.
 upgrade:
-	PYTHON=$(PYTHON) LOCK=$(LOCK) PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/lock.sh upgrade
+	PYTHON=$(PYTHON) LOCK=$(LOCK) PYTEST_WORKERS=$(PYTEST_WORKERS) PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/lock.sh upgrade
 
 # Opt-in, not part of `make test`: FIRM against a real vLLM (CPU) serving the tiny critic. Creates the vLLM venv
 # (scripts/vllm_venv.sh; about 3.5 GB, a few minutes, once), then runs tests/critics/test_vllm.py; the timings and

@@ -8,7 +8,7 @@
 #                                  (default torch==2.13.0, the CPU build): an unpinned torch pulls a multi-GB CUDA one.
 #   scripts/lock.sh freeze VENV    write the lock from VENV as it is (after the suite passed in it).
 #
-# Environment: PYTHON (python3), LOCK (requirements-lock.txt), PYTEST_ARGS (extra pytest arguments).
+# Environment: PYTHON (python3), LOCK (requirements-lock.txt), PYTEST_WORKERS (2), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,7 +54,7 @@ case "${1:-}" in
            | sed -E 's/^(torch|torchvision|torchaudio)==([^+]+)\+.*/\1==\2/' | LC_ALL=C sort -f) || true
     # set -e: a failing suite stops here and the lock is left as it was.
     # shellcheck disable=SC2086
-    "$venv/bin/python" -m pytest ${PYTEST_ARGS:-}
+    "$venv/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" ${PYTEST_ARGS:-}
     freeze "$venv"
     ;;
   *)

@@ -9,9 +9,10 @@ from firm.config import load_experiment, to_object
 from firm.paths import experiments_root
 from firm.registry import REGISTRIES, resolve
 from firm.runner import list_experiments
+from firm.vocab import Task
 
 # experiments/curation/ holds `firm curate` configs (validated by tests/curation/test_experiments.py),
-# experiments/bench/ `firm bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/) and experiments/eval/
+# experiments/bench/ `firm critic bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/) and experiments/eval/
 # `firm eval` configs (validated in tests/eval/).
 SHIPPED = sorted(
     p
@@ -39,7 +40,7 @@ def test_registry_entry_resolves_to_a_configurable_component(registry, name):
         from firm.policies.families.base import ModelFamily
 
         assert issubclass(comp, ModelFamily) and comp.name == name and comp.pipeline and comp.lora_loader
-        assert comp.task in ("generate", "edit")
+        assert comp.task in (Task.GEN, Task.EDIT)
         return
     conf = comp if dataclasses.is_dataclass(comp) else comp.Config
     assert dataclasses.is_dataclass(conf)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from firm.critics.types import CONSISTENCY, EXECUTION
-from firm.policies.policy import pil_to_tensor, tensor_to_pil
+from firm.images import to_pil, to_tensor
 
 if TYPE_CHECKING:
     from firm.algorithms.base import RLAlgorithm
@@ -80,7 +80,7 @@ def log_samples(module: RLAlgorithm, batch: dict[str, Any], roll: Rollout, adv: 
     n = min(module.config.log_images_max, roll.images.shape[0])
     outs = roll.images[:n]
     if module.config.task == "edit":
-        src = pil_to_tensor(batch["image"][:n], outs.shape[-1])
+        src = to_tensor(batch["image"][:n], outs.shape[-1])
         tiles = torch.stack([src, outs], dim=1).reshape(-1, *outs.shape[1:])  # (2n, 3, H, W) source, output
         nrow = 2 * max(1, int(math.sqrt(n)))
     else:
@@ -89,7 +89,7 @@ def log_samples(module: RLAlgorithm, batch: dict[str, Any], roll: Rollout, adv: 
     out_dir = Path(module.trainer.default_root_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"step{module.rl_step:06d}"
-    tensor_to_pil(grid[None])[0].save(out_dir / f"{stem}.png")
+    to_pil(grid[None])[0].save(out_dir / f"{stem}.png")
     rewards = roll.reward.rewards[:n].tolist()
     lines = [
         f"{i}\treward={r:.3f}\tadv={float(a):.3f}\t{p}"

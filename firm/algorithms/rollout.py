@@ -1,6 +1,6 @@
 """The rollout of one RL step: sample this rank's batch in chunks while the critic scores the previous chunk.
 
-Each chunk's images go to the critic on a worker thread (:class:`firm.policies.scoring.OverlappedScorer`) as soon as
+Each chunk's images go to the critic on a worker thread (:class:`firm.algorithms.scoring.OverlappedScorer`) as soon as
 they are decoded, and the next chunk is sampled meanwhile. Which steps are stochastic comes from the algorithm's
 :meth:`~firm.algorithms.base.RLAlgorithm.sde_window` hook; which adapter samples from its ``rollout_adapter``.
 """
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from firm.algorithms.scoring import build_requests
 from firm.algorithms.state import generator
+from firm.images import to_pil
 from firm.policies.encoders import Conditioning
-from firm.policies.policy import tensor_to_pil
 from firm.policies.samplers import SAMPLERS, sample
-from firm.policies.scoring import build_requests
 from firm.rewards.functions import RewardOutput
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def run_rollout(module: RLAlgorithm, batch: dict[str, Any], *, collect: bool = T
         imgs = policy.decode(traj.final).cpu()  # (b, 3, H, W)
         reqs = build_requests(
             c.task,
-            tensor_to_pil(imgs),
+            to_pil(imgs),
             prompts[sl],
             [str(x) for x in batch["key"][sl]],
             sources[sl] if c.task == "edit" else None,

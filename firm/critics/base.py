@@ -34,7 +34,7 @@ from firm.critics.types import (
     EditRequest,
     GenRequest,
 )
-from firm.data.chat import prepare_image  # shared with the SFT data: same image preparation
+from firm.images import fit_pixels  # shared with the SFT data (firm.data.chat): same image preparation
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,12 @@ class PromptedCritic:
         jobs: list[Job] = []
         for i, r in enumerate(requests):
             if isinstance(r, EditRequest):
-                src = prepare_image(r.source, self.max_image_pixels, f"request {i}: source")
-                out = prepare_image(r.edited, self.max_image_pixels, f"request {i}: edited")
+                src = fit_pixels(r.source, self.max_image_pixels, f"request {i}: source")
+                out = fit_pixels(r.edited, self.max_image_pixels, f"request {i}: edited")
                 for d in r.dimensions:
                     jobs.append(Job(i, d, self.prompts.messages(TEMPLATE_OF[d], [src, out], instruction=r.instruction)))
                 continue
-            img = prepare_image(r.image, self.max_image_pixels, f"request {i}: image")
+            img = fit_pixels(r.image, self.max_image_pixels, f"request {i}: image")
             for d in r.dimensions:
                 if d == INSTRUCTION:
                     checklist = r.checklist

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from firm.data.schema import SCORE_MAX, SCORE_MIN
+from firm.vocab import SCORE_MAX, SCORE_MIN
 
 SCORE_DIGITS = "".join(str(k) for k in range(SCORE_MIN, SCORE_MAX + 1))  # "12345": each score is one digit
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from firm.data.schema import QUALITY_ASPECTS, SCORE_MAX, SCORE_MIN
+from firm.vocab import QUALITY_ASPECTS, SCORE_MAX, SCORE_MIN
 
 __all__ = [
     "MAX_ANSWER_CHARS",

@@ -1,4 +1,4 @@
-"""`firm serve-critic`: a local critic behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (LitServe).
+"""`firm critic serve`: a local critic behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (LitServe).
 
 An OpenAI-faithful subset: ``model`` (another name than the served one: HTTP 404 ``model_not_found``), ``messages``,
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``logprobs`` /
@@ -30,7 +30,6 @@ Only text and ``data:image/...;base64`` image parts are accepted (the server nev
 import base64
 import binascii
 import hmac
-import io
 import logging
 import multiprocessing as mp
 import os
@@ -49,6 +48,9 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from firm.images import MAX_IMAGE_PIXELS, ImageTooLargeError, UnsupportedImageError
+from firm.images import decode as decode_image
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class ChatCompletionBody(BaseModel):
             bad = [str(k)[:40] for k in unknown + noop][:8]
             if bad:
                 raise ValueError(
-                    f"unsupported parameter(s): {', '.join(bad)}; firm serve-critic implements "
+                    f"unsupported parameter(s): {', '.join(bad)}; firm critic serve implements "
                     f"{', '.join(SUPPORTED_FIELDS)} (frequency_penalty / presence_penalty only at 0, logit_bias empty)"
                 )
         return data
@@ -148,7 +150,7 @@ class ChatCompletionBody(BaseModel):
         if self.n not in (None, 1):
             raise ValueError("n must be 1: this server returns one answer per request")
         if self.stream:
-            raise ValueError("stream=true is not supported by firm serve-critic")
+            raise ValueError("stream=true is not supported by firm critic serve")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must be from the user (or system), not the assistant")
         if self.top_logprobs is not None and not self.logprobs:
@@ -169,9 +171,8 @@ class ChatCompletionBody(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-# Defaults of the request limits: images up to 4096 x 4096 pixels (the critic downscales larger ones anyway; its
-# image processor caps the pixels it encodes), request bodies up to 64 MiB (several such images as base64 PNG).
-MAX_IMAGE_PIXELS = 4096 * 4096
+# Defaults of the request limits: images up to firm.images.MAX_IMAGE_PIXELS (4096 x 4096; the critic downscales larger
+# ones anyway), request bodies up to 64 MiB (several such images as base64 PNG).
 MAX_REQUEST_BYTES = 64 * 2**20
 # Default cap on the text tokens of one prompt. FIRM's built-in critic templates are under 500 tokens; 8192 leaves
 # room for long instructions, checklists and custom templates while bounding prefill (its cost grows with the square).
@@ -206,39 +207,10 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class _ImageTooLarge(ValueError):
-    pass
-
-
-class _UnsupportedImage(ValueError):
-    pass
-
-
-def sniff_image_format(data: bytes) -> str | None:
-    """``PNG``, ``JPEG`` or ``WEBP`` from the magic bytes at the start of ``data``; None for anything else."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
 def _decode_image(url: str, max_pixels: int | None = None) -> Image.Image:
+    """The RGB image of a ``data:`` URL, decoded by firm.images (whitelisted formats, pixel cap from the header)."""
     data = base64.b64decode(_DATA_URL.match(url).group("data"))
-    fmt = sniff_image_format(data)
-    if fmt is None:
-        raise _UnsupportedImage(f"the image bytes are not PNG, JPEG or WEBP (they start with {data[:8]!r})")
-    # formats=[fmt]: only that plugin reads the bytes. The header only: the size is known before any pixel is decoded
-    img = Image.open(io.BytesIO(data), formats=[fmt])
-    if max_pixels and img.width * img.height > max_pixels:
-        raise _ImageTooLarge(
-            f"image is {img.width}x{img.height} = {img.width * img.height} pixels; this server accepts at most "
-            f"{max_pixels} (--max-image-pixels)"
-        )
-    img.load()
-    return img.convert("RGB")
+    return decode_image(data, max_pixels, limit_name="--max-image-pixels").convert("RGB")
 
 
 def _finite(x: float) -> float:
@@ -390,9 +362,9 @@ class CriticAPI(ls.LitAPI):
                         continue
                     try:
                         parts.append({"type": "image", "image": _decode_image(p.image_url.url, self.max_image_pixels)})
-                    except _ImageTooLarge as e:
+                    except ImageTooLargeError as e:
                         return _Invalid(f"messages[{i}].content[{j}]: {e}", status=413)
-                    except _UnsupportedImage as e:
+                    except UnsupportedImageError as e:
                         return _Invalid(f"messages[{i}].content[{j}]: {e}", status=415)
                     except Exception as e:  # noqa: BLE001 - any decoding failure is the client's bad image
                         why = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
@@ -522,7 +494,7 @@ def build_server(
     from firm.critics.local import critic_checkpoint
 
     given = Path(model_dir).expanduser()
-    path = critic_checkpoint(model_dir, revision, "firm serve-critic")  # a directory, or a hub id fetched once
+    path = critic_checkpoint(model_dir, revision, "firm critic serve")  # a directory, or a hub id fetched once
     name = served_name or (given.resolve().name if given.is_dir() else model_dir)
     api = CriticAPI(
         str(path),
@@ -602,7 +574,7 @@ def serve(server: ls.LitServer, *, host: str, port: int, log_level: str = "warni
         if stopping:
             return
         stopping = True
-        log.warning("firm serve-critic: %s received, stopping", signal.Signals(signum).name)
+        log.warning("firm critic serve: %s received, stopping", signal.Signals(signum).name)
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -12,18 +12,18 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-from firm.data.schema import (  # the score range, defined once (firm.data imports nothing else of firm)
+# The dimension names and the score range are FIRM's vocabulary (firm.vocab); they are re-exported here because every
+# critic backend speaks in them.
+from firm.vocab import (  # noqa: F401
+    CONSISTENCY,
+    EDIT_DIMENSIONS,
+    EXECUTION,
+    GEN_DIMENSIONS,
+    INSTRUCTION,
+    QUALITY,
     SCORE_MAX,
     SCORE_MIN,
 )
-
-# Dimension names, as used in results, logs and rewards.
-EXECUTION = "execution"
-CONSISTENCY = "consistency"
-INSTRUCTION = "instruction"
-QUALITY = "quality"
-EDIT_DIMENSIONS = (EXECUTION, CONSISTENCY)
-GEN_DIMENSIONS = (INSTRUCTION, QUALITY)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from firm.critics.parsing import MAX_ANSWER_CHARS, coerce_score, find_json, strip_thinking
-from firm.data.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
+from firm.vocab import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
 
 Parsed = tuple[Any, str | None]
 

@@ -29,8 +29,8 @@ from typing import Any
 
 from PIL import Image
 
-from firm.data.schema import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
 from firm.templates import check_template, read_template, render_template
+from firm.vocab import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS
 
 ASPECT_GUIDE = {
     "quantity": "objects added, removed or duplicated; changed counts",

@@ -29,7 +29,7 @@ from typing import Any
 
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CONSISTENCY, EXECUTION, INSTRUCTION, QUALITY
-from firm.data.schema import QUALITY_ASPECTS
+from firm.vocab import QUALITY_ASPECTS
 
 DIMENSIONS = (EXECUTION, CONSISTENCY, INSTRUCTION, QUALITY)
 ANSWER_ORDERS = ("reasoning_first", "score_first", "score_only")

@@ -19,7 +19,6 @@ Messages use the neutral format of the critics: ``[{"role": ..., "content": [{"t
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,26 +26,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from firm.images import fit_pixels
+
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_TOKEN = "<|image_pad|>"
-
-
-def prepare_image(image: Any, max_pixels: int | None = None, what: str = "image") -> Image.Image:
-    """An RGB PIL image, downscaled (keeping the aspect ratio, bicubic) to at most ``max_pixels`` pixels.
-
-    Raises:
-        TypeError: ``image`` is not a PIL image (``what`` names it in the message).
-    """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{what} must be a PIL.Image.Image, got {type(image).__name__}")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if max_pixels and image.width * image.height > max_pixels:
-        scale = math.sqrt(max_pixels / (image.width * image.height))
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
 
 
 def _parts(content: Any) -> list[dict]:
@@ -59,7 +43,7 @@ def prepare_messages(messages: list[dict], max_pixels: int | None = None) -> lis
         {
             "role": m["role"],
             "content": [
-                {"type": "image", "image": prepare_image(p["image"], max_pixels)} if p["type"] == "image" else p
+                {"type": "image", "image": fit_pixels(p["image"], max_pixels)} if p["type"] == "image" else p
                 for p in _parts(m["content"])
             ],
         }
@@ -75,7 +59,7 @@ def split_images(messages: list[dict], max_pixels: int | None = None) -> tuple[l
         parts = []
         for c in _parts(m["content"]):
             if c["type"] == "image":
-                images.append(prepare_image(c["image"], max_pixels))
+                images.append(fit_pixels(c["image"], max_pixels))
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": c["text"]})

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from firm.data.reader import ReadStats, expand_shards, iter_samples
-from firm.data.schema import SCORE_MAX, SCORE_MIN, decode_image, get_schema
+from firm.data.schema import decode_image, get_schema
+from firm.vocab import SCORE_MAX, SCORE_MIN
 
 MISSING = "missing"
 BAR_WIDTH = 40

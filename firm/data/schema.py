@@ -13,52 +13,35 @@ In memory a sample is a plain ``dict``: ``{"key": ..., <field>: ...}`` with imag
 one ``<key>.json`` member, which also records the schema name. Score fields hold an int in 1..5 or ``None`` (a score
 that is missing, e.g. not judged yet or unparseable teacher output) -- never a substitute number.
 
-This module imports nothing from ``firm``.
+This module imports only FIRM's leaf modules (firm.vocab, firm.images).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-SCORE_MIN, SCORE_MAX = 1, 5
-
-# Aspects of the detailed part of a difference report (difference-first curation), in the order teachers are asked.
-DIFFERENCE_ASPECTS = (
-    "quantity",
-    "shape_form",
-    "color",
-    "texture_surface",
-    "position_layout",
-    "size_scale",
-    "text_symbols",
-    "background",
-    "other",
+from firm.images import (  # noqa: F401 - the image rules of shards; re-exported for readers of this module
+    IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
+    IMAGE_MODES,
+    MAX_IMAGE_PIXELS,
+    PNG_COMPRESS_LEVEL,
+    ImageTooLargeError,
 )
-# Categories of checklist items (plan-then-score curation).
-CHECKLIST_CATEGORIES = ("main_subject", "attributes_actions", "style_composition", "negative_constraints", "other")
-# Aspects of the Quality judgement of a generated image; the Quality score is their minimum. The single definition:
-# firm.critics (parsers, results) imports these names and SCORE_MIN / SCORE_MAX from here.
-QUALITY_ASPECTS = ("aesthetics", "technical", "structure")
-# Image file types the reader decodes; nothing else is ever decoded (in particular no pickle).
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-IMAGE_MODES = ("RGB", "RGBA", "L")
-# Pillow plugins allowed to read image bytes (MPO: a JPEG with extra frames, as some cameras write).
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "MPO")
-# Default pixel cap of one decoded image (width x height), checked from the header before any pixel is decoded: a
-# small PNG can claim 12000 x 12000 pixels (550 MB decoded). Shards hold 512-1024 px images; None lifts the cap.
-MAX_IMAGE_PIXELS = 4096 * 4096
+from firm.images import decode as decode_image
+from firm.images import encode as encode_image
+from firm.vocab import CHECKLIST_CATEGORIES, DIFFERENCE_ASPECTS, QUALITY_ASPECTS, SCORE_MAX, SCORE_MIN, Task
+
 # Deepest nesting of lists / mappings accepted in a sample's JSON data (provenance, meta, reports).
 MAX_JSON_NESTING = 64
-RL_TASKS = ("edit", "generation")
+RL_TASKS = tuple(t.schema for t in Task)  # the `task` field of rl_prompt samples: edit | generation
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-:+=@][A-Za-z0-9_\-:+=@/]*$")
 
@@ -466,28 +449,6 @@ def validate(sample: dict, schema: str | Schema, *, check_images: bool = True) -
 # Encoding to / decoding from WebDataset members
 
 
-# zlib level of PNG members. Measured on 256 px synthetic scenes (firm.data.bench_read.synthetic_image), one core:
-# level 1 encodes in 2.2 ms at 26.7 KB, level 6 in 5.1 ms at 12.6 KB; decoding 0.84 vs 0.62 ms. Shards are read
-# more often than written, so the default favours small files; writers that are CPU-bound can pass 1.
-PNG_COMPRESS_LEVEL = 6
-
-
-def encode_image(
-    image: Image.Image, image_format: str = "png", jpeg_quality: int = 95, png_compress_level: int = PNG_COMPRESS_LEVEL
-) -> tuple[str, bytes]:
-    """``(extension, bytes)`` of an image: PNG (lossless, zlib level ``png_compress_level``) or JPEG."""
-    buf = io.BytesIO()
-    if image_format == "png":
-        image.save(buf, format="PNG", compress_level=int(png_compress_level))
-        return "png", buf.getvalue()
-    if image_format in ("jpg", "jpeg"):
-        if image.mode == "RGBA":
-            raise ValueError("JPEG cannot store an alpha channel: write RGBA images as png")
-        image.save(buf, format="JPEG", quality=int(jpeg_quality))
-        return "jpg", buf.getvalue()
-    raise ValueError(f"unknown image_format {image_format!r}: use 'png' (lossless) or 'jpg'")
-
-
 def encode_sample(
     sample: dict,
     schema: str | Schema,
@@ -510,32 +471,6 @@ def encode_sample(
             meta[f.name] = value
     record["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True, allow_nan=False).encode("utf-8")
     return record
-
-
-class ImageTooLargeError(ValueError):
-    """An image has more pixels than the cap (checked from its header, before decoding)."""
-
-
-def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """A fully loaded PIL image from encoded bytes (PNG, JPEG or WebP); raises on corrupt data.
-
-    Only the PNG, JPEG and WebP plugins of Pillow see the bytes. An image of more than ``max_pixels`` pixels
-    (width x height, read from the header) raises :class:`ImageTooLargeError` before any pixel is decoded; None
-    leaves only Pillow's own decompression-bomb limit.
-    """
-    with warnings.catch_warnings():
-        if max_pixels is not None:  # our cap decides; Pillow's warning would only repeat it, later
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
-            if im.format not in IMAGE_FORMATS:
-                raise ValueError(f"image format {im.format} is not accepted")
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {im.width}x{im.height} = {im.width * im.height} pixels, more than the cap of "
-                    f"{max_pixels} (max_image_pixels)"
-                )
-            im.load()
-            return im.copy() if im.format == "MPO" else im
 
 
 def member_schema(members: dict[str, bytes]) -> str | None:

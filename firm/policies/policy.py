@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from firm.policies.encoders import Conditioning, PromptEmbedding
-from firm.policies.families.base import ModelFamily, PixelCodec, pil_to_tensor
+from firm.policies.families.base import ModelFamily, PixelCodec
+from firm.vocab import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_ADAPTER, OLD_ADAPTER = "default", "old"
@@ -49,7 +50,7 @@ CHECKPOINT_PATTERNS = [
     "tokenizer*/*",
     "processor/*",
 ]
-__all__ = ["FlowPolicy", "PolicyConfig", "LoRAConfig", "TinyConfig", "PixelCodec", "pil_to_tensor", "tensor_to_pil"]
+__all__ = ["FlowPolicy", "PolicyConfig", "LoRAConfig", "TinyConfig", "PixelCodec"]
 
 
 def family_names() -> list[str]:
@@ -197,14 +198,6 @@ def _image_key(image: Any) -> str | None:
     if isinstance(image, (list, tuple)):
         return "+".join(str(_image_key(im)) for im in image)
     return hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Any]:
-    """(B, 3, H, W) in [0, 1] -> PIL RGB images."""
-    from PIL import Image
-
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -385,7 +378,7 @@ class FlowPolicy(nn.Module):
         """Conditioning for ``prompts`` (and their source images when editing: one PIL image, or a list, per prompt),
         from the per-prompt cache; ``with_sources=False`` leaves the source latents out (the caller has them)."""
         fam = self.family
-        edit = fam.task == "edit"
+        edit = fam.task == Task.EDIT
         if edit and (images is None or any(im is None for im in images)):
             raise ValueError(f"{fam.name} edits a source image: every prompt needs one (data.task: edit)")
         use_images = images if edit else None

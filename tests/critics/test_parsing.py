@@ -240,11 +240,13 @@ def test_score_range_and_quality_aspects_have_one_definition():
     import firm.critics as critics
     import firm.critics.types as types
     import firm.data.schema as schema
+    import firm.vocab as vocab
 
-    assert critics.QUALITY_ASPECTS is schema.QUALITY_ASPECTS
+    assert critics.QUALITY_ASPECTS is schema.QUALITY_ASPECTS is vocab.QUALITY_ASPECTS
     assert (types.SCORE_MIN, types.SCORE_MAX) == (schema.SCORE_MIN, schema.SCORE_MAX) == (1, 5)
+    assert types.EDIT_DIMENSIONS is vocab.Task.EDIT.dimensions and types.GEN_DIMENSIONS is vocab.Task.GEN.dimensions
     assert set(parse_quality_scores('{"aesthetics": 4, "technical_quality": 3, "structure_texture": 5}')) == set(
-        schema.QUALITY_ASPECTS
+        vocab.QUALITY_ASPECTS
     )
 
 

@@ -1,4 +1,4 @@
-"""`firm serve-critic` (LitServe) serving the tiny Qwen3-VL on 127.0.0.1, used through the HTTP client and raw HTTP."""
+"""`firm critic serve` (LitServe) serving the tiny Qwen3-VL on 127.0.0.1, used through the HTTP client and raw HTTP."""
 
 import asyncio
 import base64
@@ -26,7 +26,7 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def served(tiny_vlm, tmp_path_factory):
-    """Base URL of a real `firm serve-critic` process serving the tiny random critic (API key KEY)."""
+    """Base URL of a real `firm critic serve` process serving the tiny random critic (API key KEY)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
@@ -41,14 +41,14 @@ def served(tiny_vlm, tmp_path_factory):
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"firm serve-critic exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"firm critic serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"firm serve-critic did not become healthy:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"firm critic serve did not become healthy:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url + "/v1"
     finally:
@@ -137,7 +137,9 @@ def test_oversized_images_and_bodies_get_413_and_the_server_keeps_serving(served
     big = _chat_body(image_data_url(_img((1, 2, 3), (80, 60))))  # 4800 pixels > --max-image-pixels 4096
     r = httpx.post(url, json=big, headers=_auth(), timeout=60)
     assert r.status_code == 413, r.text[:300]
-    assert "image is 80x60 = 4800 pixels; this server accepts at most 4096" in r.json()["error"]["message"]
+    assert (
+        "image is 80x60 = 4800 pixels; at most 4096 are accepted (--max-image-pixels)" in r.json()["error"]["message"]
+    )
     huge = _chat_body(image_data_url(_img((1, 2, 3))), text="x" * (2 * 2**20))  # a 2 MiB body > 1 MiB
     r = httpx.post(url, json=huge, headers=_auth(), timeout=60)
     assert r.status_code == 413 and "too large" in r.text.lower()

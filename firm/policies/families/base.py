@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from firm.policies.encoders import Conditioning, HashTextEncoder, PromptEmbedding, is_hash_encoder_dir, stack_embeddings
+from firm.vocab import Task
 
 if TYPE_CHECKING:
     from firm.policies.policy import PolicyConfig
@@ -56,7 +57,7 @@ class ModelFamily:
     """
 
     name: ClassVar[str] = ""  # the registry name (policy.family)
-    task: ClassVar[str] = "generate"  # generate | edit (edit families condition on source images)
+    task: ClassVar[Task] = Task.GEN  # GEN | EDIT (edit families condition on source images)
     pipeline: ClassVar[str] = ""  # the official diffusers pipeline class the parity test pins this family to
     lora_loader: ClassVar[str] = ""  # diffusers LoRA loader mixin (diffusers.loaders) whose saver writes exports
     lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION_PROJECTIONS  # default LoRA target module suffixes
@@ -303,16 +304,6 @@ def fit_area(width: int, height: int, area: int, multiple: int = 32) -> tuple[in
     w = math.sqrt(area * ratio)
     h = w / ratio
     return max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
-
-
-def pil_to_tensor(images: list[Any], size: int | tuple[int, int]) -> torch.Tensor:
-    """PIL images -> (B, 3, H, W) float32 in [0, 1], bicubic resize to ``size`` (an int: square)."""
-    import numpy as np
-    from PIL import Image
-
-    w, h = (size, size) if isinstance(size, int) else size
-    arrs = [np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0 for im in images]
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
 def vae_preprocess(images: list[Any], width: int, height: int) -> torch.Tensor:

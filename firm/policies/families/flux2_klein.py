@@ -47,6 +47,7 @@ from torch import nn
 
 from firm.policies.encoders import Conditioning, PromptEmbedding
 from firm.policies.families.base import ModelFamily
+from firm.vocab import Task
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ FIRM_REWARD_TARGETS = (
 
 class Flux2Klein(ModelFamily):
     name = "flux2_klein"
-    task = "generate"
+    task = Task.GEN
     pipeline = "Flux2KleinPipeline"
     lora_loader = "Flux2LoraLoaderMixin"
     lora_targets = FIRM_REWARD_TARGETS  # + each single block's attn.to_out, once the transformer is known (check)

@@ -60,6 +60,7 @@ from firm.policies.families.base import (
     unpack_latents,
     vae_preprocess,
 )
+from firm.vocab import Task
 
 # FluxKontextPipeline's PREFERRED_KONTEXT_RESOLUTIONS, (width, height): the sizes Kontext was trained at.
 PREFERRED_KONTEXT_RESOLUTIONS = (
@@ -89,7 +90,7 @@ FLUX_SHIFT_FACTOR, FLUX_SCALING_FACTOR = 0.1159, 0.3611
 
 class FluxKontext(ModelFamily):
     name = "flux_kontext"
-    task = "edit"
+    task = Task.EDIT
     pipeline = "FluxKontextPipeline"
     lora_loader = "FluxLoraLoaderMixin"
     keeps_mask = False  # FLUX attends to every T5 token: prompts are padded to a fixed length

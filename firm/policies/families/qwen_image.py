@@ -20,6 +20,7 @@ from torch import nn
 
 from firm.policies.encoders import Conditioning, PromptEmbedding
 from firm.policies.families.base import ModelFamily, pack_latents, unpack_latents
+from firm.vocab import Task
 
 # QwenImagePipeline's prompt template; its first 34 tokens (the system turn) are dropped from the hidden states.
 QWEN_IMAGE_TEMPLATE = (
@@ -32,7 +33,7 @@ QWEN_TOKENIZER_MAX_LENGTH = 1024  # the pipelines' tokenizer_max_length (tokens 
 
 class QwenImage(ModelFamily):
     name = "qwen_image"
-    task = "generate"
+    task = Task.GEN
     pipeline = "QwenImagePipeline"
     lora_loader = "QwenImageLoraLoaderMixin"
     keeps_mask = True

@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from firm.images import to_tensor
 from firm.policies.encoders import Conditioning, PromptEmbedding
-from firm.policies.families.base import PixelCodec, fit_area, pil_to_tensor, rows_as_lists, vae_preprocess
+from firm.policies.families.base import PixelCodec, fit_area, rows_as_lists, vae_preprocess
 from firm.policies.families.qwen_image import QwenImage, masked_rows, qwen_forward
+from firm.vocab import Task
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ PLUS, CLASSIC = "QwenImageEditPlusPipeline", "QwenImageEditPipeline"
 
 class QwenImageEdit(QwenImage):
     name = "qwen_image_edit"
-    task = "edit"
+    task = Task.EDIT
     pipeline = PLUS
     lora_loader = "QwenImageLoraLoaderMixin"
 
@@ -82,7 +84,7 @@ class QwenImageEdit(QwenImage):
         if self.channel_conditioning:
             if any(len(r) != 1 for r in rows):
                 raise ValueError("a channel-conditioned editor takes exactly one source image per prompt")
-            return (codec.encode(pil_to_tensor([r[0] for r in rows], self.config.resolution).to(device)).float(),)
+            return (codec.encode(to_tensor([r[0] for r in rows], self.config.resolution).to(device)).float(),)
         c = self.config
         # null: the pipeline's 1024^2 for a checkpoint with a real VAE; tiny models (built with pretrained: null, or
         # pixel latents, which no pipeline runs) take the output's area, or a 32 px source would be a million tokens

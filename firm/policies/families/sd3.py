@@ -20,11 +20,12 @@ from torch import nn
 
 from firm.policies.encoders import Conditioning, PromptEmbedding
 from firm.policies.families.base import KLCodec, ModelFamily, tiny_kl_vae
+from firm.vocab import Task
 
 
 class SD3(ModelFamily):
     name = "sd3"
-    task = "generate"
+    task = Task.GEN
     pipeline = "StableDiffusion3Pipeline"
     lora_loader = "SD3LoraLoaderMixin"
     keeps_mask = False  # SD3 attends to every token: prompts are padded to a fixed length

@@ -48,6 +48,7 @@ from torch import nn
 
 from firm.policies.encoders import Conditioning, PromptEmbedding
 from firm.policies.families.base import KLCodec, ModelFamily
+from firm.vocab import Task
 
 # FIRM-Reward generation/config/nft_zimage_turbo.py: config.lora.target_modules (suffixes of module names).
 ZIMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
@@ -58,7 +59,7 @@ ZIMAGE_VAE_SCALING, ZIMAGE_VAE_SHIFT = 0.3611, 0.1159
 
 class ZImage(ModelFamily):
     name = "z_image"
-    task = "generate"
+    task = Task.GEN
     pipeline = "ZImagePipeline"
     lora_loader = "ZImageLoraLoaderMixin"
     lora_targets = ZIMAGE_LORA_TARGETS

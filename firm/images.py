@@ -60,12 +60,18 @@ def decode(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS, *, limit_name
             Pillow's own decompression-bomb limit. ``limit_name`` names the setting in the message.
         OSError / ValueError: corrupt data of an accepted format.
     """
-    if sniff_format(data) is None:
+    fmt = sniff_format(data)
+    if fmt is None:
         raise UnsupportedImageError(f"the image bytes are not PNG, JPEG or WEBP (they start with {data[:8]!r})")
     with warnings.catch_warnings():
         if max_pixels is not None:  # our cap decides; Pillow's warning would only repeat it, later
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+        # formats=[fmt]: only the plugin of the sniffed format reads the bytes (Pillow's JPEG plugin gives MPO files)
+        try:
+            im = Image.open(io.BytesIO(data), formats=[fmt])
+        except Image.DecompressionBombError as e:  # over twice Pillow's own limit: refused while reading the header
+            raise ImageTooLargeError(f"{e}; at most {max_pixels} are accepted ({limit_name})") from None
+        with im:
             if im.format not in IMAGE_FORMATS:
                 raise UnsupportedImageError(f"image format {im.format} is not accepted")
             if max_pixels is not None and im.width * im.height > max_pixels:

@@ -12,8 +12,8 @@ from typing import Any
 from firm.config import component_field
 from firm.policies.policy import PolicyConfig
 from firm.policies.samplers import DETERMINISTIC_SOLVERS, LOG_PROB_FORMS, SAMPLERS
+from firm.vocab import Task
 
-TASKS = ("gen", "edit")
 ADV_SCALES = ("group", "batch", "none")
 
 
@@ -77,8 +77,7 @@ class RLConfig:
     def validate(self) -> None:
         """Range checks that `firm run --dry-run` can make before anything is built."""
         s = self.sampler
-        if self.task not in TASKS:
-            raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
+        self.task = Task.parse(self.task).value  # gen | edit (also: generate, generation, t2i)
         if s.method not in SAMPLERS:
             raise ValueError(f"module.sampler.method must be one of {tuple(SAMPLERS)}, got {s.method!r}")
         if s.deterministic_solver not in DETERMINISTIC_SOLVERS:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-TASKS = ("gen", "edit")
+from firm.vocab import Task
 
 
 def load_prompt_records(path: str | Path, *, task: str = "gen") -> list[dict[str, Any]]:
@@ -63,7 +63,7 @@ def _check_record(rec: Any, where: str, task: str, base: Path | None = None) -> 
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: prompt, image, key, checklist, meta")
     out = dict(rec)
-    if task == "edit":
+    if task == Task.EDIT:
         if not rec.get("image"):
             raise ValueError(f"{where}: editing prompts need an `image` (the source image to edit)")
     if rec.get("image"):
@@ -240,8 +240,7 @@ class PromptDataModule(L.LightningDataModule):
 
         def validate(self) -> None:
             """Range checks (run by the config loader, which names the file and the key)."""
-            if self.task not in TASKS:
-                raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
+            self.task = Task.parse(self.task).value  # gen | edit (also: generate, generation, t2i)
             if self.group_size < 1:
                 raise ValueError(f"group_size: must be >= 1, got {self.group_size}")
             if self.group_size == 1 and not self.allow_group_of_one:

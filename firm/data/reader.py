@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from firm.data.schema import MAX_IMAGE_PIXELS, Schema, SchemaError, decode_record, get_schema, member_suffixes
+from firm.vocab import Task
 
 log = logging.getLogger(__name__)
 
@@ -605,8 +606,7 @@ def rl_prompt_dataset(
     Args:
         task: keep only ``edit`` or ``generation`` prompts (None keeps both).
     """
-    if task is not None and task not in ("edit", "generation"):
-        raise ValueError(f"task must be 'edit', 'generation' or None, got {task!r}")
+    task = None if task is None else Task.parse(task).schema  # stored as edit | generation
 
     def _t(sample: dict) -> Any:
         if task is not None and sample["task"] != task:
@@ -633,8 +633,7 @@ def load_rl_prompt_records(
     Args:
         task: keep only ``edit`` or ``generation`` prompts (None keeps both).
     """
-    if task is not None and task not in ("edit", "generation"):
-        raise ValueError(f"task must be 'edit', 'generation' or None, got {task!r}")
+    task = None if task is None else Task.parse(task).schema  # stored as edit | generation
     out = []
     for s in iter_samples(shards, "rl_prompt", on_corrupt=on_corrupt, decode_images=decode_images):
         if task is not None and s["task"] != task:

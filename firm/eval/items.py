@@ -15,7 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-EDIT, GEN = "edit", "gen"
+from firm.vocab import Task
+
+EDIT, GEN = Task.EDIT.value, Task.GEN.value
 
 
 class EvalSetError(ValueError):

@@ -26,11 +26,11 @@ install_requires = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "httpx>=0.27",  # async OpenAI-compatible critic client
-    "litserve>=0.2.10",  # `firm serve-critic`
+    "litserve>=0.2.10",  # `firm critic serve`
 ]
 
 extras_require = {
-    # hypothesis: tests/fuzz; openai: the official client, tested against `firm serve-critic`;
+    # hypothesis: tests/fuzz; openai: the official client, tested against `firm critic serve`;
     # pytest-xdist: `make test` runs two workers (one per core of the CI machines)
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "hypothesis>=6.100", "openai>=1.40"],
     "gpu": ["flash-attn>=2.6"],

@@ -1,7 +1,12 @@
 """The `firm` command line.
 
-Each area of FIRM adds its own subcommands through a provider module with ``add_commands(subparsers)``; providers
-import heavy libraries only inside their handlers, so `firm --help` and `firm list` stay fast.
+Top-level commands are verbs (`firm run`, `firm eval`, `firm curate`, `firm list`, `firm doctor`); the rest are a noun
+and an action (`firm critic serve`, `firm data import`, `firm profile step`). Each area of FIRM adds its own subcommands
+through a provider module with ``add_commands(sub)``, registering only the commands whose code it holds: top-level ones
+with ``sub.add_parser(...)``, actions of a noun with ``sub.noun("critic").add_parser(...)`` (several packages may add
+to one noun: firm/bench/ adds `critic bench`, firm/critics/ adds `critic serve`). tests/test_cli.py pins which module
+registers each command. Providers import heavy libraries only inside their handlers, so `firm --help` and `firm list`
+stay fast.
 """
 
 from __future__ import annotations
@@ -11,21 +16,93 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from firm.config import ConfigError
 from firm.paths import find_experiment
 
-# Modules that contribute subcommands (each defines `add_commands(subparsers)`).
+# Modules that contribute subcommands (each defines `add_commands(sub)`, `sub` a Subcommands).
 PROVIDERS: list[str] = [
     "firm.cli",
-    "firm.kernels_cli",
-    "firm.critics.cli",
-    "firm.policies.cli",
-    "firm.synthetic.cli",
-    "firm.bench.cli",
     "firm.curation.cli",
     "firm.eval.cli",
+    "firm.critics.cli",
+    "firm.bench.cli",
+    "firm.policies.cli",
+    "firm.data.cli",
+    "firm.profile.cli",
+    "firm.kernels_cli",
+    "firm.synthetic.cli",
 ]
+
+# `firm NOUN ...`: the groups of actions, with their one-line help.
+NOUNS: dict[str, str] = {
+    "critic": "critics: score a folder, serve, export a trained one, benchmark on FIRM-Bench",
+    "policy": "policies: export a trained LoRA",
+    "data": "reward-data shards: import and inspect",
+    "profile": "where the time of an RL step goes",
+    "kernels": "the fused Triton kernels: time them against torch, or write a profiler trace",
+    "shapes": "the procedural shapes world: preview, export, measure its rule critic, run its studies",
+}
+
+# Old spelling -> new spelling, both as the words after `firm`. The old spellings still work, with a warning on stderr,
+# until the next release; remove this table then.
+RENAMED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("bench",): ("critic", "bench"),
+    ("bench-convert",): ("critic", "bench-convert"),
+    ("serve-critic",): ("critic", "serve"),
+    ("export-critic",): ("critic", "export"),
+    ("export-lora",): ("policy", "export"),
+    ("bench-step",): ("profile", "step"),
+    ("kernels", "bench"): ("kernels", "time"),
+    ("shapes", "bench"): ("shapes", "critic-agreement"),
+    ("bench-shapes",): ("shapes", "export-bench"),
+    ("tiny-critic",): ("shapes", "tiny-critic"),
+}
+
+
+class Subcommands(argparse._SubParsersAction):
+    """`firm`'s subcommands, as argparse keeps them, plus :meth:`noun`: what each provider's ``add_commands`` gets."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._nouns: dict[str, argparse._SubParsersAction] = {}
+
+    def noun(self, name: str) -> argparse._SubParsersAction:
+        """The actions of `firm NAME`: the first provider to ask creates the group, later ones add to it.
+
+        ``firm NAME`` alone prints the group's help and exits with status 2.
+        """
+        if name not in NOUNS:
+            raise KeyError(f"`firm {name}` is not a noun of the command line; add it to firm.cli.NOUNS")
+        if name not in self._nouns:
+            parser = self.add_parser(name, help=NOUNS[name], description=NOUNS[name][0].upper() + NOUNS[name][1:])
+            self._nouns[name] = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+            parser.set_defaults(func=lambda args: _print_help(parser))
+        return self._nouns[name]
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def renamed(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` with an old spelling replaced by its new one, and the warning to print (None when nothing changed)."""
+    for old, new in RENAMED.items():
+        if tuple(argv[: len(old)]) == old:
+            warning = (
+                f"firm: warning: `firm {' '.join(old)}` is deprecated and will be removed in the next release; "
+                f"use `firm {' '.join(new)}`"
+            )
+            return [*new, *argv[len(old) :]], warning
+    return list(argv), None
+
+
+def _renamed_epilog() -> str:
+    width = max(len(" ".join(old)) for old in RENAMED)
+    lines = [f"  {' '.join(old):<{width}}  ->  firm {' '.join(new)}" for old, new in RENAMED.items()]
+    return "renamed (the old spellings still work, with a warning, until the next release):\n" + "\n".join(lines)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -75,28 +152,7 @@ def _check_kind(path: str) -> None:
 
 
 # The command that runs the experiments of a top-level folder of experiments/ (default: `firm run`).
-FOLDER_COMMANDS = {"curation": "firm curate", "bench": "firm bench"}
-
-
-def _cmd_bench_step(args: argparse.Namespace) -> int:
-    from firm.algorithms.bench import main
-
-    return main(args)
-
-
-def _bench_step_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", help="an RL experiment YAML (a path, or a name under experiments/)")
-    p.add_argument("overrides", nargs="*", help="overrides such as module.async_rollout=true")
-    p.add_argument("--steps", type=int, default=3, help="timed RL steps (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed RL steps first (default 1)")
-    p.add_argument(
-        "--compare",
-        action="append",
-        metavar='"K=V ..."',
-        help="run again with these extra overrides (repeatable); the table shows each run's ratio to the first",
-    )
-    p.add_argument("--out", default="runs/bench-step", help="folder for the JSON results")
-    p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+FOLDER_COMMANDS = {"curation": "firm curate", "bench": "firm critic bench"}
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -144,14 +200,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser(
-        "bench-step",
-        help="time the parts of an RL experiment's step (forwards, critic, backward, ...), host syncs, memory",
-        description="Runs a few RL steps of an experiment and prints where the time goes; writes JSON with the device.",
-    )
-    _bench_step_arguments(p)
-    p.set_defaults(func=_cmd_bench_step)
-
     p = sub.add_parser("list", help="list the shipped experiments")
     p.set_defaults(func=_cmd_list)
 
@@ -166,15 +214,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="firm", description="FIRM: faithful reward modeling and RL for image editing and generation."
+        prog="firm",
+        description="FIRM: faithful reward modeling and RL for image editing and generation.",
+        epilog=_renamed_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=Subcommands)
     for name in PROVIDERS:
         importlib.import_module(name).add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv, warning = renamed(sys.argv[1:] if argv is None else list(argv))
+    if warning:
+        print(warning, file=sys.stderr)
     parser = build_parser()
     # Overrides may follow options (`firm run x.yaml --dry-run a.b=1`): argparse leaves those for us.
     args, extra = parser.parse_known_args(argv)

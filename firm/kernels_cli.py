@@ -1,7 +1,8 @@
-"""`firm kernels bench` and `firm kernels profile`: the fused-kernel benchmark and profiler (see docs/kernels.md).
+"""`firm kernels time` and `firm kernels profile`: the fused-kernel timing harness and profiler (see docs/kernels.md).
 
 Thin wrappers over :mod:`firm.kernels.bench` (also runnable as ``python -m firm.kernels.bench``); torch is imported only
-when a subcommand runs.
+when a subcommand runs. This file sits beside firm/kernels/ rather than in it because importing anything of that package
+imports torch and triton (about 3 s), which `firm --help` should not wait for.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _time(args: argparse.Namespace) -> int:
     from firm.kernels.bench import bench_main
 
     return bench_main(args)
@@ -30,17 +31,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "kernels",
-        help="benchmark or profile the fused Triton kernels",
-        description="Benchmark (eager vs torch.compile vs Triton; CUDA timings, CPU correctness) or profile the "
-        "fused diffusion-RL ops.",
+    ksub = sub.noun("kernels")
+    b = ksub.add_parser(
+        "time",
+        help="time the ops (eager vs torch.compile vs Triton) and check them against float64; writes CSV/JSON",
+        description="Time the fused diffusion-RL ops against eager torch and torch.compile (CUDA timings; on a CPU, "
+        "the correctness check only) and check each against a float64 reference.",
     )
-    ksub = p.add_subparsers(dest="kernels_command", metavar="{bench,profile}", required=True)
-    b = ksub.add_parser("bench", help="time the ops and check them against float64; writes CSV/JSON")
     _common(b)
     b.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
-    b.set_defaults(func=_bench)
+    b.set_defaults(func=_time)
     pr = ksub.add_parser("profile", help="write a torch.profiler trace of the ops (forward+backward)")
     _common(pr)
     pr.add_argument("--steps", type=int, default=5, help="profiled iterations")

@@ -22,8 +22,8 @@ timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -15 | 
 step "2. kernels at the paper's shapes: eager vs torch.compile vs Triton, % of copy bandwidth"
 timeout 150 $PY -m firm.kernels.bench bench --dtype bf16 --out "$OUT/kernels" 2>&1 | tee "$OUT/kernels.txt"
 
-step "3. bench-step: random-weight SD3.5-M-sized DiffusionNFT at 512 px (no critic latency)"
-timeout 120 $PY -m firm bench-step experiments/rl/bench_sd35m_random.yaml --steps 2 --warmup 1 \
+step "3. profile step: random-weight SD3.5-M-sized DiffusionNFT at 512 px (no critic latency)"
+timeout 120 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml --steps 2 --warmup 1 \
   --out "$OUT/bench_step" 2>&1 | grep -v Warning | tee "$OUT/bench_step.txt"
 R=$($PY - "$OUT/bench_step" <<'PY'
 import glob, json, sys
@@ -32,8 +32,8 @@ s = runs[0]["seconds"]
 print(round(s["rollout_fwd"] + s["other"] / 2, 2))  # rollout time, roughly: its forwards plus decoding
 PY
 )
-step "4. bench-step with a critic as slow as the rollout (${R}s per step): sync vs async"
-timeout 150 $PY -m firm bench-step experiments/rl/bench_sd35m_random.yaml module.rollout_chunk=16 \
+step "4. profile step with a critic as slow as the rollout (${R}s per step): sync vs async"
+timeout 150 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml module.rollout_chunk=16 \
   "module.critic.seconds=${R}" --steps 2 --warmup 2 --compare "module.async_rollout=true" \
   --out "$OUT/bench_step_async" 2>&1 | grep -v Warning | tee "$OUT/bench_step_async.txt"
 echo; echo "done: $OUT"

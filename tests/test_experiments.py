@@ -12,8 +12,8 @@ from firm.runner import list_experiments
 from firm.vocab import Task
 
 # experiments/curation/ holds `firm curate` configs (validated by tests/curation/test_experiments.py),
-# experiments/bench/ `firm critic bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/) and experiments/eval/
-# `firm eval` configs (validated in tests/eval/).
+# experiments/bench/ `firm critic bench` configs (firm.bench.run.BenchConfig, validated in tests/bench/) and
+# experiments/eval/ `firm eval` configs (validated in tests/eval/).
 SHIPPED = sorted(
     p
     for p in experiments_root().rglob("*.yaml")

@@ -7,7 +7,7 @@ set -euo pipefail
 FIRM=${FIRM:-firm}
 COMMON="source.size=64 source.split=train output.max_count=256 progress=false"
 
-$FIRM tiny-critic runs/tiny-critic
+$FIRM shapes tiny-critic runs/tiny-critic
 # training data: balanced selections (about 1200 edits -> Execution + Consistency examples; 1600 generations)
 $FIRM curate experiments/curation/shapes_edit_tiny.yaml name=shapes_edit_sft source.count=2400 $COMMON
 $FIRM curate experiments/curation/shapes_gen_tiny.yaml name=shapes_gen_sft source.count=1500 quality=false $COMMON

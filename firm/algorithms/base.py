@@ -47,12 +47,12 @@ from firm.algorithms.advantages import world_advantages
 from firm.algorithms.config import RLConfig
 from firm.algorithms.reporting import log_samples, rollout_metrics
 from firm.algorithms.rollout import Rollout, collect_rewards, run_rollout
+from firm.algorithms.scoring import OverlappedScorer
 from firm.algorithms.state import generator, load_rl_state, save_rl_state, set_rng_state
 from firm.critics.factory import build_critic
 from firm.module import FirmModule
 from firm.policies.policy import FlowPolicy
 from firm.policies.samplers import sde_window
-from firm.policies.scoring import OverlappedScorer
 from firm.rewards.functions import FirmEditReward, FirmGenReward, build_combiner
 
 

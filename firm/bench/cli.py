@@ -1,6 +1,7 @@
-"""Subcommands `firm bench`, `bench-convert` and `export-critic`.
+"""`firm critic bench` and `firm critic bench-convert`: critics on FIRM-Bench (or any benchmark directory).
 
-`firm bench-shapes` (the synthetic shapes benchmark) belongs to the shapes plugin: firm/synthetic/cli.py.
+`firm critic score|serve|export` are registered by firm/critics/cli.py. `firm shapes export-bench` (the synthetic shapes
+benchmark) belongs to the shapes plugin: firm/synthetic/cli.py.
 
 Heavy libraries are imported inside the handlers so that `firm --help` stays fast.
 """
@@ -21,7 +22,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         overrides.insert(0, experiment)
         experiment = None
     if experiment is None and args.data is None:
-        raise ConfigError("firm bench needs an experiment YAML, or --data DIR --critic NAME")
+        raise ConfigError("firm critic bench needs an experiment YAML, or --data DIR --critic NAME")
     if args.fresh:
         overrides.append("fresh=true")
     cfg = load_bench_config(
@@ -30,7 +31,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         run_bench(cfg, progress=None)
     except BenchEvaluationError as e:
-        print(f"firm bench: {e}")
+        print(f"firm critic bench: {e}")
         return 1
     return 0
 
@@ -42,25 +43,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = convert_firm_bench(
         args.out, edit_dir=args.edit_dir, gen_dir=args.gen_dir, field_map=fields, link_images=not args.copy_images
     )
-    print(f"[firm bench-convert] wrote {out}; evaluate with `firm bench --data {out} --critic NAME`")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from firm.critics.export import export_critic
-
-    out = export_critic(args.run_dir, args.out_dir, checkpoint=args.checkpoint, merge_lora=not args.keep_lora)
-    print(f"[firm export-critic] wrote {out}")
+    print(f"[firm critic bench-convert] wrote {out}; evaluate with `firm critic bench --data {out} --critic NAME`")
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    critic = sub.noun("critic")
+    p = critic.add_parser(
         "bench",
         help="evaluate critics on FIRM-Bench (or any benchmark directory)",
         description="Score every benchmark item with each critic (cached, resumable), then print MAE per task and "
         "split, correlations and parse failures; writes results.json, table.md and bench.png. "
-        "Either `firm bench EXP.yaml [key=value ...]` or `firm bench --data DIR --critic NAME [critic.key=value]`.",
+        "Either `firm critic bench EXP.yaml [key=value ...]` or `firm critic bench --data DIR --critic NAME "
+        "[critic.key=value]`.",
     )
     p.add_argument("experiment", nargs="?", help="bench YAML (a path, or a name under experiments/)")
     p.add_argument("overrides", nargs="*", help="overrides such as limit=20 critic.model=/path batch_size=4")
@@ -69,7 +64,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore cached answers and score everything again")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser(
+    p = critic.add_parser(
         "bench-convert",
         help="convert the released FIRM-Bench files into the local benchmark layout",
         description="Read FIRM-Bench-Edit/ and FIRM-Bench-Gen/ as downloaded from the FIRM-Bench dataset "
@@ -84,15 +79,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--copy-images", action="store_true", help="copy images instead of symlinking them")
     p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser(
-        "export-critic",
-        help="export a trained critic run as a save_pretrained model + processor directory",
-        description="Load the run's last checkpoint into the critic model (merging LoRA adapters) and write a "
-        "directory that the local critic backend (and vLLM) load with from_pretrained.",
-    )
-    p.add_argument("run_dir", help="a `firm run` directory of a critic_sft experiment")
-    p.add_argument("out_dir", help="output directory")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.ckpt)")
-    p.add_argument("--keep-lora", action="store_true", help="write the LoRA adapter separately instead of merging")
-    p.set_defaults(func=_cmd_export)

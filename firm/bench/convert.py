@@ -283,5 +283,5 @@ def convert_firm_bench(
     for it in items:
         counts[it.group] = counts.get(it.group, 0) + 1
     log.info("converted %d items: %s (fields: %s)", len(items), counts, used)
-    print(f"[firm bench-convert] {len(items)} items {counts}; fields used: {json.dumps(used)}")
+    print(f"[firm critic bench-convert] {len(items)} items {counts}; fields used: {json.dumps(used)}")
     return out

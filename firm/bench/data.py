@@ -221,7 +221,7 @@ def load_benchmark(root: str | Path, *, check_files: bool = True) -> Benchmark:
     if not items_path.is_file():
         hint = ""
         if root.is_dir() and any(root.rglob("bench_v1.jsonl")):
-            hint = " It looks like the released FIRM-Bench files: convert them first with `firm bench-convert`."
+            hint = " It looks like the released FIRM-Bench files: convert them first with `firm critic bench-convert`."
         raise BenchmarkError(f"no {ITEMS_FILE} in {root} (see docs/bench.md for the layout).{hint}")
     meta: dict[str, Any] = {}
     if (root / META_FILE).is_file():

@@ -1,4 +1,4 @@
-"""`firm bench`: evaluate one or more critics on a benchmark directory and write the report.
+"""`firm critic bench`: evaluate one or more critics on a benchmark directory and write the report.
 
 Outputs go to ``<output_root>/<name>/`` (a stable directory, so that running the same command again resumes)::
 
@@ -190,7 +190,7 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if echo:
-        print(f"[firm bench] {bench.name}: {len(bench.items)} items {bench.task_counts()} -> {out}")
+        print(f"[firm critic bench] {bench.name}: {len(bench.items)} items {bench.task_counts()} -> {out}")
 
     confs = {_critic_label_ok(label): build_critic_config(label, sec) for label, sec in c.critics.items()}
     results: dict[str, Any] = {}
@@ -238,7 +238,7 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
             ov = metrics["groups"]["overall"]
             mae = "—" if ov["mae"] is None else f"{ov['mae']:.3f}"
             print(
-                f"[firm bench] {label}: overall MAE {mae} over {ov['n_parsed']}/{ov['n_items']} parsed "
+                f"[firm critic bench] {label}: overall MAE {mae} over {ov['n_parsed']}/{ov['n_items']} parsed "
                 f"({stats.n_cached} cached, {stats.n_computed} scored in {stats.wall_s:.1f}s)"
             )
     report = {
@@ -262,5 +262,6 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
     if echo:
         print()
         print(table)
-        print(f"[firm bench] wrote {out / 'results.json'}, {out / 'table.md'}" + (", bench.png" if c.plot else ""))
+        plot = ", bench.png" if c.plot else ""
+        print(f"[firm critic bench] wrote {out / 'results.json'}, {out / 'table.md'}{plot}")
     return report

@@ -1,4 +1,4 @@
-"""Throughput of `firm serve-critic` with and without dynamic batching.
+"""Throughput of `firm critic serve` with and without dynamic batching.
 
 Starts the server once per ``--max-batch-size`` value, sends ``--requests`` concurrent chat requests (one image
 each), and prints a table of wall time and requests/s; results go to a JSON file with the device name.
@@ -70,7 +70,7 @@ def _serve(model: str, batch: int, max_tokens: int) -> tuple[subprocess.Popen, s
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "firm", "critic", "serve", "--model", model, "--port", str(port)]
     cmd += ["--max-batch-size", str(batch), "--batch-timeout", "0.05", "--max-new-tokens", str(max_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

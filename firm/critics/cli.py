@@ -1,4 +1,6 @@
-"""Critic subcommands: `firm serve-critic` and `firm critic score`.
+"""Critic subcommands: `firm critic score`, `firm critic serve` and `firm critic export`.
+
+`firm critic bench` and `firm critic bench-convert` are registered by firm/bench/cli.py, where their code lives.
 
 Heavy libraries (torch, transformers, litserve) are imported inside the handlers only.
 """
@@ -273,7 +275,7 @@ def _cmd_serve_critic(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.host not in ("127.0.0.1", "localhost") and not api_key:
         print(
-            f"firm serve-critic: warning: serving on {args.host} without an API key; anyone who can reach this "
+            f"firm critic serve: warning: serving on {args.host} without an API key; anyone who can reach this "
             f"port can use the model (set --api-key or ${API_KEY_ENV})",
             file=sys.stderr,
         )
@@ -300,9 +302,28 @@ def _cmd_serve_critic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from firm.critics.export import export_critic
+
+    out = export_critic(args.run_dir, args.out_dir, checkpoint=args.checkpoint, merge_lora=not args.keep_lora)
+    print(f"[firm critic export] wrote {out}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve-critic",
+    critic = sub.noun("critic")
+    s = critic.add_parser(
+        "score",
+        help="score a folder of edit pairs (or generated images) and write JSONL",
+        description="Edit task: FOLDER holds pairs.jsonl, or source/ and edited/ with matching names "
+        "(instructions from instructions.jsonl, edited/NAME.txt or --instruction). Gen task: FOLDER holds "
+        "prompts.jsonl. Scores with a served critic (--endpoint) or a local checkpoint (--model).",
+    )
+    _score_arguments(s)
+    s.set_defaults(func=_cmd_critic_score)
+
+    p = critic.add_parser(
+        "serve",
         help="serve a local critic behind an OpenAI-compatible /v1/chat/completions endpoint",
         description="Serve a critic checkpoint (a save_pretrained directory, Qwen3-VL family) with dynamic "
         "batching. Clients: `firm critic score --endpoint`, HTTPCritic, or any OpenAI-compatible client.",
@@ -346,15 +367,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=_cmd_serve_critic)
 
-    p = sub.add_parser("critic", help="critic tools (score a folder of images)")
-    csub = p.add_subparsers(dest="critic_command", metavar="SUBCOMMAND")
-    s = csub.add_parser(
-        "score",
-        help="score a folder of edit pairs (or generated images) and write JSONL",
-        description="Edit task: FOLDER holds pairs.jsonl, or source/ and edited/ with matching names "
-        "(instructions from instructions.jsonl, edited/NAME.txt or --instruction). Gen task: FOLDER holds "
-        "prompts.jsonl. Scores with a served critic (--endpoint) or a local checkpoint (--model).",
+    p = critic.add_parser(
+        "export",
+        help="export a trained critic run as a save_pretrained model + processor directory",
+        description="Load the run's last checkpoint into the critic model (merging LoRA adapters) and write a "
+        "directory that the local critic backend (and vLLM) load with from_pretrained.",
     )
+    p.add_argument("run_dir", help="a `firm run` directory of a critic_sft experiment")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.ckpt)")
+    p.add_argument("--keep-lora", action="store_true", help="write the LoRA adapter separately instead of merging")
+    p.set_defaults(func=_cmd_export)
+
+
+def _score_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("folder", help="folder with the images (see above)")
     s.add_argument("--out", required=True, help="output JSONL, one line per item")
     s.add_argument("--task", choices=("edit", "gen"), default="edit", help="edit pairs (default) or generated images")
@@ -389,11 +415,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "response_format JSON schemas); only with templates that ask for the built-in formats",
     )
     s.add_argument("--revision", default=None, help="hub revision when --model is a hub id")
-
-    def _cmd_critic(args: argparse.Namespace) -> int:
-        if getattr(args, "critic_command", None) == "score":
-            return _cmd_critic_score(args)
-        p.print_help()
-        return 2
-
-    p.set_defaults(func=_cmd_critic)

@@ -1,7 +1,7 @@
 """A latency-injecting critic wrapper: another critic's judgements, answered ``seconds`` later.
 
 An 8B vision-language judge takes seconds per batch of requests; the tiny CPU critics take milliseconds. Wrapping a
-fast critic in ``delayed`` gives the RL step the timing of a slow one, for ``firm bench-step`` and for tests of the
+fast critic in ``delayed`` gives the RL step the timing of a slow one, for ``firm profile step`` and for tests of the
 asynchronous rollout:
 
     critic: {name: delayed, inner: {name: image_stats}, seconds: 1.5}

@@ -1,4 +1,4 @@
-"""`firm export-critic RUN_DIR OUT_DIR`: a trained critic run -> a ``save_pretrained`` directory.
+"""`firm critic export RUN_DIR OUT_DIR`: a trained critic run -> a ``save_pretrained`` directory.
 
 The output has the layout of a hub checkpoint such as Qwen3-VL-8B-Instruct: the model weights (safetensors),
 ``config.json``, ``generation_config.json``, the tokenizer with its chat template (``chat_template.jinja`` and the

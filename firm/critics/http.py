@@ -1,4 +1,4 @@
-"""Critic client for OpenAI-compatible chat-completions endpoints (vLLM, SGLang, `firm serve-critic`, ...).
+"""Critic client for OpenAI-compatible chat-completions endpoints (vLLM, SGLang, `firm critic serve`, ...).
 
 Async and concurrent: every judgement is one ``POST {endpoint}/chat/completions`` with the images as base64 data
 URLs; at most ``max_concurrency`` requests are in flight, spread over several endpoints by picking the one with

@@ -319,7 +319,7 @@ class LocalCritic(PromptedCritic):
         self, conversations: Sequence[list[dict]], *, temperature: float = 0.0, max_new_tokens: int | None = None
     ) -> list[str]:
         """Answers to ``conversations`` in batches of ``config.batch_size`` (the curation ``local`` teacher uses it;
-        `firm serve-critic` calls :meth:`generate` on the batches LitServe forms)."""
+        `firm critic serve` calls :meth:`generate` on the batches LitServe forms)."""
         out: list[str] = []
         bs = self.config.batch_size
         for s in range(0, len(conversations), bs):

@@ -22,7 +22,7 @@ class PolicySpec:
     """One policy to evaluate; set exactly one of ``policy`` (with ``lora``/``run`` optional on top)."""
 
     policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields of the base model (family, pretrained)
-    lora: str | None = None  # an exported LoRA folder (`firm export-lora`: firm_export.json + safetensors)
+    lora: str | None = None  # an exported LoRA folder (`firm policy export`: firm_export.json + safetensors)
     run: str | None = None  # a FIRM RL run folder (config.yaml + checkpoints/last.ckpt)
     checkpoint: str | None = None  # with `run`: this checkpoint instead of checkpoints/last.ckpt
 
@@ -60,7 +60,7 @@ def resolve_spec(
         if not info_path.is_file() and not check_files:
             info_path = None
         elif not info_path.is_file():
-            raise ConfigError(f"{where}.lora: {spec.lora} has no firm_export.json (write it with `firm export-lora`)")
+            raise ConfigError(f"{where}.lora: {spec.lora} has no firm_export.json (write it with `firm policy export`)")
         info = json.loads(info_path.read_text()) if info_path else {}
         meta = info.get("lora") or {}
         for key, value in (("family", info.get("family")), ("pretrained", info.get("base_model"))):

@@ -1,4 +1,4 @@
-"""Stage 2, score: every image's judge questions, answered once and cached (the `firm bench` cache).
+"""Stage 2, score: every image's judge questions, answered once and cached (the `firm critic bench` cache).
 
 Answers go to ``score/<judge id>.rank<r>.jsonl`` through :class:`firm.bench.evaluate.PredictionCache`: one line per
 (sample, question), written and fsynced as soon as its batch returns, stamped with a fingerprint of the image bytes,

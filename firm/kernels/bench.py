@@ -450,7 +450,7 @@ def _step(case: Case, inputs: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI (also `firm kernels bench|profile`)
+# CLI (also `firm kernels time|profile`)
 # ----------------------------------------------------------------------------------------------------------------
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")

@@ -1,4 +1,4 @@
-"""`firm export-lora`: the RL subcommands (heavy imports happen inside the handler)."""
+"""`firm policy export`: the policy subcommands (heavy imports happen inside the handler)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """`firm export-lora RUN_DIR OUT_DIR [--checkpoint CKPT] [--ema] [--adapter default|old]`."""
-    p = sub.add_parser(
-        "export-lora",
+    """`firm policy export RUN_DIR OUT_DIR [--checkpoint CKPT] [--ema] [--adapter default|old]`."""
+    p = sub.noun("policy").add_parser(
+        "export",
         help="export a run's LoRA for diffusers' load_lora_weights",
         description="Write RUN_DIR's trained LoRA (last checkpoint) to OUT_DIR/pytorch_lora_weights.safetensors, "
         "loadable with pipe.load_lora_weights(OUT_DIR).",
@@ -28,7 +28,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         path = export_lora(args.run_dir, args.out_dir, checkpoint=args.checkpoint, adapter=args.adapter, ema=args.ema)
     except (FileNotFoundError, ValueError) as e:
-        print(f"firm export-lora: error: {e}", file=sys.stderr)
+        print(f"firm policy export: error: {e}", file=sys.stderr)
         return 2
     print(f"[firm] wrote {path}; load it with pipe.load_lora_weights({str(path.parent)!r})")
     return 0

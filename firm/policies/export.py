@@ -1,6 +1,6 @@
 """Export a run's trained LoRA in the format diffusers' ``load_lora_weights`` reads.
 
-``firm export-lora RUN_DIR OUT_DIR`` reads ``RUN_DIR/checkpoints/last.ckpt`` (or ``--checkpoint``) and the run's
+``firm policy export RUN_DIR OUT_DIR`` reads ``RUN_DIR/checkpoints/last.ckpt`` (or ``--checkpoint``) and the run's
 ``config.yaml``, and writes ``OUT_DIR/pytorch_lora_weights.safetensors``: the adapter's tensors keyed
 ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` with the LoRA config (rank, alpha, targets) as metadata, so
 that ``alpha / rank`` scaling survives. Load it with::

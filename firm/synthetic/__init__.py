@@ -7,8 +7,8 @@ simulated imperfect outputs (:mod:`.simulate`) and datasets (:mod:`.data`). See 
 
 A plugin: nothing else in firm/ imports this package (tests/test_layering.py). Its parts of the library's pipelines
 are registered by name in firm/registry.py: the curation teacher and sources (:mod:`.curation`), the rule critic,
-eval sets and judge; its commands (`firm shapes`, `firm bench-shapes` with :mod:`.bench`, `firm tiny-critic` with
-:mod:`.tiny_critic`) are a provider of firm/cli.py (:mod:`.cli`).
+eval sets and judge; its commands (`firm shapes ...`, among them `export-bench` with :mod:`.bench` and `tiny-critic`
+with :mod:`.tiny_critic`) are a provider of firm/cli.py (:mod:`.cli`).
 
 Importing this package does not import torch; :mod:`.data` does.
 """

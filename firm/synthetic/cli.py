@@ -1,11 +1,11 @@
-"""`firm shapes ...`: look at the shapes world and measure its rule critic; `firm bench-shapes`, `firm tiny-critic`.
+"""`firm shapes ...`: look at the shapes world, export it, measure its rule critic, run its studies.
 
 firm shapes preview --task edit --n 6 --out shapes_edit.png   # tasks, simulated outputs and the critic's scores
-firm shapes bench --n 200 --out shapes_bench.json             # critic speed and agreement with the ground truth
+firm shapes critic-agreement --n 200 --out agreement.json     # rule critic vs the ground truth, and its items/s
 firm shapes ablate --seeds 0 1                                 # the reward ablation of the editing demo (table + plot)
 firm shapes faithfulness --critic-model runs/critic-proof/critic  # the same RL under rule / trained / hallucinating
-firm bench-shapes runs/bench-data/shapes                       # a small synthetic FIRM-Bench (ground-truth scores)
-firm tiny-critic runs/tiny-critic                              # a tiny random Qwen3-VL critic for the CPU experiments
+firm shapes export-bench runs/bench-data/shapes                # a small synthetic FIRM-Bench (ground-truth scores)
+firm shapes tiny-critic runs/tiny-critic                       # a tiny random Qwen3-VL critic for the CPU experiments
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _wrap(text: str, width: int) -> list[str]:
     return [*lines, cur]
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _cmd_critic_agreement(args: argparse.Namespace) -> int:
     import json
     import platform
     import random
@@ -220,13 +220,13 @@ def _cmd_critic_proof(args: argparse.Namespace) -> int:
     return 0 if results["acceptance"]["ok"] else 1
 
 
-def _cmd_bench_shapes(args: argparse.Namespace) -> int:
+def _cmd_export_bench(args: argparse.Namespace) -> int:
     from firm.synthetic.bench import build_shapes_bench
 
     out = build_shapes_bench(
         args.out, n_per_task=args.n_per_task, seed=args.seed, size=args.size, held_out=not args.train_split
     )
-    print(f"[firm bench-shapes] wrote {out}")
+    print(f"[firm shapes export-bench] wrote {out}")
     return 0
 
 
@@ -234,13 +234,12 @@ def _cmd_tiny_critic(args: argparse.Namespace) -> int:
     from firm.synthetic.tiny_critic import TinyCriticConfig, build_tiny_critic
 
     out = build_tiny_critic(args.out, TinyCriticConfig(image_size=args.image_size), seed=args.seed)
-    print(f"[firm tiny-critic] wrote {out} (random weights; train it with experiments/critic/tiny_*_cpu.yaml)")
+    print(f"[firm shapes tiny-critic] wrote {out} (random weights; train it with experiments/critic/tiny_*_cpu.yaml)")
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shapes", help="the procedural shapes world: preview tasks, benchmark the rule critic")
-    ss = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND", required=True)
+    ss = sub.noun("shapes")
 
     q = ss.add_parser("preview", help="a PNG grid of tasks, simulated outputs and the rule critic's scores")
     q.add_argument("--task", choices=["edit", "gen"], default="edit")
@@ -261,13 +260,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="output folder")
     q.set_defaults(func=_cmd_export)
 
-    q = ss.add_parser("bench", help="rule-critic throughput and agreement with the ground-truth scorer")
+    q = ss.add_parser(
+        "critic-agreement",
+        help="the rule critic's agreement with the ground-truth scorer, and its items/s",
+        description="Score simulated outputs of every mode with the rule critic, clean and noisy, at each size; "
+        "print how often it agrees with the ground-truth scorer per judgement, and its edit/gen items per second.",
+    )
     q.add_argument("--n", type=int, default=200, help="tasks per setting (edit and gen each)")
     q.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     q.add_argument("--noise", type=float, default=8.0, help="Gaussian noise sigma of the noisy setting")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="write the results as JSON here")
-    q.set_defaults(func=_cmd_bench)
+    q.set_defaults(func=_cmd_critic_agreement)
 
     q = ss.add_parser(
         "ablate",
@@ -312,20 +316,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "critic-proof",
         help="build the held-out shapes bench, curate training data, train the tiny critic from scratch, benchmark it",
         description="The critic half of FIRM's claim on a CPU (docs/faithfulness.md): benchmark, curation with the "
-        "rule teacher, a random tiny Qwen3-VL, critic SFT, export, firm bench of the rule critic / label priors / "
-        "untrained / trained critic; writes results.json, table.md and training.png into --out (finished stages are "
-        "reused on a rerun). Exit status 1 when the trained critic misses its targets.",
+        "rule teacher, a random tiny Qwen3-VL, critic SFT, export, firm critic bench of the rule critic / label "
+        "priors / untrained / trained critic; writes results.json, table.md and training.png into --out (finished "
+        "stages are reused on a rerun). Exit status 1 when the trained critic misses its targets.",
     )
     q.add_argument("--out", default="runs/critic-proof", help="output folder (default runs/critic-proof)")
     q.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished stages")
     q.add_argument("--critic", action="append", default=[], metavar="FIELD=INT", help="a TinyCriticConfig size")
     q.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="an override of the SFT run")
-    q.add_argument("--bench", action="append", default=[], metavar="KEY=VALUE", help="an override of firm bench")
+    q.add_argument("--bench", action="append", default=[], metavar="KEY=VALUE", help="an override of firm critic bench")
     q.add_argument("settings", nargs="*", help="ProofConfig settings, e.g. steps=1500 train_edits=3000")
     q.set_defaults(func=_cmd_critic_proof)
 
-    p = sub.add_parser(
-        "bench-shapes",
+    p = ss.add_parser(
+        "export-bench",
         help="build a small synthetic benchmark from the procedural shapes world",
         description="Edit and generation items from the shapes world, scored by the ground-truth rubric "
         "(not by humans). Runs on CPU in seconds.",
@@ -335,9 +339,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     p.add_argument("--train-split", action="store_true", help="draw from the training split, not the held-out one")
-    p.set_defaults(func=_cmd_bench_shapes)
+    p.set_defaults(func=_cmd_export_bench)
 
-    p = sub.add_parser(
+    p = ss.add_parser(
         "tiny-critic",
         help="write a tiny random Qwen3-VL critic (tokenizer, image processor, chat template) for CPU runs",
         description="The real Qwen3-VL architecture at a tiny size with a BPE tokenizer trained on the critic "

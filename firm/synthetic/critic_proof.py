@@ -10,8 +10,8 @@ A critic trained on curated data judges faithfully. One command, on a CPU, from 
 3. ``init``: a tiny Qwen3-VL critic with random weights (:func:`firm.synthetic.tiny_critic.build_tiny_critic`);
 4. ``train``: critic SFT (``firm run experiments/critic/tiny_shapes_proof.yaml``: the real data module, label
    masking, chat encoding and :class:`~firm.critics.sft.CriticSFTModule`);
-5. ``export``: ``firm export-critic`` of the run;
-6. ``bench``: ``firm bench experiments/bench/shapes_proof.yaml`` for the rule critic, the score priors of the
+5. ``export``: ``firm critic export`` of the run;
+6. ``bench``: ``firm critic bench experiments/bench/shapes_proof.yaml`` for the rule critic, the score priors of the
    training labels, and the tiny critic before and after training;
 
 then writes ``<out>/results.json``, ``<out>/table.md``, ``<out>/training.png`` (loss and validation MAE) next to the
@@ -58,7 +58,7 @@ class ProofConfig:
     lr: float = 1.0e-3
     critic: dict[str, Any] = field(default_factory=dict)  # TinyCriticConfig overrides (default: its defaults)
     train_overrides: list[str] = field(default_factory=list)  # extra key=value for the SFT run
-    bench_overrides: list[str] = field(default_factory=list)  # extra key=value for firm bench
+    bench_overrides: list[str] = field(default_factory=list)  # extra key=value for firm critic bench
     jobs: int = 2  # curation processes at once
     fresh: bool = False  # delete <out> first (otherwise finished stages are reused)
 

@@ -3,7 +3,7 @@
 :func:`build_tiny_critic` writes a ``save_pretrained`` directory with the *real* Qwen3-VL architecture at a tiny
 size (random weights), a byte-level BPE tokenizer trained on the critic prompts and on shapes-world answers, a
 Qwen2-VL image processor and a chat template. ``critic_sft`` trains it (on shards from ``firm curate``),
-``export-critic`` exports it and the ``local`` critic backend loads it, exactly like Qwen3-VL-8B-Instruct.
+``firm critic export`` exports it and the ``local`` critic backend loads it, exactly like Qwen3-VL-8B-Instruct.
 Nothing here is needed at full scale; it exists so that the whole loop runs, and is tested, on a CPU.
 """
 

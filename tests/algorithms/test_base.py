@@ -19,9 +19,9 @@ import firm.policies.samplers as samplers_mod
 from firm.algorithms.config import SamplerConfig
 from firm.algorithms.diffusion_nft import DiffusionNFT as DiffusionNFTModule
 from firm.algorithms.flow_grpo import FlowGRPO as FlowGRPOModule
+from firm.algorithms.scoring import OverlappedScorer
 from firm.critics.stats import ImageStatsCritic
 from firm.data.prompts import PromptDataModule
-from firm.policies.scoring import OverlappedScorer
 from firm.registry import resolve
 from firm.rewards.combiners import CMEReward, QMAReward
 from firm.rewards.functions import RewardOutput
@@ -219,11 +219,11 @@ def test_missing_scores_are_excluded_and_counted(tmp_path):
     r = torch.tensor([0.1, float("nan"), 0.5, 0.9, 0.3, 0.3, float("nan"), 0.3])
     g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     out = module.advantages(r, g)
-    assert out["adv"][1] == 0 and out["adv"][6] == 0
-    assert out["keep"].tolist() == [True, False, True, True, True, True, False, True]
+    assert out.adv[1] == 0 and out.adv[6] == 0
+    assert out.keep.tolist() == [True, False, True, True, True, True, False, True]
     module.config.drop_zero_std_groups = True
     out = module.advantages(r, g)  # group 1's valid rewards are all 0.3: dropped
-    assert out["keep"].tolist() == [True, False, True, True, False, False, False, False]
+    assert out.keep.tolist() == [True, False, True, True, False, False, False, False]
 
 
 @pytest.mark.slow

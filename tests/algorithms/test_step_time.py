@@ -1,9 +1,9 @@
-"""The step-time machinery: asynchronous rollouts, the delayed critic, the KL on a subset, `firm bench-step`."""
+"""The step-time machinery: asynchronous rollouts, the delayed critic, the KL on a subset (`firm profile step` in
+tests/profile/test_step.py)."""
 
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -62,7 +62,7 @@ def test_async_rollouts_train_and_are_reproducible_from_the_seed(tmp_path, monke
 
 @pytest.mark.slow
 def test_kl_on_a_subset_of_steps_runs_fewer_reference_forwards(tmp_path):
-    from firm.algorithms.bench import bench_experiment
+    from firm.profile.step import profile_experiment
 
     ov = [
         f"output_root={tmp_path}",
@@ -70,49 +70,10 @@ def test_kl_on_a_subset_of_steps_runs_fewer_reference_forwards(tmp_path):
         "module.sampler.num_steps=4",
         "module.timestep_fraction=1.0",
     ]
-    full = bench_experiment(str(TINY_NFT), ov, steps=1, warmup=0)
-    quarter = bench_experiment(str(TINY_NFT), [*ov, "module.kl_fraction=0.25"], steps=1, warmup=0)
-    off = bench_experiment(str(TINY_NFT), [*ov, "module.kl_beta=0"], steps=1, warmup=0)
+    full = profile_experiment(str(TINY_NFT), ov, steps=1, warmup=0)
+    quarter = profile_experiment(str(TINY_NFT), [*ov, "module.kl_fraction=0.25"], steps=1, warmup=0)
+    off = profile_experiment(str(TINY_NFT), [*ov, "module.kl_beta=0"], steps=1, warmup=0)
     # NFT: v and v_old always; v_ref on every trained step (3 forwards), 1 of 4 (2.25), never (2)
     assert full["forwards_per_trained_sample_step"] == pytest.approx(3.0)
     assert quarter["forwards_per_trained_sample_step"] == pytest.approx(2.25)
     assert off["forwards_per_trained_sample_step"] == pytest.approx(2.0)
-
-
-@pytest.mark.slow
-def test_bench_step_prints_a_breakdown_and_writes_json(tmp_path, capsys):
-    from firm.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "bench-step",
-                str(TINY_GRPO),
-                f"output_root={tmp_path}",
-                "module.log_images_every=0",
-                "--steps",
-                "1",
-                "--warmup",
-                "1",
-                "--out",
-                str(tmp_path / "bench"),
-                "--compare",
-                "module.kl_beta=0",
-            ]
-        )
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    for row in ("rollout fwd", "critic wait", "update fwd", "backward", "optimizer", "kernels", "other"):
-        assert row in out, row
-    (path,) = list((tmp_path / "bench").glob("*.json"))
-    res = json.loads(path.read_text())
-    assert res["device"].startswith("cpu") and len(res["runs"]) == 2
-    base, no_kl = res["runs"]
-    s = base["seconds"]
-    assert s["step"] > 0 and s["rollout_fwd"] > 0 and s["update_fwd"] > 0 and s["backward"] > 0
-    assert s["kernels"] > 0  # step_log_prob / clipped_surrogate / group_advantages were timed
-    # Flow-GRPO with CFG 2: v at double batch, v_ref at double batch = 4 forwards per trained sample-step; no KL: 2
-    assert base["forwards_per_trained_sample_step"] == pytest.approx(4.0)
-    assert no_kl["forwards_per_trained_sample_step"] == pytest.approx(2.0)
-    assert 1 <= base["host_syncs_per_optimizer_step"] <= 2  # the finite/norm read, plus the metrics read per RL step
-    assert base["optimizer_steps_per_rl_step"] == 2

@@ -1,4 +1,4 @@
-"""`firm bench` end to end: config resolution, report files, the printed table, and resume after SIGKILL."""
+"""`firm critic bench` end to end: config resolution, report files, the printed table, and resume after SIGKILL."""
 
 import json
 import signal
@@ -61,7 +61,7 @@ def test_run_bench_writes_report(bench_dir, tmp_path, capsys):
 def test_cli_data_and_critic_flags(bench_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([
-            "bench", "--data", str(bench_dir), "--critic", "test_scripted", "critic.default_score=5",
+            "critic", "bench", "--data", str(bench_dir), "--critic", "test_scripted", "critic.default_score=5",
             f"output_root={tmp_path / 'o'}", "bootstrap_samples=50", "plot=false", "tasks=[generation]",
         ])  # fmt: skip
     assert e.value.code == 0
@@ -100,7 +100,7 @@ def test_sigkill_then_resume(bench_dir, tmp_path, python, subprocess_env, repo):
         f"imports: [{repo / 'tests/bench/scripted_plugin.py'}]\nplot: false\n"
         f"critics:\n  slow: {{name: test_scripted, sleep_s: 0.3, log_path: {log}}}\n"
     )
-    cmd = [python, "-m", "firm", "bench", str(yaml)]
+    cmd = [python, "-m", "firm", "critic", "bench", str(yaml)]
     proc = subprocess.Popen(cmd, env=subprocess_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     cache_dir = tmp_path / "out" / "killed" / "cache"
     deadline = time.time() + 120

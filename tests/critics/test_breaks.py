@@ -17,7 +17,7 @@ def _cli(args):
 
 @pytest.mark.parametrize(
     "yaml, command",
-    [("curation/edit_vllm.yaml", "firm curate"), ("bench/shapes_rule.yaml", "firm bench")],
+    [("curation/edit_vllm.yaml", "firm curate"), ("bench/shapes_rule.yaml", "firm critic bench")],
 )
 def test_firm_run_on_another_commands_yaml_names_that_command(yaml, command, capsys):
     path = REPO / "experiments" / yaml

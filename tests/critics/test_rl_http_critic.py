@@ -1,4 +1,4 @@
-"""An RL tiny run whose critic is served over HTTP (`firm serve-critic`) in expected-score mode: the logged rewards
+"""An RL tiny run whose critic is served over HTTP (`firm critic serve`) in expected-score mode: the logged rewards
 are continuous (probability-weighted scores from logprobs), not the few values integer scores allow."""
 
 import csv
@@ -32,7 +32,7 @@ def _instructions(n):
 
 @pytest.fixture(scope="module")
 def served_taught_critic(tiny_vlm, tmp_path_factory):
-    """A tiny critic taught to split Execution between 4 and 5 (Consistency 5), served by `firm serve-critic`."""
+    """A tiny critic taught to split Execution between 4 and 5 (Consistency 5), served by `firm critic serve`."""
     root = tmp_path_factory.mktemp("rl-critic")
     path = root / "critic"
     shutil.copytree(tiny_vlm, path)
@@ -41,7 +41,7 @@ def served_taught_critic(tiny_vlm, tmp_path_factory):
     port = free_port()
     log_path = root / "server.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", str(path), "--port", str(port)]
+    cmd = [sys.executable, "-m", "firm", "critic", "serve", "--model", str(path), "--port", str(port)]
     cmd += ["--served-model-name", "taught", "--max-new-tokens", "40", "--max-batch-size", "8"]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -49,14 +49,14 @@ def served_taught_critic(tiny_vlm, tmp_path_factory):
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"firm serve-critic exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"firm critic serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"firm serve-critic did not become healthy:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"firm critic serve did not become healthy:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1", path
     finally:

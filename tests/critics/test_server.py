@@ -31,7 +31,7 @@ def served(tiny_vlm, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     env.pop("FIRM_CRITIC_API_KEY", None)
-    cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", str(tiny_vlm), "--port", str(port)]
+    cmd = [sys.executable, "-m", "firm", "critic", "serve", "--model", str(tiny_vlm), "--port", str(port)]
     cmd += ["--api-key", KEY, "--max-batch-size", "4", "--batch-timeout", "0.05", "--max-new-tokens", "8"]
     cmd += ["--max-image-pixels", "4096", "--max-request-mb", "1", "--max-prompt-tokens", "2048"]  # small limits
     with log_path.open("w") as log:
@@ -315,7 +315,7 @@ def test_a_signal_stops_every_process_and_frees_the_port(tiny_vlm, tmp_path, sig
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "firm", "serve-critic", "--model", str(tiny_vlm), "--port", str(port)]
+    cmd = [sys.executable, "-m", "firm", "critic", "serve", "--model", str(tiny_vlm), "--port", str(port)]
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         # its own session, so that the test can clean up whatever is left; the signal goes to the main process only

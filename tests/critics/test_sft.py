@@ -198,7 +198,8 @@ def test_train_validate_export_and_serve(tiny_setup, tmp_path, monkeypatch):
     src, out_img = Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), "red")
     res = critic.score([EditRequest(src, out_img, "add a red circle", key="k")])
     assert res[0].key == "k" and set(res[0].scores) == {"execution", "consistency"}
-    # `firm bench` runs the exported critic like any other (a 4-token budget: its answers are unparseable, and counted).
+    # `firm critic bench` runs the exported critic like any other (a 4-token budget: its answers are unparseable, and
+    # counted).
     from firm.bench.run import load_bench_config, run_bench
     from firm.synthetic.bench import build_shapes_bench
 

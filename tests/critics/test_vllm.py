@@ -1,10 +1,10 @@
 """Opt-in (`make test-vllm`): FIRM against a real vLLM serving the tiny critic on CPU.
 
 `make test-vllm` creates the vLLM venv (scripts/vllm_venv.sh) and runs this file with FIRM_VLLM pointing at its
-`vllm` command; elsewhere (`make test`) it is skipped. The tiny critic (`firm tiny-critic`, head_dim 32) is taught
-answers in the built-in formats (Execution split between 4 and 5, so that expected scores are real means), written
-in the hub layout (`complete_processor_layout`, as `firm export-critic` does), and served with `vllm serve`. Then
-`firm critic score` runs for edits and generations in integer, expected-score and structured-output modes, and a
+`vllm` command; elsewhere (`make test`) it is skipped. The tiny critic (`firm shapes tiny-critic`, head_dim 32) is
+taught answers in the built-in formats (Execution split between 4 and 5, so that expected scores are real means),
+written in the hub layout (`complete_processor_layout`, as `firm critic export` does), and served with `vllm serve`.
+Then `firm critic score` runs for edits and generations in integer, expected-score and structured-output modes, and a
 curation run goes from `firm data import` to `firm curate experiments/curation/edit_vllm.yaml`. Timings and parse
 rates are printed and written to $FIRM_VLLM_REPORT (default build/test-vllm/report.json): docs/critics.md shows them.
 """
@@ -57,7 +57,7 @@ def vllm_url(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vllm")
     t0 = time.perf_counter()
-    # `firm tiny-critic`'s architecture, narrower (64 wide, 2 layers) so that teaching takes a minute or two on CPU
+    # `firm shapes tiny-critic`'s architecture, narrower (64 wide, 2 layers): teaching takes a minute or two on CPU
     small = TinyCriticConfig(hidden_size=64, layers=2, heads=2, kv_heads=1, head_dim=32, vision_depth=1,
                              vision_hidden=64, vocab_size=800, corpus_samples=40)  # fmt: skip
     path = build_tiny_critic(root / "tiny-critic", small)

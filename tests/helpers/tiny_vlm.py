@@ -1,7 +1,7 @@
 """A tiny Qwen3-VL-architecture critic built locally (no downloads): random weights, a BPE tokenizer trained on the
 critic prompts, a Qwen2-VL image processor and a chat template, saved with ``save_pretrained``.
 
-``build_tiny_vlm(dir)`` writes the checkpoint; ``LocalCritic`` (and `firm serve-critic`) load it back with the
+``build_tiny_vlm(dir)`` writes the checkpoint; ``LocalCritic`` (and `firm critic serve`) load it back with the
 regular ``from_pretrained`` path. ``teach_answer`` fine-tunes the tiny model for a few steps to always answer a
 fixed text, so that tests can also exercise the path where the critic's output parses.
 """

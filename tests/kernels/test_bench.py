@@ -31,11 +31,11 @@ def test_profile_on_cpu_writes_trace(tmp_path):
     assert trace.exists() and "traceEvents" in trace.read_text()[:2000]
 
 
-def test_firm_cli_kernels_bench(tmp_path, capsys):
+def test_firm_cli_kernels_time(tmp_path, capsys):
     from firm.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["kernels", "bench", "--quick", "--ops", "group_advantages", "--out", str(tmp_path)])
+        main(["kernels", "time", "--quick", "--ops", "group_advantages", "--out", str(tmp_path)])
     assert exit_info.value.code == 0
     assert "group_advantages" in capsys.readouterr().out
     assert list(tmp_path.glob("*.json"))

@@ -12,10 +12,10 @@ def test_preview_writes_a_png(tmp_path):
     assert e.value.code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+def test_critic_agreement_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     with pytest.raises(SystemExit) as e:
-        main(["shapes", "bench", "--n", "20", "--sizes", "32", "--out", str(out)])
+        main(["shapes", "critic-agreement", "--n", "20", "--sizes", "32", "--out", str(out)])
     assert e.value.code == 0
     assert "agree E" in capsys.readouterr().out
     res = json.loads(out.read_text())

@@ -1,6 +1,6 @@
-"""`firm bench-step`: where the time of an RL step goes, for any experiment YAML.
+"""`firm profile step`: where the time of an RL step goes, for any experiment YAML.
 
-    firm bench-step EXP.yaml [key=value ...] [--steps N] [--warmup W] [--compare "k=v ..." ...] [--out DIR]
+    firm profile step EXP.yaml [key=value ...] [--steps N] [--warmup W] [--compare "k=v ..." ...] [--out DIR]
 
 Runs ``W + N`` RL steps of the experiment (no checkpoints, no loggers), times the last ``N`` and prints:
 
@@ -221,7 +221,7 @@ def _callback(profiler: StepProfiler, warmup: int, steps: int) -> Any:
     return Measure()
 
 
-def bench_experiment(
+def profile_experiment(
     experiment: str,
     overrides: list[str],
     *,
@@ -241,13 +241,13 @@ def bench_experiment(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_components(cfg)
     if not hasattr(module, "micro_loss"):
-        raise SystemExit(f"firm bench-step: {experiment} is not an RL experiment (module {cfg.module.name!r})")
+        raise SystemExit(f"firm profile step: {experiment} is not an RL experiment (module {cfg.module.name!r})")
     profiler = StepProfiler(module)
     measure = _callback(profiler, warmup, steps)
     tc = cfg.trainer
     trainer = L.Trainer(
         max_steps=-1,
-        default_root_dir=str(root) if root is not None else tempfile.mkdtemp(prefix="firm-bench-step-"),  # samples/
+        default_root_dir=str(root) if root is not None else tempfile.mkdtemp(prefix="firm-profile-step-"),  # samples/
         max_epochs=10**6,
         accelerator=tc.accelerator,
         devices=tc.devices,
@@ -266,7 +266,7 @@ def bench_experiment(
     trainer.fit(module, datamodule=datamodule)
     profiler.restore()
     if not measure.rows or measure.sync_row is None:
-        raise SystemExit("firm bench-step: the run ended before the measured steps (too few prompts or steps?)")
+        raise SystemExit("firm profile step: the run ended before the measured steps (too few prompts or steps?)")
     n = len(measure.rows)
     mean = {k: sum(r.get(k, 0.0) for r in measure.rows) / n for k in {k for r in measure.rows for k in r}}
     main = sum(mean.get(k, 0.0) for k in SECTIONS if k != "other")
@@ -332,8 +332,8 @@ def main(args: argparse.Namespace) -> int:
     runs += [(list(args.overrides) + shlex.split(c), c) for c in (args.compare or [])]
     results = []
     for ov, label in runs:
-        print(f"[bench-step] {experiment} {' '.join(ov)}", file=sys.stderr)
-        res = bench_experiment(
+        print(f"[profile step] {experiment} {' '.join(ov)}", file=sys.stderr)
+        res = profile_experiment(
             experiment, ov, steps=args.steps, warmup=args.warmup, progress=args.progress, root=Path(args.out) / "root"
         )
         results.append({**res, "label": label})
@@ -345,5 +345,5 @@ def main(args: argparse.Namespace) -> int:
     path = out / f"{Path(experiment).stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = {"argv": sys.argv, "torch": torch.__version__, "threads": torch.get_num_threads(), "pid": os.getpid()}
     path.write_text(json.dumps({"device": results[0]["device"], "meta": meta, "runs": results}, indent=2) + "\n")
-    print(f"[bench-step] results: {path}")
+    print(f"[profile step] results: {path}")
     return 0

@@ -3,7 +3,7 @@
 One ``training_step`` is one RL step on this rank's share of the batch (``data.batch_size`` samples; a prompt's G
 copies may sit on different ranks):
 
-1. **Rollout** (:func:`firm.algorithms.rollout.run_rollout`) in chunks of ``rollout_chunk`` samples with the
+1. **Rollout** (:class:`firm.algorithms.rollout.Rollouter`) in chunks of ``rollout_chunk`` samples with the
    ``rollout_adapter``; each chunk is scored by the critic on a worker thread while the next one is sampled.
 2. **Advantages**: rewards and group labels are all-gathered and ``firm.kernels.group_advantages`` normalises per prompt
    group over the whole world (NaN rewards excluded, advantage 0); each rank keeps its slice and a training mask
@@ -37,16 +37,17 @@ import contextlib
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
 import torch
 
-from firm.algorithms.advantages import world_advantages
+from firm.algorithms.advantages import Advantages, world_advantages
 from firm.algorithms.config import RLConfig
 from firm.algorithms.reporting import log_samples, rollout_metrics
-from firm.algorithms.rollout import Rollout, collect_rewards, run_rollout
+from firm.algorithms.rollout import Rollout, Rollouter
 from firm.algorithms.scoring import OverlappedScorer
 from firm.algorithms.state import generator, load_rl_state, save_rl_state, set_rng_state
 from firm.critics.factory import build_critic
@@ -54,6 +55,7 @@ from firm.module import FirmModule
 from firm.policies.policy import FlowPolicy
 from firm.policies.samplers import sde_window
 from firm.rewards.functions import FirmEditReward, FirmGenReward, build_combiner
+from firm.vocab import Task
 
 
 def ema_decay(step: int, decay: float, *, warmup: bool = True) -> float:
@@ -106,14 +108,16 @@ class RLAlgorithm(FirmModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave out the frozen base weights
         self.policy = FlowPolicy(c.policy, old_adapter=self.needs_old_adapter)
-        if c.task == "edit" and self.policy.family.task != "edit":
+        if c.task == Task.EDIT and self.policy.family.task != Task.EDIT:
             raise ValueError(f"module.task=edit needs an editing policy; policy.family={c.policy.family!r} is not one")
-        reward_cls = FirmEditReward if c.task == "edit" else FirmGenReward
+        reward_cls = FirmEditReward if c.task == Task.EDIT else FirmGenReward
         self.reward_fn = reward_cls(build_critic(c.critic), build_combiner(c.reward), dimensions=c.critic_dimensions)
         self.rl_step = 0
         self.ema: dict[str, torch.Tensor] | None = None
         self._fresh = True  # no optimizer step since the last rollout: the policy *is* the sampling policy
         self._scorer: OverlappedScorer | None = None
+        self._rollouter: Rollouter | None = None
+        self._pending_rng: dict[str, Any] | None = None  # RNG states of a loaded checkpoint, restored at the 1st batch
         self._idle_rl_steps = 0
         self._pending: tuple[dict[str, Any], Rollout] | None = None  # asynchronous mode: the rollout being scored
         self._callbacks = build_callbacks(c.callbacks)
@@ -130,12 +134,12 @@ class RLAlgorithm(FirmModule):
         """(n,) step indices of a rollout that can be trained on (default: the stochastic ones)."""
         return torch.nonzero(roll.stochastic).flatten()
 
-    def begin_epoch(self, roll: Rollout, adv: dict[str, Any], epoch: int) -> Any:
-        """Per-epoch state handed to :meth:`micro_loss` (default: none)."""
+    def begin_epoch(self, roll: Rollout, adv: Advantages, epoch: int) -> Any:
+        """Per-epoch state handed to :meth:`micro_loss`, e.g. a dataclass of device copies (default: none)."""
         return None
 
     def micro_loss(
-        self, roll: Rollout, adv: dict[str, Any], ctx: Any, mic: Micro
+        self, roll: Rollout, adv: Advantages, ctx: Any, mic: Micro
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """The loss of micro-batch ``mic.m`` (sample indices) at step ``mic.idx[i]`` of each sample.
 
@@ -186,6 +190,7 @@ class RLAlgorithm(FirmModule):
         if self._scorer is not None:
             self._scorer.close()
             self._scorer = None
+            self._rollouter = None
 
     def optimizer_steps_per_rl_step(self, local_batch: int | None = None) -> int:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -210,11 +215,27 @@ class RLAlgorithm(FirmModule):
             )
         return self._scorer
 
+    @property
+    def rollouter(self) -> Rollouter:
+        """Samples and scores this rank's batches (built with the scorer)."""
+        if self._rollouter is None or self._rollouter.scorer is not self.scorer:
+            self._rollouter = Rollouter(
+                self.policy,
+                self.scorer,
+                self.config,
+                adapter=self.rollout_adapter,
+                record_means=self.records_means,
+            )
+        return self._rollouter
+
     # ---------------------------------------------------------------------------------------------------- the step
 
     def rollout(self, batch: dict[str, Any], collect: bool = True) -> Rollout:
-        """This step's rollout (:func:`run_rollout`); ``collect=False`` leaves its scores with the critic."""
-        return run_rollout(self, batch, collect=collect)
+        """This step's rollout (:meth:`Rollouter.run`); ``collect=False`` leaves its scores with the critic."""
+        window = self.sde_window(self.config.sampler.num_steps)
+        return self.rollouter.run(
+            batch, rl_step=self.rl_step, rank=self.global_rank, device=self.device, window=window, collect=collect
+        )
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' ``x`` concatenated along dim 0 (rank order)."""
@@ -222,9 +243,11 @@ class RLAlgorithm(FirmModule):
             return x
         return self.all_gather(x).reshape(-1, *x.shape[1:])  # (W, B, ...) -> (W * B, ...)
 
-    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> Advantages:
         """Group-normalised advantages over the whole world and the training mask (:func:`world_advantages`)."""
-        return world_advantages(self, rewards, groups)
+        return world_advantages(
+            rewards, groups, self.config, gather=self.gather, rank=self.global_rank, device=self.device
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         t_step = time.perf_counter()
@@ -237,7 +260,7 @@ class RLAlgorithm(FirmModule):
                 self.rl_step += 1
                 return
             batch, roll = prev
-            collect_rewards(self, roll)
+            self.rollouter.collect(roll)
             roll.rollout_s += new.rollout_s  # what this step spent sampling
             self._fresh = False  # the behaviour policy is one optimizer step old: use the rollout's log-probs
         else:
@@ -246,7 +269,7 @@ class RLAlgorithm(FirmModule):
         adv = self.advantages(roll.reward.rewards, batch["group"])
         t_upd = time.perf_counter()
         steps_before = self.global_step
-        metrics = self.update(roll, adv) if adv["global_keep"] > 0 else {"train/skipped_no_valid": 1.0}
+        metrics = self.update(roll, adv) if adv.global_keep > 0 else {"train/skipped_no_valid": 1.0}
         update_s = time.perf_counter() - t_upd
         # trainer.max_steps counts optimizer steps: RL steps without one (no valid reward, non-finite losses) do not
         # advance the run, so a critic that never answers must stop it rather than spin forever.
@@ -254,12 +277,12 @@ class RLAlgorithm(FirmModule):
         if self._idle_rl_steps >= self.config.max_idle_rl_steps:
             raise RuntimeError(
                 f"{self._idle_rl_steps} RL steps in a row made no optimizer step (missing fraction of the last one: "
-                f"{1 - adv['global_keep'] / max(adv['all_rewards'].numel(), 1):.2f}); is the critic answering? "
+                f"{1 - adv.global_keep / max(adv.all_rewards.numel(), 1):.2f}); is the critic answering? "
                 "Raise module.max_idle_rl_steps to wait longer"
             )
         self.rl_step += 1
         metrics.update(self.after_update())
-        metrics.update(rollout_metrics(self, roll, adv))
+        metrics.update(rollout_metrics(roll, adv, self.gather))
         metrics.update(
             {
                 "perf/rollout_s": roll.rollout_s,
@@ -272,10 +295,20 @@ class RLAlgorithm(FirmModule):
         )
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
         self.log("reward", metrics.get("reward/mean", math.nan), prog_bar=True, on_step=True, rank_zero_only=True)
-        if self.config.log_images_every and self.rl_step % self.config.log_images_every == 0:
-            log_samples(self, batch, roll, adv)
+        c = self.config
+        if c.log_images_every and self.rl_step % c.log_images_every == 0 and self.global_rank == 0 and self._trainer:
+            log_samples(
+                Path(self.trainer.default_root_dir) / "samples",
+                batch,
+                roll,
+                adv,
+                rl_step=self.rl_step,
+                edit=c.task == Task.EDIT,
+                max_images=c.log_images_max,
+                loggers=self.loggers,
+            )
 
-    def update(self, roll: Rollout, adv: dict[str, Any]) -> dict[str, float]:
+    def update(self, roll: Rollout, adv: Advantages) -> dict[str, float]:
         """The masked update loop: epochs -> optimizer steps -> trained steps -> micro-batches.
 
         No host sync per micro-batch: indices live on the device, the kept counts come from the host mask of the
@@ -284,7 +317,7 @@ class RLAlgorithm(FirmModule):
         """
         c, dev = self.config, self.device
         b = roll.latents.shape[0]
-        keep, keep_host = adv["keep"].to(dev), adv["keep_host"]
+        keep, keep_host = adv.keep.to(dev), adv.keep_host
         candidates = self.train_candidates(roll)
         sums: dict[str, torch.Tensor] = {}
         count, norms, skipped_steps = 0, [], 0
@@ -296,7 +329,7 @@ class RLAlgorithm(FirmModule):
             ctx = self.begin_epoch(roll, adv, epoch)
             mbs = self.minibatches(b, epoch)
             order_dev = torch.cat(mbs).to(dev)  # the epoch's sample order on the device: one copy, not one per micro
-            kept = self.world_kept(adv["world_keep_host"], b, epoch)
+            kept = self.world_kept(adv.world_keep_host, b, epoch)
             mb_size, lo = c.micro_batch_size or b, 0
             for k, mb in enumerate(mbs):
                 scale = self.world / max(kept[k] * n_t, 1.0)
@@ -401,15 +434,19 @@ class RLAlgorithm(FirmModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        save_rl_state(self, checkpoint)
+        save_rl_state(checkpoint, rl_step=self.rl_step, policy=self.policy, ema=self.ema)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         # The RNG states are restored at the first batch, not now: the data loader's iterator, created after this
         # hook, draws its base seed from the global RNG, as the uninterrupted run's did before this checkpoint.
-        self._pending_rng = load_rl_state(self, checkpoint)
+        state = load_rl_state(checkpoint, self.policy)
+        self.rl_step = state.rl_step
+        if state.ema is not None:
+            self.ema = {k: v.to(self.device) for k, v in state.ema.items()}
+        self._pending_rng = state.rng
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if getattr(self, "_pending_rng", None) is not None:
+        if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None

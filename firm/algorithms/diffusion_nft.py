@@ -19,11 +19,11 @@ optimizer steps as DiffusionNFT's ``global_step`` does (``old_decay_unit: rl_ste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from firm import kernels
+from firm.algorithms.advantages import Advantages
 from firm.algorithms.base import Micro, RLAlgorithm
 from firm.algorithms.config import RLConfig, SamplerConfig
 from firm.algorithms.rollout import Rollout
@@ -60,6 +60,16 @@ def old_policy_decay(step: int, rate: float, maximum: float, start: int = 0) -> 
     return 0.0 if step < start else min(rate * (step - start), maximum)
 
 
+@dataclass
+class NFTEpoch:
+    """What every micro-batch of one epoch reads, on the device."""
+
+    r: torch.Tensor  # (B,) the optimality probability of each sample: clipped advantage mapped to [0, 1]
+    x0: torch.Tensor  # (B, C, h, w) the rollouts' final samples
+    noise: torch.Generator  # the epoch's re-noising draws
+    sigmas: torch.Tensor  # (T + 1,)
+
+
 class DiffusionNFT(RLAlgorithm):
     """DiffusionNFT on a LoRA-adapted flow policy; see the module docstring."""
 
@@ -80,23 +90,23 @@ class DiffusionNFT(RLAlgorithm):
     def train_candidates(self, roll: Rollout) -> torch.Tensor:
         return torch.arange(roll.sigmas.numel() - 1)  # every sampling sigma (not the final 0)
 
-    def begin_epoch(self, roll: Rollout, adv: dict[str, Any], epoch: int) -> Any:
+    def begin_epoch(self, roll: Rollout, adv: Advantages, epoch: int) -> NFTEpoch:
         c = self.config
-        a = adv["adv"].to(self.device)
-        return {
-            "r": (a.clamp(-c.adv_clip_max, c.adv_clip_max) / c.adv_clip_max / 2 + 0.5).clamp(0, 1),  # (B,)
-            "x0": roll.latents[:, -1].to(self.device),  # (B, C, h, w) the rollouts' final samples
-            "noise": generator("renoise", c.seed, self.rl_step, epoch, self.global_rank, device=self.device),
-            "sigmas": roll.sigmas.to(self.device),
-        }
+        a = adv.adv.to(self.device)
+        return NFTEpoch(
+            r=(a.clamp(-c.adv_clip_max, c.adv_clip_max) / c.adv_clip_max / 2 + 0.5).clamp(0, 1),
+            x0=roll.latents[:, -1].to(self.device),
+            noise=generator("renoise", c.seed, self.rl_step, epoch, self.global_rank, device=self.device),
+            sigmas=roll.sigmas.to(self.device),
+        )
 
     def micro_loss(
-        self, roll: Rollout, adv: dict[str, Any], ctx: Any, mic: Micro
+        self, roll: Rollout, adv: Advantages, ctx: NFTEpoch, mic: Micro
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         c, m = self.config, mic.m
-        x0, r = ctx["x0"][m], ctx["r"][m]
-        t = ctx["sigmas"][mic.idx]  # (b,)
-        noise = torch.randn(x0.shape, generator=ctx["noise"], device=self.device)  # drawn on the device
+        x0, r = ctx.x0[m], ctx.r[m]
+        t = ctx.sigmas[mic.idx]  # (b,)
+        noise = torch.randn(x0.shape, generator=ctx.noise, device=self.device)  # drawn on the device
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * noise
         cond = roll.cond.index(m)

@@ -22,11 +22,12 @@ as Flow-GRPO filters them before training (``drop_zero_adv``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from firm import kernels
+from firm.algorithms.advantages import Advantages
 from firm.algorithms.base import Micro, RLAlgorithm
 from firm.algorithms.config import RLConfig, SamplerConfig
 from firm.algorithms.rollout import Rollout
@@ -93,22 +94,31 @@ class StepTerms(NamedTuple):
     mean_old: torch.Tensor | None  # (b, C, h, w) the behaviour step mean, when the rollout recorded it
 
 
+@dataclass
+class GRPOEpoch:
+    """What every micro-batch of one epoch reads: the rollout's sigmas, copied to the device once per epoch."""
+
+    sigmas: torch.Tensor  # (T + 1,)
+
+
 class FlowGRPO(RLAlgorithm):
     """Flow-GRPO on a LoRA-adapted flow policy; see the module docstring."""
 
     Config = FlowGRPOConfig
     rollout_adapter = "default"
 
-    def begin_epoch(self, roll: Rollout, adv: dict[str, Any], epoch: int) -> Any:
-        return {"sigmas": roll.sigmas.to(self.device)}  # (T + 1,) once per epoch, not one copy per micro-batch
+    def begin_epoch(self, roll: Rollout, adv: Advantages, epoch: int) -> GRPOEpoch:
+        return GRPOEpoch(sigmas=roll.sigmas.to(self.device))
 
-    def step_terms(self, roll: Rollout, ctx: Any, m: torch.Tensor, idx: torch.Tensor, kl_weight: float) -> StepTerms:
+    def step_terms(
+        self, roll: Rollout, ctx: GRPOEpoch, m: torch.Tensor, idx: torch.Tensor, kl_weight: float
+    ) -> StepTerms:
         """Recompute the transition ``latents[m, idx] -> latents[m, idx + 1]`` under the current policy (and the
         reference's step mean when ``kl_weight > 0``)."""
         c, s, dev = self.config, self.config.sampler, self.device
         latents = roll.latents.to(dev)  # already there: the rollout samples on the device
         x, x_next = latents[m, idx], latents[m, idx + 1]
-        sig, sig_next = ctx["sigmas"][idx], ctx["sigmas"][idx + 1]
+        sig, sig_next = ctx.sigmas[idx], ctx.sigmas[idx + 1]
         coefs = step_coefs(s.method, sig, sig_next, s.noise_level, roll.sigma_cap)
         cond = roll.cond.index(m)
         uncond = roll.uncond.index(m) if roll.uncond is not None else None
@@ -133,11 +143,11 @@ class FlowGRPO(RLAlgorithm):
         return sur.loss, torch.exp(t.logp.detach() - t.old)
 
     def micro_loss(
-        self, roll: Rollout, adv: dict[str, Any], ctx: Any, mic: Micro
+        self, roll: Rollout, adv: Advantages, ctx: GRPOEpoch, mic: Micro
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         c = self.config
         t = self.step_terms(roll, ctx, mic.m, mic.idx, mic.kl_weight)
-        policy_loss, ratio = self.surrogate(t, adv["adv"].to(self.device)[mic.m])
+        policy_loss, ratio = self.surrogate(t, adv.adv.to(self.device)[mic.m])
         w = mic.keep.float()
         loss_sum = ((policy_loss + mic.kl_weight * t.kl) * w).sum()
         lp = t.logp.detach()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,16 +13,19 @@ from firm.critics.types import CONSISTENCY, EXECUTION
 from firm.images import to_pil, to_tensor
 
 if TYPE_CHECKING:
-    from firm.algorithms.base import RLAlgorithm
+    from firm.algorithms.advantages import Advantages
     from firm.algorithms.rollout import Rollout
 
 
-def rollout_metrics(module: RLAlgorithm, roll: Rollout, adv: dict[str, Any]) -> dict[str, float]:
-    """Reward (and each component), missing rate, advantage and critic statistics of the whole world.
+def rollout_metrics(
+    roll: Rollout, adv: Advantages, gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+) -> dict[str, float]:
+    """Reward (and each component), missing rate, advantage and critic statistics of the whole world (``gather``:
+    all ranks' tensors in rank order, as for the advantages).
 
     Every statistic is computed on the device and read in one copy (NaN where nothing was valid).
     """
-    r, valid, a = adv["all_rewards"], adv["all_valid"], adv["all_adv"]
+    r, valid, a = adv.all_rewards, adv.all_valid, adv.all_adv
     nan = torch.full((), math.nan, device=r.device)
     vr = torch.where(valid, r, nan)
     dev: dict[str, torch.Tensor] = {
@@ -37,7 +41,7 @@ def rollout_metrics(module: RLAlgorithm, roll: Rollout, adv: dict[str, Any]) -> 
     comps = roll.reward.components
     if comps:
         names = sorted(comps)
-        stacked = module.gather(torch.stack([comps[k] for k in names], dim=1).to(module.device))  # (N, K)
+        stacked = gather(torch.stack([comps[k] for k in names], dim=1).to(r.device))  # (N, K)
         for j, k in enumerate(names):
             col = stacked[:, j]
             dev[f"reward/{k}"] = col.nanmean()
@@ -53,9 +57,9 @@ def rollout_metrics(module: RLAlgorithm, roll: Rollout, adv: dict[str, Any]) -> 
     out.update(
         {
             "reward/critic_failures": float(roll.critic_failures),
-            "adv/zero_std_group_frac": adv["zero_std_group_frac"],
-            "adv/group_std_mean": adv["group_std_mean"],
-            "adv/trained_frac": adv["global_keep"] / max(r.numel(), 1),
+            "adv/zero_std_group_frac": adv.zero_std_group_frac,
+            "adv/group_std_mean": adv.group_std_mean,
+            "adv/trained_frac": adv.global_keep / max(r.numel(), 1),
         }
     )
     return out
@@ -73,30 +77,38 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: floa
     return grid
 
 
-def log_samples(module: RLAlgorithm, batch: dict[str, Any], roll: Rollout, adv: dict[str, Any]) -> None:
-    """A grid of this rank-0 batch's samples (source | output for edits): PNG + TensorBoard + captions."""
-    if module.global_rank != 0 or module._trainer is None:
-        return
-    n = min(module.config.log_images_max, roll.images.shape[0])
+def log_samples(
+    out_dir: Path,
+    batch: dict[str, Any],
+    roll: Rollout,
+    adv: Advantages,
+    *,
+    rl_step: int,
+    edit: bool,
+    max_images: int,
+    loggers: Iterable[Any] = (),
+) -> None:
+    """A grid of the batch's first ``max_images`` samples (source | output for edits) as ``out_dir/stepNNNNNN.png``
+    with a caption file, and in each TensorBoard-like logger."""
+    n = min(max_images, roll.images.shape[0])
     outs = roll.images[:n]
-    if module.config.task == "edit":
+    if edit:
         src = to_tensor(batch["image"][:n], outs.shape[-1])
         tiles = torch.stack([src, outs], dim=1).reshape(-1, *outs.shape[1:])  # (2n, 3, H, W) source, output
         nrow = 2 * max(1, int(math.sqrt(n)))
     else:
         tiles, nrow = outs, max(1, int(math.ceil(math.sqrt(n))))
     grid = make_grid(tiles, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
-    out_dir = Path(module.trainer.default_root_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"step{module.rl_step:06d}"
+    stem = f"step{rl_step:06d}"
     to_pil(grid[None])[0].save(out_dir / f"{stem}.png")
     rewards = roll.reward.rewards[:n].tolist()
     lines = [
         f"{i}\treward={r:.3f}\tadv={float(a):.3f}\t{p}"
-        for i, (r, a, p) in enumerate(zip(rewards, adv["adv"][:n].tolist(), batch["prompt"][:n]))
+        for i, (r, a, p) in enumerate(zip(rewards, adv.adv[:n].tolist(), batch["prompt"][:n]))
     ]
     (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
-    for logger in module.loggers:
+    for logger in loggers:
         exp = getattr(logger, "experiment", None)
         if hasattr(exp, "add_image"):
-            exp.add_image("samples", grid, module.rl_step)
+            exp.add_image("samples", grid, rl_step)

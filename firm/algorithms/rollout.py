@@ -1,8 +1,9 @@
 """The rollout of one RL step: sample this rank's batch in chunks while the critic scores the previous chunk.
 
 Each chunk's images go to the critic on a worker thread (:class:`firm.algorithms.scoring.OverlappedScorer`) as soon as
-they are decoded, and the next chunk is sampled meanwhile. Which steps are stochastic comes from the algorithm's
-:meth:`~firm.algorithms.base.RLAlgorithm.sde_window` hook; which adapter samples from its ``rollout_adapter``.
+they are decoded, and the next chunk is sampled meanwhile. A :class:`Rollouter` holds what does not change between RL
+steps (the policy, the scorer, the settings, which adapter samples); each call gets the step's place (RL step, rank,
+device) and its stochastic steps (the algorithm's :meth:`~firm.algorithms.base.RLAlgorithm.sde_window` hook).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from firm.images import to_pil
 from firm.policies.encoders import Conditioning
 from firm.policies.samplers import SAMPLERS, sample
 from firm.rewards.functions import RewardOutput
+from firm.vocab import Task
 
 if TYPE_CHECKING:
-    from firm.algorithms.base import RLAlgorithm
+    from firm.algorithms.config import RLConfig
+    from firm.algorithms.scoring import OverlappedScorer
+    from firm.policies.policy import FlowPolicy
 
 
 @dataclass
@@ -44,110 +48,139 @@ class Rollout:
     group: int = 0  # the scorer group of this rollout's chunks (its RL step)
 
 
-def initial_noise(module: RLAlgorithm, groups: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) initial latents; per group (same on every rank) or per sample, seeded by the RL step."""
-    c = module.config
-    shape = module.policy.latent_shape()
-    rows = []
-    for i, g in enumerate(groups.tolist()):
-        parts = (
-            ("noise", c.seed, module.rl_step, "group", g)
-            if c.sampler.same_noise_in_group
-            else ("noise", c.seed, module.rl_step, "rank", module.global_rank, i)
-        )
-        rows.append(torch.randn(shape, generator=generator(*parts)))
-    return torch.stack(rows).to(module.device)
+class Rollouter:
+    """Samples, decodes and scores one rank's batch per RL step (see the module docstring).
 
-
-@torch.no_grad()
-def run_rollout(module: RLAlgorithm, batch: dict[str, Any], *, collect: bool = True) -> Rollout:
-    """Sample, decode and score this rank's batch (see the module docstring).
-
-    With ``collect=False`` the chunks are left with the critic and ``reward`` is None: :func:`collect_rewards` waits
-    for them later (the asynchronous RL step samples rollout k + 1 while rollout k is scored and trained on).
+    Args:
+        policy: the flow policy that samples.
+        scorer: hands each chunk's requests to the critic on a worker thread, and collects the rewards.
+        config: the RL settings (``task``, ``sampler``, ``rollout_chunk``, ``critic_queue``, ``seed``).
+        adapter: the LoRA adapter that samples (None: the base model).
+        record_means: keep every stochastic step's mean too (GRPO-Guard).
     """
-    c, s = module.config, module.config.sampler
-    policy = module.policy
-    t0 = time.perf_counter()
-    prompts, sources = batch["prompt"], batch["image"]
-    images_in = sources if c.task == "edit" else None
-    cond = policy.encode_prompts(prompts, images_in)
-    uncond = policy.encode_negative(cond, images_in) if policy.needs_uncond(s.guidance_scale) else None
-    noise = initial_noise(module, batch["group"])
-    sigmas = policy.sigmas(s.num_steps)
-    window = module.sde_window(s.num_steps)
-    record = SAMPLERS[s.method].stochastic  # policy-gradient training needs every latent of the trajectory
-    scorer = module.scorer
-    n_chunks = -(-noise.shape[0] // c.rollout_chunk)
-    # asynchronous: the previous rollout's chunks may all still be queued; only this rollout's count against the queue
-    scorer.max_pending = c.critic_queue + (n_chunks if not collect else 0)
-    wait0 = scorer.wait_s
-    group = module.rl_step
-    latents, log_probs, images, means = [], [], [], []
-    traj = None
-    b = noise.shape[0]
-    for k, lo in enumerate(range(0, b, c.rollout_chunk)):
-        sl = slice(lo, min(lo + c.rollout_chunk, b))
-        cc = cond.index(sl)
-        uc = uncond.index(sl) if uncond is not None else None
 
-        def vfn(x: torch.Tensor, sig: torch.Tensor, cc=cc, uc=uc) -> torch.Tensor:
-            return policy.velocity(x, sig, cc, guidance_scale=s.guidance_scale, uncond=uc)
+    def __init__(
+        self,
+        policy: FlowPolicy,
+        scorer: OverlappedScorer,
+        config: RLConfig,
+        *,
+        adapter: str | None = "default",
+        record_means: bool = False,
+    ) -> None:
+        self.policy, self.scorer, self.config = policy, scorer, config
+        self.adapter, self.record_means = adapter, record_means
 
-        with policy.adapter(module.rollout_adapter):
-            traj = sample(
-                vfn,
-                noise[sl],
-                sigmas,
-                method=s.method,
-                noise_level=s.noise_level,
-                stochastic=window,
-                generator=generator("sde", c.seed, module.rl_step, module.global_rank, k, device=module.device),
-                record=record,
-                deterministic=s.deterministic_solver,
-                log_prob=s.log_prob,
-                record_means=module.records_means,
+    def initial_noise(self, groups: torch.Tensor, *, rl_step: int, rank: int, device: Any) -> torch.Tensor:
+        """(B, C, h, w) initial latents; per group (same on every rank) or per sample, seeded by the RL step."""
+        c = self.config
+        shape = self.policy.latent_shape()
+        rows = []
+        for i, g in enumerate(groups.tolist()):
+            parts = (
+                ("noise", c.seed, rl_step, "group", g)
+                if c.sampler.same_noise_in_group
+                else ("noise", c.seed, rl_step, "rank", rank, i)
             )
-        imgs = policy.decode(traj.final).cpu()  # (b, 3, H, W)
-        reqs = build_requests(
-            c.task,
-            to_pil(imgs),
-            prompts[sl],
-            [str(x) for x in batch["key"][sl]],
-            sources[sl] if c.task == "edit" else None,
-            batch.get("checklist", [None] * b)[sl],
+            rows.append(torch.randn(shape, generator=generator(*parts)))
+        return torch.stack(rows).to(device)
+
+    @torch.no_grad()
+    def run(
+        self,
+        batch: dict[str, Any],
+        *,
+        rl_step: int,
+        rank: int,
+        device: Any,
+        window: torch.Tensor,
+        collect: bool = True,
+    ) -> Rollout:
+        """Sample, decode and score ``batch`` with the stochastic steps ``window`` ((T,) bool).
+
+        With ``collect=False`` the chunks are left with the critic and ``reward`` is None: :meth:`collect` waits for
+        them later (the asynchronous RL step samples rollout k + 1 while rollout k is scored and trained on).
+        """
+        c, s = self.config, self.config.sampler
+        policy, scorer = self.policy, self.scorer
+        t0 = time.perf_counter()
+        prompts, sources = batch["prompt"], batch["image"]
+        images_in = sources if c.task == Task.EDIT else None
+        cond = policy.encode_prompts(prompts, images_in)
+        uncond = policy.encode_negative(cond, images_in) if policy.needs_uncond(s.guidance_scale) else None
+        noise = self.initial_noise(batch["group"], rl_step=rl_step, rank=rank, device=device)
+        sigmas = policy.sigmas(s.num_steps)
+        record = SAMPLERS[s.method].stochastic  # policy-gradient training needs every latent of the trajectory
+        n_chunks = -(-noise.shape[0] // c.rollout_chunk)
+        # asynchronous: the previous rollout's chunks may all still be queued; only this rollout's count against the
+        # queue
+        scorer.max_pending = c.critic_queue + (n_chunks if not collect else 0)
+        wait0 = scorer.wait_s
+        group = rl_step
+        latents, log_probs, images, means = [], [], [], []
+        traj = None
+        b = noise.shape[0]
+        for k, lo in enumerate(range(0, b, c.rollout_chunk)):
+            sl = slice(lo, min(lo + c.rollout_chunk, b))
+            cc = cond.index(sl)
+            uc = uncond.index(sl) if uncond is not None else None
+
+            def vfn(x: torch.Tensor, sig: torch.Tensor, cc=cc, uc=uc) -> torch.Tensor:
+                return policy.velocity(x, sig, cc, guidance_scale=s.guidance_scale, uncond=uc)
+
+            with policy.adapter(self.adapter):
+                traj = sample(
+                    vfn,
+                    noise[sl],
+                    sigmas,
+                    method=s.method,
+                    noise_level=s.noise_level,
+                    stochastic=window,
+                    generator=generator("sde", c.seed, rl_step, rank, k, device=device),
+                    record=record,
+                    deterministic=s.deterministic_solver,
+                    log_prob=s.log_prob,
+                    record_means=self.record_means,
+                )
+            imgs = policy.decode(traj.final).cpu()  # (b, 3, H, W)
+            reqs = build_requests(
+                c.task,
+                to_pil(imgs),
+                prompts[sl],
+                [str(x) for x in batch["key"][sl]],
+                sources[sl] if c.task == Task.EDIT else None,
+                batch.get("checklist", [None] * b)[sl],
+            )
+            scorer.submit(reqs, group)
+            latents.append(traj.latents)
+            log_probs.append(traj.log_probs)
+            images.append(imgs)
+            if traj.means is not None:
+                means.append(traj.means)
+        rollout_s = time.perf_counter() - t0
+        roll = Rollout(
+            cond=cond,
+            uncond=uncond,
+            latents=torch.cat(latents),
+            log_probs=torch.cat(log_probs),
+            sigmas=sigmas,
+            stochastic=traj.stochastic,
+            sigma_cap=traj.sigma_cap,
+            images=torch.cat(images),
+            reward=None,
+            rollout_s=rollout_s,
+            critic_wait_s=scorer.wait_s - wait0,
+            critic_failures=0,
+            means=torch.cat(means) if means else None,
+            group=group,
         )
-        scorer.submit(reqs, group)
-        latents.append(traj.latents)
-        log_probs.append(traj.log_probs)
-        images.append(imgs)
-        if traj.means is not None:
-            means.append(traj.means)
-    rollout_s = time.perf_counter() - t0
-    roll = Rollout(
-        cond=cond,
-        uncond=uncond,
-        latents=torch.cat(latents),
-        log_probs=torch.cat(log_probs),
-        sigmas=sigmas,
-        stochastic=traj.stochastic,
-        sigma_cap=traj.sigma_cap,
-        images=torch.cat(images),
-        reward=None,
-        rollout_s=rollout_s,
-        critic_wait_s=scorer.wait_s - wait0,
-        critic_failures=0,
-        means=torch.cat(means) if means else None,
-        group=group,
-    )
-    return collect_rewards(module, roll) if collect else roll
+        return self.collect(roll) if collect else roll
 
-
-def collect_rewards(module: RLAlgorithm, roll: Rollout) -> Rollout:
-    """Wait for the critic's scores of ``roll`` (counted as critic wait) and store them, with its failed chunks."""
-    scorer = module.scorer
-    wait0 = scorer.wait_s
-    roll.reward = scorer.collect(roll.group)
-    roll.critic_wait_s += scorer.wait_s - wait0
-    roll.critic_failures = scorer.group_failures.pop(roll.group, 0)
-    return roll
+    def collect(self, roll: Rollout) -> Rollout:
+        """Wait for the critic's scores of ``roll`` (counted as critic wait) and store them, with its failed chunks."""
+        scorer = self.scorer
+        wait0 = scorer.wait_s
+        roll.reward = scorer.collect(roll.group)
+        roll.critic_wait_s += scorer.wait_s - wait0
+        roll.critic_failures = scorer.group_failures.pop(roll.group, 0)
+        return roll

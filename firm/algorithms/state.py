@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from firm.algorithms.base import RLAlgorithm
+    from firm.policies.policy import FlowPolicy
 
 
 def seed_of(*parts: Any) -> int:
@@ -70,35 +71,41 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_rl_state(module: RLAlgorithm, checkpoint: dict) -> None:
+def save_rl_state(checkpoint: dict, *, rl_step: int, policy: FlowPolicy, ema: dict[str, torch.Tensor] | None) -> None:
     """Keep only the adapters of the state dict, and add the RL step, base fingerprint, EMA and RNG states."""
     sd = checkpoint.get("state_dict", {})
     checkpoint["state_dict"] = {k: v for k, v in sd.items() if "lora_" in k}
     checkpoint["firm_rl"] = {
-        "rl_step": module.rl_step,
-        "fingerprint": module.policy.base_fingerprint(),
-        "ema": None if module.ema is None else {k: v.detach().cpu() for k, v in module.ema.items()},
+        "rl_step": rl_step,
+        "fingerprint": policy.base_fingerprint(),
+        "ema": None if ema is None else {k: v.detach().cpu() for k, v in ema.items()},
         "rng": rng_state(),
     }
 
 
-def load_rl_state(module: RLAlgorithm, checkpoint: dict) -> dict[str, Any]:
-    """Check a checkpoint against the module (same base, every adapter tensor), restore the RL step and EMA; returns
-    the saved RNG states for the caller to restore when the time is right."""
+@dataclass
+class RLState:
+    """What an RL checkpoint restores besides the adapters and the optimizer."""
+
+    rl_step: int
+    ema: dict[str, torch.Tensor] | None  # on the CPU
+    rng: dict[str, Any]  # the global RNG states, for :func:`set_rng_state` (empty: none saved)
+
+
+def load_rl_state(checkpoint: dict, policy: FlowPolicy) -> RLState:
+    """Check a checkpoint against ``policy`` (same base weights, every adapter tensor present) and return its RL step,
+    EMA and RNG states for the caller to restore when the time is right."""
     state = checkpoint.get("firm_rl")
     if state is None:
         raise ValueError("this checkpoint was not written by a FIRM RL module (no `firm_rl` entry)")
-    fp = module.policy.base_fingerprint()
+    fp = policy.base_fingerprint()
     if not torch.allclose(state["fingerprint"].double(), fp, rtol=1e-6, atol=1e-6):
         raise ValueError(
             "the checkpoint was trained on a different base model than policy.pretrained / policy.tiny now builds "
             f"(fingerprint {state['fingerprint'].tolist()} vs {fp.tolist()}); resume with the same policy settings"
         )
-    own = {f"policy.{n}" for n, _ in module.policy.named_parameters() if "lora_" in n}
+    own = {f"policy.{n}" for n, _ in policy.named_parameters() if "lora_" in n}
     missing = sorted(own - set(checkpoint.get("state_dict", {})))
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
-    module.rl_step = int(state["rl_step"])
-    if state.get("ema") is not None:
-        module.ema = {k: v.to(module.device) for k, v in state["ema"].items()}
-    return state.get("rng") or {}
+    return RLState(rl_step=int(state["rl_step"]), ema=state.get("ema"), rng=state.get("rng") or {})

@@ -28,7 +28,7 @@ class ProbeNFTModule(DiffusionNFT):
 
     def advantages(self, rewards, groups):
         out = super().advantages(rewards, groups)
-        record = {"rewards": rewards.cpu(), "groups": groups.cpu(), "adv": out["adv"].cpu(), "keep": out["keep"].cpu()}
+        record = {"rewards": rewards.cpu(), "groups": groups.cpu(), "adv": out.adv.cpu(), "keep": out.keep.cpu()}
         torch.save(record, self._probe_dir() / f"adv_step{self.rl_step}_rank{self.global_rank}.pt")
         return out
 

@@ -34,7 +34,7 @@ from firm.policies.encoders import Conditioning, HashTextEncoder, PromptEmbeddin
 from firm.vocab import Task
 
 if TYPE_CHECKING:
-    from firm.policies.policy import PolicyConfig
+    from firm.policies.config import PolicyConfig
 
 # Attention projections of the joint (image + text) attention blocks of SD3, Qwen-Image and FLUX.
 JOINT_ATTENTION_PROJECTIONS = (

@@ -81,3 +81,7 @@ def find_experiment(spec: str) -> str:
         if candidate.is_file():
             return str(candidate)
     return spec
+
+
+# The checkpoint every run directory keeps under checkpoints/: the newest state (what --resume and the exports read).
+LAST_CKPT = "last.ckpt"

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,11 @@ from typing import Any
 import torch
 
 from firm.config import ConfigError, ExperimentConfig, load_experiment, save_config, to_object, to_yaml
+from firm.paths import LAST_CKPT
+from firm.provenance import git_commit
 from firm.registry import resolve
 
 RUN_DIR_ENV = "FIRM_RUN_DIR"  # set by the launching process so that every rank writes to one run directory
-LAST_CKPT = "last.ckpt"
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -132,16 +132,6 @@ def readable_checkpoint(last: Path) -> Path:
     raise ConfigError(f"--resume: cannot read checkpoint {last} ({problem}){tried}; the run cannot be resumed")
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _write_meta(run_dir: Path, resumed_from: str | None) -> None:
     import lightning
 
@@ -149,7 +139,7 @@ def _write_meta(run_dir: Path, resumed_from: str | None) -> None:
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from": resumed_from,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -319,7 +309,7 @@ def run(
     """Resolve, build and fit an experiment. Returns the run directory (None for a dry run)."""
     import lightning as L
 
-    _quiet_third_party_warnings()
+    quiet_third_party_warnings()
     overrides = list(overrides or [])
     resume_dir: Path | None = None
     if resume is not None and resume != "latest":
@@ -374,7 +364,7 @@ def run(
     return run_dir
 
 
-def _quiet_third_party_warnings() -> None:
+def quiet_third_party_warnings() -> None:
     """Silence deprecation chatter from dependencies that says nothing about the user's run."""
     import warnings
 

@@ -1,5 +1,7 @@
 """Layering: the shapes world (firm/synthetic/) is a plugin; nothing else in firm/ imports it. The fused kernels
-(firm/kernels/) and the data layer (firm/data/) import nothing else of firm.
+(firm/kernels/) import nothing else of firm, and the data layer (firm/data/) only the leaves firm.vocab and
+firm.images. Every module sits in one layer of the table LAYERS and imports only lower layers (or its own package);
+no module imports a private name of another package; there are no import circles.
 
 Every ``.py`` under firm/ outside firm/synthetic/ is parsed with ``ast`` and every import statement is checked, at
 module level and inside functions alike, including relative imports and ``importlib.import_module`` /
@@ -30,8 +32,8 @@ def plugin_imports(source: str, package: str) -> list[tuple[int, str]]:
     return imports_matching(source, package, lambda name: _is_in(name, PLUGIN))
 
 
-def imports_matching(source: str, package: str, bad) -> list[tuple[int, str]]:
-    """(line, statement) for each import in ``source`` (a module of ``package``) that names a module ``bad`` accepts."""
+def import_statements(source: str, package: str) -> list[tuple[int, list[str], str]]:
+    """(line, the module names it imports, statement) for each import in ``source``, a module of ``package``."""
     parts = package.split(".")
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -50,9 +52,14 @@ def imports_matching(source: str, package: str, bad) -> list[tuple[int, str]]:
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
                 names = [node.args[0].value]
-        if any(bad(n) for n in names):
-            found.append((node.lineno, ast.get_source_segment(source, node) or ast.dump(node)))
+        if names:
+            found.append((node.lineno, names, ast.get_source_segment(source, node) or ast.dump(node)))
     return found
+
+
+def imports_matching(source: str, package: str, bad) -> list[tuple[int, str]]:
+    """(line, statement) for each import in ``source`` (a module of ``package``) that names a module ``bad`` accepts."""
+    return [(line, text) for line, names, text in import_statements(source, package) if any(bad(n) for n in names)]
 
 
 def _library_files() -> list[Path]:
@@ -109,21 +116,26 @@ def test_the_check_allows_registry_strings_and_other_modules(package, source):
     assert plugin_imports(source, package) == []
 
 
-@pytest.mark.parametrize("layer", ["firm.kernels", "firm.data"])
-def test_kernels_and_data_import_nothing_else_of_firm(layer):
+@pytest.mark.parametrize(
+    "layer, allowed",
+    [("firm.kernels", ()), ("firm.data", ("firm.vocab", "firm.images"))],
+)
+def test_kernels_and_data_import_only_the_leaves_they_need(layer, allowed):
+    """The fused kernels import nothing else of firm (they are usable alone); the data layer only the vocabulary and
+    the image rules."""
     folder = FIRM.parent.joinpath(*layer.split("."))
     files = sorted(folder.rglob("*.py"))
     assert len(files) >= 5, f"{folder} has too few modules to check"
 
     def outside(name: str) -> bool:
-        return _is_in(name, "firm") and not _is_in(name, layer)
+        return _is_in(name, "firm") and not any(_is_in(name, ok) for ok in (layer, *allowed))
 
     offences = [
         f"{path.relative_to(FIRM.parent)}:{line}: {text}"
         for path in files
         for line, text in imports_matching(path.read_text(encoding="utf-8"), _package(path), outside)
     ]
-    assert not offences, f"{layer} must import nothing else of firm\n" + "\n".join(offences)
+    assert not offences, f"{layer} may import only {allowed or 'nothing'} of firm\n" + "\n".join(offences)
 
 
 def test_the_wall_check_sees_an_import_of_the_library():
@@ -133,3 +145,226 @@ def test_the_wall_check_sees_an_import_of_the_library():
     assert imports_matching("from firm.critics import types", "firm.kernels", outside)
     assert imports_matching("from .. import config", "firm.kernels", outside)
     assert imports_matching("from . import _common\nfrom firm.kernels import nft_loss", "firm.kernels", outside) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The layer table. A module may import modules of lower layers, and modules of its own package; two packages of one
+# layer do not import each other. A command module (`<package>/cli.py`, firm/cli.py) belongs to the command layer
+# whatever its folder. docs/architecture.md draws the same table.
+
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("leaves", ("firm.vocab", "firm.images", "firm.paths", "firm.provenance", "firm.templates", "firm.registry")),
+    ("kernels", ("firm.kernels",)),
+    ("config", ("firm.config", "firm.module")),
+    ("data", ("firm.data",)),
+    ("models", ("firm.policies", "firm.critics")),
+    ("rewards", ("firm.rewards",)),
+    ("pipelines", ("firm.curation", "firm.bench")),
+    ("algorithms", ("firm.algorithms", "firm.toy")),
+    ("runner", ("firm.runner",)),
+    ("tools", ("firm.eval", "firm.profile", "firm.doctor")),
+    ("commands", ("firm.cli", "firm.__main__", "firm.kernels_cli")),
+    ("plugin", ("firm.synthetic",)),
+)
+COMMANDS = next(i for i, (name, _) in enumerate(LAYERS) if name == "commands")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(FIRM.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer index, the package that owns ``module`` in that layer); KeyError for a module the table lacks."""
+    if module == "firm":
+        return 0, "firm"  # firm/__init__.py imports nothing
+    if module in LAYERS[COMMANDS][1]:
+        return COMMANDS, "firm"  # the top-level commands: anything below them
+    if module.endswith(".cli") and not _is_in(module, "firm.synthetic"):
+        return COMMANDS, module.rsplit(".", 1)[0]  # a package's commands sit above everything but the plugin
+    best = None
+    for i, (_, packages) in enumerate(LAYERS):
+        for p in packages:
+            if _is_in(module, p) and (best is None or len(p) > len(best[1])):
+                best = (i, p)
+    if best is None:
+        raise KeyError(f"{module} is in no layer of tests/test_layering.py LAYERS: add it")
+    return best
+
+
+def _imported_modules(source: str, package: str) -> list[tuple[int, str, str]]:
+    """(line, imported module, statement) for each firm module ``source`` imports (``from a import b`` names a.b when
+    that is a module, else a)."""
+    return [
+        (line, _existing_module(name), text)
+        for line, names, text in import_statements(source, package)
+        for name in names
+        if _is_in(name, "firm")
+    ]
+
+
+def _existing_module(name: str) -> str:
+    """The longest prefix of ``name`` that is a module or package under firm/."""
+    parts = name.split(".")
+    while len(parts) > 1:
+        rel = Path(*parts)
+        if (FIRM.parent / rel).with_suffix(".py").is_file() or (FIRM.parent / rel / "__init__.py").is_file():
+            return ".".join(parts)
+        parts = parts[:-1]
+    return "firm"
+
+
+def layer_offences(module: str, imported: str) -> str | None:
+    """Why ``module`` may not import ``imported`` (None: it may)."""
+    if imported == "firm":
+        return None  # `from firm import kernels` names firm.kernels, which is checked by its own name
+    (mine, my_pkg), (theirs, their_pkg) = layer_of(module), layer_of(imported)
+    if _is_in(imported, my_pkg) or theirs < mine:
+        return None
+    if theirs == mine:
+        return f"{my_pkg} and {their_pkg} share the layer {LAYERS[mine][0]!r} and must not import each other"
+    return f"layer {LAYERS[mine][0]!r} ({my_pkg}) imports the higher layer {LAYERS[theirs][0]!r} ({their_pkg})"
+
+
+def _all_modules() -> list[Path]:
+    return sorted(FIRM.rglob("*.py"))
+
+
+def test_every_module_of_firm_has_a_layer():
+    for path in _all_modules():
+        layer_of(_module_name(path))
+
+
+def test_no_module_imports_a_higher_layer():
+    offences = []
+    for path in _all_modules():
+        module = _module_name(path)
+        package = _package(path)
+        for line, imported, text in _imported_modules(path.read_text(encoding="utf-8"), package):
+            why = layer_offences(module, imported)
+            if why:
+                offences.append(f"{path.relative_to(FIRM.parent)}:{line}: {text.splitlines()[0]}  -- {why}")
+    assert not offences, "imports against the layer table (tests/test_layering.py LAYERS):\n" + "\n".join(offences)
+
+
+@pytest.mark.parametrize(
+    "module, imported, allowed",
+    [
+        ("firm.data.reader", "firm.vocab", True),
+        ("firm.data.reader", "firm.critics.types", False),  # data below critics
+        ("firm.critics.export", "firm.runner", False),  # a model-layer module reaching up to the runner
+        ("firm.policies.policy", "firm.critics.types", False),  # two packages of one layer
+        ("firm.algorithms.base", "firm.algorithms.rollout", True),  # its own package
+        ("firm.algorithms.rollout", "firm.rewards.functions", True),
+        ("firm.rewards.functions", "firm.algorithms.config", False),
+        ("firm.critics.cli", "firm.rewards", True),  # commands sit above everything
+        ("firm.kernels.bench", "firm.config", False),
+        ("firm.synthetic.demo", "firm.runner", True),  # the plugin is on top
+        ("firm.bench.run", "firm.eval.run", False),
+    ],
+)
+def test_the_layer_check_sees_an_upward_import(module, imported, allowed):
+    assert (layer_offences(module, imported) is None) == allowed
+
+
+def test_the_layer_scan_finds_a_planted_upward_import():
+    text = "from firm.algorithms.base import RLAlgorithm\n"
+    found = _imported_modules(text, "firm.critics")
+    assert [m for _, m, _ in found] == ["firm.algorithms.base"]
+    assert layer_offences("firm.critics.types", found[0][1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Private names stay in their package; no import circles.
+
+
+def private_imports(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, statement) for each ``from other_package... import _name`` of ``source`` (a module of ``package``)."""
+    top = ".".join(package.split(".")[:2])
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            target = node.module or ""
+            if node.level:
+                target = ".".join([*parts[: len(parts) - node.level + 1], *([node.module] if node.module else [])])
+            if not _is_in(target, "firm") or _is_in(target, top):
+                continue
+            if any(a.name.startswith("_") and not a.name.startswith("__") for a in node.names):
+                found.append((node.lineno, ast.get_source_segment(source, node) or ast.dump(node)))
+    return found
+
+
+def test_no_module_imports_a_private_name_of_another_package():
+    offences = [
+        f"{path.relative_to(FIRM.parent)}:{line}: {text}"
+        for path in _all_modules()
+        for line, text in private_imports(path.read_text(encoding="utf-8"), _package(path))
+    ]
+    assert not offences, "a private name used outside its package: make it public or move it\n" + "\n".join(offences)
+
+
+def test_the_private_check_sees_one():
+    assert private_imports("from firm.runner import _git_commit", "firm.bench")
+    assert private_imports("from firm.kernels._common import x\nfrom firm.cli import _find", "firm.eval")
+    assert private_imports("from firm.kernels import _common", "firm.kernels") == []  # its own package
+    assert private_imports("from . import _common", "firm.kernels") == []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the firm modules it imports (at module level or inside functions)."""
+    graph: dict[str, set[str]] = {}
+    for path in _all_modules():
+        module = _module_name(path)
+        found = _imported_modules(path.read_text(encoding="utf-8"), _package(path))
+        graph[module] = {m for _, m, _ in found if m != module and m != "firm"}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph``: its strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    found = circles(import_graph())
+    assert not found, "import circles (each line: modules that import each other, directly or not):\n" + "\n".join(
+        " <-> ".join(c) for c in found
+    )
+
+
+def test_the_circle_check_sees_one():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []

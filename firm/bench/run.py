@@ -15,8 +15,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from firm.config import ConfigError, parse_overrides
+from firm.provenance import environment
 
 
 @dataclass
@@ -149,23 +148,6 @@ def critic_id(label: str, conf: Any) -> str:
     return f"{label}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-def _environment() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    from firm.runner import _git_commit
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'cpu'})"
-    return {
-        "host": socket.gethostname(),
-        "device": device,
-        "torch": torch.__version__,
-        "git_commit": _git_commit(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
 def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = True) -> dict[str, Any]:
     """Evaluate every critic of ``cfg`` and write the report. Returns the ``results.json`` content.
 
@@ -250,7 +232,7 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
             "n_items": len(bench.items),
             "groups": bench.task_counts(),
         },
-        "environment": _environment(),
+        "environment": environment(),
         "critics": results,
         "published": {"source": PUBLISHED_SOURCE, "rows": PUBLISHED} if c.published else None,
     }

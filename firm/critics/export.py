@@ -115,7 +115,7 @@ def export_critic(
     """
     from firm.config import load_experiment, to_object
     from firm.critics.sft import CriticSFTModule
-    from firm.runner import LAST_CKPT
+    from firm.paths import LAST_CKPT
 
     run_dir, out = Path(run_dir), Path(out_dir)
     cfg_path = run_dir / "config.yaml"

@@ -149,9 +149,9 @@ def _values(out: Path, c: EvalConfig, ps: Any, judge: Any, jid: str) -> tuple[di
 
 
 def report(out: Path, c: EvalConfig, ps: Any, judge: Any, jid: str) -> dict[str, Any]:
-    from firm.bench.run import _environment
     from firm.eval.policies import resolve_spec
     from firm.eval.report import draw_grid, markdown, paired_difference, summarise
+    from firm.provenance import environment
 
     values, failures, examples = _values(out, c, ps, judge, jid)
     labels = list(c.policies)
@@ -194,7 +194,7 @@ def report(out: Path, c: EvalConfig, ps: Any, judge: Any, jid: str) -> dict[str,
         "bootstrap_samples": c.report.bootstrap_samples,
         "failure_examples": examples,
         "published": [{**dataclasses.asdict(p), "published": True} for p in c.report.published],
-        "environment": _environment(),
+        "environment": environment(),
     }
     if c.report.grid_items > 0:
         results["grids"] = [

@@ -234,9 +234,9 @@ def profile_experiment(
     import lightning as L
 
     from firm.config import load_experiment, to_object
-    from firm.runner import _quiet_third_party_warnings, build_components, build_strategy
+    from firm.runner import build_components, build_strategy, quiet_third_party_warnings
 
-    _quiet_third_party_warnings()
+    quiet_third_party_warnings()
     cfg = to_object(load_experiment(experiment, overrides))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_components(cfg)

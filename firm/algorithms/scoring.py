@@ -36,16 +36,14 @@ FAILURE_MODES = ("raise", "missing")
 
 def missing_output(n: int, dimensions: Sequence[str], error: str) -> RewardOutput:
     """A RewardOutput of ``n`` missing rewards (NaN) for every dimension."""
-    from firm.critics.types import CriticResult
+    from firm.critics.types import CriticResult, ErrorKind
 
     nan = torch.full((n,), math.nan)
     return RewardOutput(
         rewards=nan.clone(),
         components={d: nan.clone() for d in dimensions},
         missing=dict.fromkeys(dimensions, n),
-        results=[
-            CriticResult(scores=dict.fromkeys(dimensions), errors=dict.fromkeys(dimensions, error)) for _ in range(n)
-        ],
+        results=[CriticResult.failed(dimensions, ErrorKind.CALL_FAILED, error) for _ in range(n)],
     )
 
 

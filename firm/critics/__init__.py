@@ -29,6 +29,7 @@ from firm.critics.types import (
     CriticRequest,
     CriticResult,
     EditRequest,
+    ErrorKind,
     GenRequest,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "Critic",
     "CriticRequest",
     "CriticResult",
+    "ErrorKind",
     "EditRequest",
     "GenRequest",
     "ParseResult",

@@ -32,6 +32,7 @@ from firm.critics.types import (
     CriticRequest,
     CriticResult,
     EditRequest,
+    ErrorKind,
     GenRequest,
 )
 from firm.images import fit_pixels  # shared with the SFT data (firm.data.chat): same image preparation
@@ -184,8 +185,7 @@ class PromptedCritic:
                 if comp is None:  # an Instruction judgement whose planner failed
                     plan = plans.get(i)
                     why = plan.parsed.reason if plan is not None else "no plan"
-                    res.scores[d] = None
-                    res.errors[d] = f"planner output unusable, no checklist to judge against: {why}"
+                    res.fail(d, ErrorKind.NO_PLAN, f"planner output unusable, no checklist to judge against: {why}")
                     if plan is not None and plan.text is not None:
                         res.raw[PLAN] = plan.text
                     continue
@@ -194,10 +194,11 @@ class PromptedCritic:
                 if comp.notes:
                     notes[d] = "; ".join(comp.notes)
                 if not comp.parsed.ok:
-                    res.scores[d] = None
                     tries = f" (after {comp.attempts} attempts)" if comp.attempts > 1 else ""
-                    what = "no reply" if comp.text is None else "unparseable output"  # no text: the endpoint failed
-                    res.errors[d] = f"{what}{tries}: {comp.parsed.reason}"
+                    if comp.text is None:  # no text: the endpoint or model failed
+                        res.fail(d, ErrorKind.NO_REPLY, f"no reply{tries}: {comp.parsed.reason}")
+                    else:
+                        res.fail(d, ErrorKind.UNPARSEABLE, f"unparseable output{tries}: {comp.parsed.reason}")
                     continue
                 res.reasoning[d] = comp.parsed.reasoning
                 if d == QUALITY:
@@ -237,8 +238,9 @@ class PromptedCritic:
     def _count(self, results: list[CriticResult]) -> None:
         self.stats["requests"] += len(results)
         failed = [(r.key, d, r.errors.get(d, "")) for r in results for d in r.missing()]
-        self.stats["parse_failures"] += sum(1 for _, _, e in failed if e.startswith("unparseable"))
-        self.stats["plan_failures"] += sum(1 for _, _, e in failed if e.startswith("planner"))
+        kinds = [r.error_kinds.get(d) for r in results for d in r.missing()]
+        self.stats["parse_failures"] += kinds.count(ErrorKind.UNPARSEABLE)
+        self.stats["plan_failures"] += kinds.count(ErrorKind.NO_PLAN)
         if failed:
             first = failed[0]
             log.warning(

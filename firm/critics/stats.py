@@ -27,6 +27,7 @@ from firm.critics.types import (
     QUALITY,
     CriticResult,
     EditRequest,
+    ErrorKind,
     GenRequest,
 )
 
@@ -83,13 +84,8 @@ class ImageStatsCritic:
                 raise TypeError(f"unknown request {type(r).__name__}")
             scores = {k: v for k, v in scores.items() if k in r.dimensions}
             if self._missing(img):
-                out.append(
-                    CriticResult(
-                        scores=dict.fromkeys(scores),
-                        errors=dict.fromkeys(scores, "simulated unparseable output"),
-                        key=r.key,
-                    )
-                )
+                why = "simulated unparseable output"
+                out.append(CriticResult.failed(scores, ErrorKind.UNPARSEABLE, why, key=r.key))
             else:
                 out.append(CriticResult(scores=scores, key=r.key))
         return out

@@ -8,6 +8,7 @@ checklist) and Quality. A score that could not be obtained is ``None`` — never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
@@ -51,6 +52,17 @@ class GenRequest:
 CriticRequest = EditRequest | GenRequest
 
 
+class ErrorKind(str, Enum):
+    """Why a judgement has no score (``CriticResult.error_kinds``); the message in ``errors`` says more."""
+
+    UNPARSEABLE = "unparseable"  # the critic answered, but no valid score could be read from the answer
+    NO_REPLY = "no_reply"  # no answer came back (the endpoint or model failed, after any retries)
+    NO_PLAN = "no_plan"  # the planner's checklist was unusable, so Instruction could not be judged
+    NOT_JUDGED = "not_judged"  # this critic does not judge that dimension for this kind of request
+    CALL_FAILED = "call_failed"  # the whole critic call raised; the chunk's judgements count as missing
+    OTHER = "other"  # a critic's own reason (see the message)
+
+
 @dataclass
 class CriticResult:
     """The critic's answer for one request.
@@ -63,6 +75,7 @@ class CriticResult:
     reasoning: dict[str, str] = field(default_factory=dict)  # per dimension
     raw: dict[str, str] = field(default_factory=dict)  # per dimension: the model's raw output
     errors: dict[str, str] = field(default_factory=dict)  # per dimension: why the score is missing
+    error_kinds: dict[str, ErrorKind] = field(default_factory=dict)  # per dimension: the kind of that failure
     details: dict[str, Any] = field(default_factory=dict)
     latency_s: float = 0.0  # wall time spent on this request
     key: str | None = None
@@ -74,6 +87,20 @@ class CriticResult:
 
     def missing(self) -> list[str]:
         return [k for k, v in self.scores.items() if v is None]
+
+    def fail(self, dimension: str, kind: ErrorKind, message: str) -> None:
+        """Record that ``dimension`` has no score: ``kind`` for code that counts failures, ``message`` for people."""
+        self.scores[dimension] = None
+        self.errors[dimension] = message
+        self.error_kinds[dimension] = ErrorKind(kind)
+
+    @classmethod
+    def failed(cls, dimensions, kind: ErrorKind, message: str, key: str | None = None) -> CriticResult:
+        """A result whose every dimension is missing for the same reason."""
+        res = cls(scores={}, key=key)
+        for d in dimensions:
+            res.fail(d, kind, message)
+        return res
 
 
 @runtime_checkable

@@ -40,6 +40,7 @@ from firm.critics.types import (
     CriticRequest,
     CriticResult,
     EditRequest,
+    ErrorKind,
     GenRequest,
 )
 from firm.synthetic.language import ParseError, checklist_items, parse_checklist, parse_instruction, parse_prompt
@@ -113,8 +114,8 @@ class ShapesRuleCritic:
                 raise TypeError(f"ShapesRuleCritic scores EditRequest or GenRequest, got {type(req).__name__}")
             for dim in req.dimensions:
                 if dim not in known:
-                    res.scores[dim] = None
-                    res.errors[dim] = f"{type(req).__name__} is judged on {', '.join(known)}, not {dim!r}"
+                    why = f"{type(req).__name__} is judged on {', '.join(known)}, not {dim!r}"
+                    res.fail(dim, ErrorKind.NOT_JUDGED, why)
             res.key = req.key
             res.latency_s = time.perf_counter() - t0
             results.append(res)
@@ -286,7 +287,7 @@ def _describe(o: SeenObject | None) -> str:
 
 
 def _failed(dims: tuple[str, ...], why: str) -> CriticResult:
-    return CriticResult(scores={d: None for d in dims}, errors={d: why for d in dims})
+    return CriticResult.failed(dims, ErrorKind.OTHER, why)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ a missing score with the reason for that judgement only; the good judgements of 
 import pytest
 from PIL import Image
 
-from firm.critics import EditRequest
+from firm.critics import EditRequest, ErrorKind
 from firm.critics.http import CriticEndpointError, HTTPCritic, chat_content
 from tests.critics.servers import ScriptedServer, chat_answer, prompt_text
 
@@ -48,6 +48,7 @@ def test_a_bad_reply_costs_only_its_own_judgement(name):
         assert "no usable reply from the endpoint" in r.errors["consistency"]
         assert "after 3 attempts" in r.errors["consistency"]
         assert r.errors["consistency"].startswith("no reply")  # not mistaken for an answer that failed to parse
+        assert r.error_kinds == {"consistency": ErrorKind.NO_REPLY}
     assert critic.stats["reply_failures"] == 3 and critic.stats["parse_failures"] == 0
     n_cons = sum("Judge CONSISTENCY" in prompt_text(b) for b in srv.bodies)
     assert n_cons == 3 * 3  # each bad judgement was tried 1 + max_retries times (no parse retry without a text)

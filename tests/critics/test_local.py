@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from firm.config import ConfigError
-from firm.critics import EditRequest, GenRequest, build_critic
+from firm.critics import EditRequest, ErrorKind, GenRequest, build_critic
 from firm.critics.local import Generation, LocalCritic
 from firm.rewards import FirmEditReward, cme, normalize_score
 from tests.critics.conftest import TAUGHT_INSTRUCTION, taught_images
@@ -40,6 +40,8 @@ def test_local_backend_scores_a_batch_end_to_end(tiny_vlm):
         for dim, score in r.scores.items():
             assert score is None
             assert r.errors[dim].startswith(("unparseable output", "planner output unusable"))
+            kind = ErrorKind.UNPARSEABLE if r.errors[dim].startswith("unparseable") else ErrorKind.NO_PLAN
+            assert r.error_kinds[dim] is kind  # the kind that code counts, next to the message people read
             n_missing += 1
         assert r.latency_s > 0
     assert isinstance(results[0].raw["execution"], str) and results[0].raw["execution"]

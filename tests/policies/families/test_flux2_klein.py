@@ -7,7 +7,9 @@ generation prompt as Qwen3's does; ``Flux2Transformer2DModel``; ``AutoencoderKLF
 statistics; the FLUX scheduler config) is loaded by FIRM and by the pipeline. At the pipeline's default conditioning
 settings (512 text tokens, its template, its layers, its empirical shift) and with the same initial latents and steps,
 FIRM's sampling equals the pipeline's with CFG off and on, the decoded images agree, and a LoRA trained by a real RL
-run and exported by FIRM reproduces the trained policy inside the pipeline. Run with ``-s`` to see the numbers.
+run and exported by FIRM reproduces the trained policy inside the pipeline. Run with ``-s`` to see the numbers. The
+embeddings, sampling and LoRA checks are the family contract's (tests/policies/test_family_contract.py), on the
+functions at the end of this file; the codec and the distilled checkpoints are checked here.
 """
 
 from __future__ import annotations
@@ -217,62 +219,6 @@ def noise_for(policy: FlowPolicy, seed: int) -> torch.Tensor:
     return torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(seed))
 
 
-def test_embeddings_and_positions_equal_the_pipeline(loaded):
-    pipe, policy = loaded
-    with torch.no_grad():
-        ref, ref_ids = pipe.encode_prompt(prompt=PROMPT, device=torch.device("cpu"))
-        neg, _ = pipe.encode_prompt(prompt="", device=torch.device("cpu"))
-    cond = policy.encode_prompts([PROMPT])
-    uncond = policy.encode_negative(cond)
-    d, dn = diff(cond.embeds[0], ref[0]), diff(uncond.embeds[0], neg[0])
-    print(f"flux2_klein embeddings: {tuple(ref.shape[1:])}, max abs diff {d:.2e} (negative prompt {dn:.2e})")
-    assert cond.embeds.shape == ref.shape == (1, 512, 3 * QWEN_HIDDEN) and cond.mask is None
-    assert d <= 1e-6 and dn <= 1e-6
-    assert torch.equal(fk.text_ids(512), ref_ids[0])
-    grid = torch.zeros(1, 4 * LATENT_CHANNELS, RES // 16, RES // 16)
-    assert torch.equal(fk.latent_ids(RES // 16, RES // 16), pipe._prepare_latent_ids(grid)[0])
-    # the comparison can see a bug: the hidden states of the wrong layers, or a template without the empty think block
-    enc = policy.text_encoder
-    shifted = fk.Flux2KleinTextEncoder(enc.model, enc.tokenizer, layers=(8, 17, 26))
-    assert diff(shifted.encode([PROMPT])[0].embeds, ref[0]) > 1e-3
-    text = enc.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
-    )
-    assert "<think>" not in text and "<think>" in enc.text(PROMPT)
-
-
-@pytest.mark.parametrize("scale", [1.0, 4.0])
-def test_sampling_equals_the_pipeline(loaded, scale):
-    pipe, policy = loaded
-    noise = noise_for(policy, 1)
-    with torch.no_grad():
-        ref = pipeline_out(pipe, noise, scale)
-        ours = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale)
-    ds = diff(policy.sigmas(STEPS), pipe.scheduler.sigmas)
-    d = diff(policy.codec.denormalize(ours), ref)
-    print(f"flux2_klein sampling, guidance_scale {scale}: sigmas diff {ds:.1e}, latents max abs diff {d:.2e}")
-    assert ds <= 1e-7 and d <= 1e-4
-    with torch.no_grad():
-        img_ref = pipeline_out(pipe, noise, scale, output_type="pt")
-    di = diff(policy.decode(ours), img_ref)
-    print(f"flux2_klein decoded image, guidance_scale {scale}: max abs diff {di:.2e}")
-    assert di <= 1e-4
-    if scale == 1.0:  # the comparison can see a bug: FLUX.1's linear mu instead of FLUX.2's empirical one
-        wrong = policy.family.linspace_sigmas(policy.scheduler, STEPS, policy.latent_shape())
-        assert diff(wrong, pipe.scheduler.sigmas) > 1e-3
-        policy._sigma_cache[STEPS] = wrong
-        try:
-            with torch.no_grad():
-                bad = policy.sample_latents([PROMPT], noise, STEPS)
-        finally:
-            policy._sigma_cache.pop(STEPS)
-        assert diff(policy.codec.denormalize(bad), ref) > 1e-3
-    else:  # CFG is really on (the comparison would see it missing)
-        with torch.no_grad():
-            plain = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=1.0)
-        assert diff(policy.codec.denormalize(plain), ref) > 1e-2
-
-
 def test_codec_equals_the_pipelines_vae_normalisation(loaded):
     pipe, policy = loaded
     image = torch.rand(1, 3, RES, RES, generator=torch.Generator().manual_seed(4))
@@ -300,12 +246,65 @@ def test_a_distilled_checkpoint_ignores_guidance_as_the_pipeline_does(tmp_path, 
     assert d <= 1e-4
 
 
-def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, monkeypatch):
+# What the family contract (tests/policies/test_family_contract.py) calls. The pipeline's latent output is
+# denormalised (the family's codec normalises with the VAE's batch-norm statistics): the contract compares
+# ``policy.codec.denormalize`` of FIRM's latents with it.
+
+
+def embeddings(pipe, policy: FlowPolicy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(FIRM's, the pipeline's) embeddings of the prompt and of the negative prompt ("")."""
+    ref, _ = pipe.encode_prompt(prompt=PROMPT, device=torch.device("cpu"))
+    neg, _ = pipe.encode_prompt(prompt="", device=torch.device("cpu"))
+    cond = policy.encode_prompts([PROMPT])
+    return [(cond.embeds, ref), (policy.encode_negative(cond).embeds, neg)]
+
+
+def check_embeddings(pipe, policy: FlowPolicy, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """512 tokens of three stacked layers, no mask, the pipeline's text and image positions; the comparison can see
+    the hidden states of the wrong layers, or a template without the empty think block."""
+    ref = pairs[0][1]
+    assert ref.shape == (1, 512, 3 * QWEN_HIDDEN) and policy.encode_prompts([PROMPT]).mask is None
+    _, ref_ids = pipe.encode_prompt(prompt=PROMPT, device=torch.device("cpu"))
+    assert torch.equal(fk.text_ids(512), ref_ids[0])
+    grid = torch.zeros(1, 4 * LATENT_CHANNELS, RES // 16, RES // 16)
+    assert torch.equal(fk.latent_ids(RES // 16, RES // 16), pipe._prepare_latent_ids(grid)[0])
+    enc = policy.text_encoder
+    shifted = fk.Flux2KleinTextEncoder(enc.model, enc.tokenizer, layers=(8, 17, 26))
+    assert diff(shifted.encode([PROMPT])[0].embeds, ref[0]) > 1e-3
+    text = enc.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    assert "<think>" not in text and "<think>" in enc.text(PROMPT)
+
+
+def reference(pipe, noise: torch.Tensor, scale: float, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pipeline's final latents (denormalised) and (``decode``) images from ``noise`` at ``guidance_scale``."""
+    return pipeline_out(pipe, noise, scale), pipeline_out(pipe, noise, scale, output_type="pt") if decode else None
+
+
+def sample(policy: FlowPolicy, noise: torch.Tensor, scale: float) -> torch.Tensor:
+    return policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale)
+
+
+def check_sampling(pipe, policy: FlowPolicy, noise: torch.Tensor, scale: float, ref: torch.Tensor, ours) -> None:
+    """The comparison can see a bug: FLUX.1's linear mu instead of FLUX.2's empirical one."""
+    if scale != 1.0:
+        return
+    wrong = policy.family.linspace_sigmas(policy.scheduler, STEPS, policy.latent_shape())
+    assert diff(wrong, pipe.scheduler.sigmas) > 1e-3
+    policy._sigma_cache[STEPS] = wrong
+    try:
+        bad = policy.sample_latents([PROMPT], noise, STEPS)
+    finally:
+        policy._sigma_cache.pop(STEPS)
+    assert diff(policy.codec.denormalize(bad), ref) > 1e-3
+
+
+def train_lora(checkpoint: Path, tmp_path: Path) -> tuple[FlowPolicy, Path]:
     from firm.config import load_experiment, to_object
     from firm.policies.export import export_lora
     from firm.runner import run
 
-    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     run_dir = run(
         str(experiments_root() / "rl/tiny_flux2_klein_nft.yaml"),
         [
@@ -328,15 +327,10 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     sd = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}
     assert not policy.load_state_dict(sd, strict=False).unexpected_keys
-    targets = json.loads((out.parent / "firm_export.json").read_text())["lora"]["target_modules"]
+    return policy, out.parent
+
+
+def check_export(lora_dir: Path) -> None:
+    """The adapter covers the double-stream and the single-stream blocks."""
+    targets = json.loads((lora_dir / "firm_export.json").read_text())["lora"]["target_modules"]
     assert "single_transformer_blocks.0.attn.to_out" in targets and "transformer_blocks.0.ff.linear_in" in targets
-    noise = noise_for(policy, 3)
-    pipe = official(checkpoint)
-    with torch.no_grad():
-        base = pipeline_out(pipe, noise, 4.0)
-        ours = policy.codec.denormalize(policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=4.0))
-        pipe.load_lora_weights(str(out.parent))
-        theirs = pipeline_out(pipe, noise, 4.0)
-    d, effect = diff(ours, theirs), diff(theirs, base)
-    print(f"flux2_klein LoRA round trip (CFG 4): max abs diff {d:.2e}; the adapter moves the output by {effect:.2e}")
-    assert d <= 1e-4 and effect > 1e-2

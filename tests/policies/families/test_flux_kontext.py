@@ -9,7 +9,9 @@ Kontext resolution for the source (a 63x33 source: 1248x832, 4056 source tokens)
 no true CFG; ``max_area`` is set to the output's area only because the pipeline otherwise renders at 1 MP whatever
 ``height`` / ``width`` say. With the same initial latents and steps, FIRM's sampling equals the pipeline's with the
 second CFG pass off and on and at another embedded guidance, the decoded images agree, and a LoRA trained by a real RL
-run and exported by FIRM reproduces the trained policy inside the pipeline. Run with ``-s`` to see the numbers.
+run and exported by FIRM reproduces the trained policy inside the pipeline. Run with ``-s`` to see the numbers. The
+embeddings, sampling and LoRA checks are the family contract's (tests/policies/test_family_contract.py), on the
+functions at the end of this file; the source tokens, the embedded guidance and Kontext's own settings are checked here.
 """
 
 from __future__ import annotations
@@ -213,28 +215,6 @@ def loaded(checkpoint):
     return {"pipe": pipe, "policy": policy, "images": images, "noise": noise, "ref": ref, "ours": ours}
 
 
-def test_prompt_embeddings_equal_the_pipelines_encode_prompt(loaded):
-    pipe, policy = loaded["pipe"], loaded["policy"]
-    diffs = []
-    for prompt in PROMPTS + [""]:  # "" is the negative prompt of true CFG
-        with torch.no_grad():
-            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None)
-        # the text half of policy.encode_prompts (the other half, the source latents, is compared below)
-        cond = policy.family.stack(policy.text_encoder.encode([prompt]), policy.text_encoder)
-        assert cond.embeds.shape == embeds.shape == (1, 512, TEXT_DIM) and cond.pooled.shape == pooled.shape
-        assert torch.equal(text_ids, torch.zeros(512, 3))
-        diffs.append(max(diff(cond.embeds, embeds), diff(cond.pooled, pooled)))
-    print(f"flux_kontext prompt embeddings (T5 512 x {TEXT_DIM}, CLIP pooled): max abs diff {max(diffs):.2e}")
-    assert max(diffs) <= 1e-6
-    # the comparison can see a bug: T5 run with its attention mask (the pipeline attends to the padding)
-    enc = policy.text_encoder
-    tokens = enc.tokenizers[1](PROMPTS[0], padding="max_length", max_length=512, return_tensors="pt")
-    with torch.no_grad():
-        masked = enc.t5(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        embeds = pipe.encode_prompt(prompt=PROMPTS[0], prompt_2=None)[0]
-    assert diff(masked, embeds) > 1e-3
-
-
 def test_source_tokens_positions_and_sigmas_equal_the_pipelines(loaded):
     policy, seen, pipe = loaded["policy"], loaded["ref"]["inputs"], loaded["pipe"]
     cond = policy.encode_prompts(PROMPTS, loaded["images"])
@@ -253,34 +233,6 @@ def test_source_tokens_positions_and_sigmas_equal_the_pipelines(loaded):
     wrong = calculate_shift(ids.shape[0], 256, 4096, 0.5, 1.15)
     policy.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / STEPS, STEPS).tolist(), mu=wrong)
     assert diff(policy.scheduler.sigmas, pipe.scheduler.sigmas) > 1e-3
-
-
-def test_sampling_at_the_pipelines_defaults_equals_the_pipeline(loaded):
-    policy, ref, ours = loaded["policy"], loaded["ref"], loaded["ours"]
-    d = diff(ours, ref["latents"])
-    di = diff(policy.decode(ours), ref["images"])
-    print(f"flux_kontext sampling (embedded guidance 3.5, true CFG off): latents max abs diff {d:.2e}")
-    print(f"flux_kontext decoded image (embedded guidance 3.5, true CFG off): max abs diff {di:.2e}")
-    assert d <= 1e-4 and di <= 1e-4
-    # the comparison can see a bug: the source encoded at the output's size instead of the preferred resolution
-    small = policy_for(Path(policy.config.pretrained), condition_area=RES * RES)
-    with torch.no_grad():
-        bad = small.sample_latents(PROMPTS, loaded["noise"], STEPS, images=loaded["images"])
-    assert small.encode_prompts(PROMPTS[:1], loaded["images"][:1]).image_latents[0].shape[-2:] == (6, 12)  # 96x48
-    assert diff(bad, ref["latents"]) > 1e-3
-
-
-def test_true_cfg_equals_the_pipelines_true_cfg_scale(loaded):
-    pipe, policy = loaded["pipe"], loaded["policy"]
-    images, noise = loaded["images"][:1], loaded["noise"][:1]
-    assert policy.needs_uncond(2.0) and not policy.needs_uncond(1.0)
-    ref = pipeline_out(pipe, PROMPTS[:1], images, noise, true_cfg_scale=2.0, negative_prompt="")
-    with torch.no_grad():
-        ours = policy.sample_latents(PROMPTS[:1], noise, STEPS, images=images, guidance_scale=2.0)
-    d, di = diff(ours, ref["latents"]), diff(policy.decode(ours), ref["images"])
-    print(f"flux_kontext sampling (guidance_scale 2 = true_cfg_scale 2, negative ''): latents {d:.2e}, image {di:.2e}")
-    assert d <= 1e-4 and di <= 1e-4
-    assert diff(ref["latents"], loaded["ref"]["latents"][:1]) > 1e-2  # the second pass really changes the output
 
 
 def test_another_embedded_guidance_equals_the_pipelines_guidance_scale(loaded):
@@ -360,12 +312,61 @@ def test_full_size_experiment_has_firm_rewards_kontext_settings():
     assert (cfg.data.group_size, cfg.data.batch_size * cfg.trainer.devices) == (12, 48 * 12)
 
 
-def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, loaded, monkeypatch):
+# What the family contract (tests/policies/test_family_contract.py) calls: two prompts, each with its source.
+
+
+def embeddings(pipe, policy: FlowPolicy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(FIRM's, the pipeline's) T5 embeddings and pooled CLIP embeddings, for each prompt and the negative one ("")."""
+    pairs = []
+    for prompt in PROMPTS + [""]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None)
+        # the text half of policy.encode_prompts (the other half, the source latents, is compared in this file)
+        cond = policy.family.stack(policy.text_encoder.encode([prompt]), policy.text_encoder)
+        pairs += [(cond.embeds, embeds), (cond.pooled, pooled)]
+    return pairs
+
+
+def check_embeddings(pipe, policy: FlowPolicy, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """512 T5 tokens, text positions all zero; the comparison can see T5 run with its attention mask (the pipeline
+    attends to the padding)."""
+    assert all(embeds.shape == (1, 512, TEXT_DIM) for embeds, _ in pairs[::2])
+    for prompt in PROMPTS + [""]:
+        assert torch.equal(pipe.encode_prompt(prompt=prompt, prompt_2=None)[2], torch.zeros(512, 3))
+    enc = policy.text_encoder
+    tokens = enc.tokenizers[1](PROMPTS[0], padding="max_length", max_length=512, return_tensors="pt")
+    masked = enc.t5(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    assert diff(masked, pairs[0][1]) > 1e-3
+
+
+def reference(pipe, noise: torch.Tensor, scale: float, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's final latents and decoded images (one call) at its defaults (embedded guidance 3.5); ``scale``
+    is its ``true_cfg_scale``, against the negative prompt "" when above 1."""
+    cfg = {"true_cfg_scale": scale, "negative_prompt": [""] * len(PROMPTS)} if scale > 1 else {}
+    out = pipeline_out(pipe, PROMPTS, sources(len(PROMPTS)), noise, **cfg)
+    return out["latents"], out["images"]
+
+
+def sample(policy: FlowPolicy, noise: torch.Tensor, scale: float) -> torch.Tensor:
+    return policy.sample_latents(PROMPTS, noise, STEPS, images=sources(len(PROMPTS)), guidance_scale=scale)
+
+
+def check_sampling(pipe, policy: FlowPolicy, noise: torch.Tensor, scale: float, ref: torch.Tensor, ours) -> None:
+    """The comparison can see a bug: the source encoded at the output's size instead of the preferred resolution."""
+    if scale > 1:
+        return
+    images = sources(len(PROMPTS))
+    small = policy_for(Path(policy.config.pretrained), condition_area=RES * RES)
+    bad = small.sample_latents(PROMPTS, noise, STEPS, images=images)
+    assert small.encode_prompts(PROMPTS[:1], images[:1]).image_latents[0].shape[-2:] == (6, 12)  # 96x48
+    assert diff(bad, ref) > 1e-3
+
+
+def train_lora(checkpoint: Path, tmp_path: Path) -> tuple[FlowPolicy, Path]:
+    """A 2-step RL run at 32x32 (sources too), reloaded at the pipeline's defaults (RES, preferred source size)."""
     from firm.config import load_experiment, to_object
     from firm.policies.export import export_lora
     from firm.runner import run
 
-    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     run_dir = run(
         str(experiments_root() / "rl/tiny_flux_kontext_nft.yaml"),
         [
@@ -389,14 +390,10 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     sd = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}
     assert not policy.load_state_dict(sd, strict=False).unexpected_keys
-    targets = json.loads((out.parent / "firm_export.json").read_text())["lora"]["target_modules"]
+    return policy, out.parent
+
+
+def check_export(lora_dir: Path) -> None:
+    """The adapter covers the double-stream and the single-stream blocks."""
+    targets = json.loads((lora_dir / "firm_export.json").read_text())["lora"]["target_modules"]
     assert "single_transformer_blocks.0.attn.to_q" in targets and "transformer_blocks.0.attn.to_add_out" in targets
-    images, noise = loaded["images"][:1], loaded["noise"][:1]
-    pipe = official(checkpoint)
-    pipe.load_lora_weights(str(out.parent))
-    theirs = pipeline_out(pipe, PROMPTS[:1], images, noise)["latents"]
-    with torch.no_grad():
-        ours = policy.sample_latents(PROMPTS[:1], noise, STEPS, images=images)
-    d, effect = diff(ours, theirs), diff(theirs, loaded["ref"]["latents"][:1])
-    print(f"flux_kontext LoRA round trip: max abs diff {d:.2e}; the adapter moves the output by {effect:.2e}")
-    assert d <= 1e-4 and effect > 1e-2

@@ -1,11 +1,12 @@
-"""Qwen-Image (generation) against diffusers' ``QwenImagePipeline``: embeddings, sampling with true CFG off and on,
-decoding, and the exported LoRA inside the pipeline after a 2-step RL run."""
+"""Qwen-Image (generation) against diffusers' ``QwenImagePipeline``: the tiny checkpoint and the calls that the family
+contract (tests/policies/test_family_contract.py) checks: embeddings, sampling with true CFG off and on, decoding, and
+the exported LoRA inside the pipeline after a 2-step RL run."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-import pytest
 import torch
 
 from firm.paths import experiments_root
@@ -18,9 +19,9 @@ STEPS = 3
 PROMPT = "a small green triangle"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("qwen_image")
+def build(root: Path) -> Path:
+    """The hub layout of Qwen-Image, tiny and random."""
+    root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     tok = hub.qwen_tokenizer([QWEN_IMAGE_TEMPLATE, *hub.PROMPTS])
     hub.qwen25_vl(tok).save_pretrained(root / "text_encoder")
@@ -76,38 +77,39 @@ def pipeline_out(pipe, noise: torch.Tensor, scale: float, output_type: str = "la
     return out
 
 
-def test_embeddings_equal_encode_prompt(checkpoint):
-    pipe, policy = official(checkpoint), policy_for(checkpoint)
-    with torch.no_grad():
-        ref, _ = pipe.encode_prompt(PROMPT, device=torch.device("cpu"))
-    ours = policy.text_encoder.encode([PROMPT])[0]
-    d = diff(ours.embeds, ref[0])
-    print(f"qwen_image embeddings: {ref.shape[1]} tokens, max abs diff {d:.2e}")
-    assert ours.embeds.shape == ref[0].shape and d <= 1e-5
+# What the family contract (tests/policies/test_family_contract.py) calls.
+
+
+def embeddings(pipe, policy: FlowPolicy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(FIRM's, the pipeline's) prompt embeddings."""
+    ref, _ = pipe.encode_prompt(PROMPT, device=torch.device("cpu"))
+    return [(policy.text_encoder.encode([PROMPT])[0].embeds, ref[0])]
+
+
+def check_embeddings(pipe, policy: FlowPolicy, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The template's system turn (34 tokens) is dropped, as the pipeline drops it."""
     tokens = policy.text_encoder.tokenizer(QWEN_IMAGE_TEMPLATE.format(PROMPT)).input_ids
-    assert ref.shape[1] == len(tokens) - 34  # the template's system turn is dropped
+    assert pairs[0][1].shape[0] == len(tokens) - 34
 
 
-@pytest.mark.parametrize("scale", [1.0, 4.0])
-def test_sampling_equals_the_pipeline(checkpoint, scale):
-    pipe, policy = official(checkpoint), policy_for(checkpoint)
-    noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = pipeline_out(pipe, noise, scale)
-        ours = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale)
-        img = pipeline_out(pipe, noise, scale, output_type="pt")
-    d, di = diff(ours, ref), diff(policy.decode(ours), img)
-    print(f"qwen_image sampling, true_cfg_scale {scale}: latents max abs diff {d:.2e}, decoded images {di:.2e}")
-    assert d <= 1e-4 and di <= 1e-4
-    # the comparison can see a static instead of a dynamic shift (the sigmas of the scheduler without mu)
-    sched = policy.scheduler
+def reference(pipe, noise: torch.Tensor, scale: float, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pipeline's final latents and (``decode``) images from ``noise`` at ``true_cfg_scale`` ``scale``."""
+    return pipeline_out(pipe, noise, scale), pipeline_out(pipe, noise, scale, output_type="pt") if decode else None
+
+
+def sample(policy: FlowPolicy, noise: torch.Tensor, scale: float) -> torch.Tensor:
+    return policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale)
+
+
+def check_sampling(pipe, policy: FlowPolicy, noise: torch.Tensor, scale: float, ref: torch.Tensor, ours) -> None:
+    """The comparison can see a static instead of a dynamic shift (the scheduler's sigmas without mu)."""
+    sched = copy.deepcopy(policy.scheduler)  # the policy is shared by the contract's tests
     sched.set_timesteps(STEPS, mu=0.0)
     assert diff(sched.sigmas, policy.sigmas(STEPS)) > 1e-3
 
 
-def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, monkeypatch):
-    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
-    policy, lora_dir = hub.trained_policy(
+def train_lora(checkpoint: Path, tmp_path: Path) -> tuple[FlowPolicy, Path]:
+    return hub.trained_policy(
         str(experiments_root() / "rl/tiny_qwen_image_nft.yaml"),
         checkpoint,
         tmp_path,
@@ -123,15 +125,3 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
             "module.ema_decay=null",
         ],
     )
-    noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(3))
-    pipe = official(checkpoint)
-    with torch.no_grad():
-        base = pipeline_out(pipe, noise, 4.0)
-        ours = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=4.0)
-        pipe.load_lora_weights(str(lora_dir))
-        theirs = pipeline_out(pipe, noise, 4.0)
-    d, effect = diff(ours, theirs), diff(theirs, base)
-    print(
-        f"qwen_image LoRA round trip (true CFG 4): max abs diff {d:.2e}; the adapter moves the output by {effect:.2e}"
-    )
-    assert d <= 1e-4 and effect > 1e-3

@@ -4,7 +4,8 @@ A tiny random checkpoint with the real classes and hub layout (Qwen2.5-VL text e
 transformer and VAE, the real scheduler config) is loaded by both; at the pipelines' default condition sizes (the
 source VAE-encoded at ~1024^2 pixels of area, shown to the VL encoder at ~384^2 for 2509), with the same initial
 latents and steps, FIRM's sampling equals the pipeline's, with true CFG off and on; the exported LoRA reproduces the
-trained policy inside the pipeline.
+trained policy inside the pipeline. Those checks are the family contract's (tests/policies/test_family_contract.py), on
+the functions at the end of this file; the first-release pipeline is checked here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ STEPS = 3
 PROMPT = "turn the square blue"
 
 
-def build(root: Path, pipeline: str) -> Path:
+def build(root: Path, pipeline: str = PLUS) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     corpus = [QWEN_EDIT_TEMPLATE, "Picture 1: Picture 2:", *hub.PROMPTS]
@@ -99,7 +100,7 @@ def policy_for(root: Path, **kw) -> FlowPolicy:
     return FlowPolicy(cfg).eval()
 
 
-def pipeline_latents(pipe, images, noise: torch.Tensor, scale: float, output_type: str = "latent") -> torch.Tensor:
+def pipeline_latents(pipe, images, noise: torch.Tensor, scale: float, output_type: str = "latent", **kw):
     b, c, h, w = noise.shape
     out = pipe(
         image=images,
@@ -111,6 +112,7 @@ def pipeline_latents(pipe, images, noise: torch.Tensor, scale: float, output_typ
         num_inference_steps=STEPS,
         latents=pipe._pack_latents(noise, b, c, h, w),
         output_type=output_type,
+        **kw,
     ).images
     if output_type == "latent":
         return pipe._unpack_latents(out, RES, RES, pipe.vae_scale_factor)[:, :, 0]  # (B, C, h, w)
@@ -119,65 +121,6 @@ def pipeline_latents(pipe, images, noise: torch.Tensor, scale: float, output_typ
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
-
-
-def test_embeddings_equal_encode_prompt(checkpoint):
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
-        CONDITION_IMAGE_SIZE,
-        calculate_dimensions,
-    )
-
-    pipe, policy = official(checkpoint), policy_for(checkpoint)
-    images = [source(48, 40, 0), source(32, 56, 1)]  # 2509 takes several source images
-    shown = []
-    for im in images:  # the pipeline's own resize of the condition images
-        w, h = calculate_dimensions(CONDITION_IMAGE_SIZE, im.size[0] / im.size[1])
-        shown.append(pipe.image_processor.resize(im, h, w))
-    with torch.no_grad():
-        ref, mask = pipe.encode_prompt(prompt=PROMPT, image=shown, device=torch.device("cpu"))
-    ours = policy.text_encoder.encode([PROMPT], [images])[0]
-    d = diff(ours.embeds, ref[0])
-    print(f"qwen_image_edit embeddings: {ref.shape[1]} tokens, max abs diff {d:.2e}")
-    assert ours.embeds.shape == ref[0].shape and d <= 1e-5
-    # the diff can see a bug: bicubic instead of lanczos for the VL condition images
-    enc = policy.text_encoder
-    wrong = [im.resize(s.size, Image.BICUBIC) for im, s in zip(images, shown)]
-    states = enc.model(
-        **enc.processor(text=[enc.text(PROMPT, 2)], images=wrong, return_tensors="pt"), output_hidden_states=True
-    ).hidden_states[-1][0, 64:]
-    assert diff(states, ref[0]) > 1e-3
-
-
-@pytest.mark.parametrize("scale", [1.0, 4.0])
-def test_sampling_equals_the_pipeline_at_its_default_sizes(checkpoint, scale):
-    pipe, policy = official(checkpoint), policy_for(checkpoint)
-    image = source(48, 40)
-    noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = pipeline_latents(pipe, [image], noise, scale)
-        ours = policy.sample_latents([PROMPT], noise, STEPS, images=[image], guidance_scale=scale)
-        tokens = policy.encode_prompts([PROMPT], [image]).image_latents[0].shape
-    d = diff(ours, ref)
-    print(f"qwen_image_edit sampling, true_cfg_scale {scale}: source latents {tuple(tokens)}, max abs diff {d:.2e}")
-    assert tokens[-2:] == (116, 140)  # 48x40 -> 1120x928 px (the pipeline's ~1024^2 area) -> 8x VAE
-    assert d <= 1e-4
-    if scale > 1:  # decoded images agree too
-        with torch.no_grad():
-            img_ref = pipeline_latents(pipe, [image], noise, scale, output_type="pt")
-        di = diff(policy.decode(ours), img_ref)
-        print(f"qwen_image_edit decoded image max abs diff {di:.2e}")
-        assert di <= 1e-4
-        # the comparison can see a missing norm rescale
-        from firm.policies.families import qwen_image
-
-        orig = qwen_image.true_cfg
-        qwen_image.true_cfg = lambda v_u, v_c, s: v_u + s * (v_c - v_u)
-        try:
-            with torch.no_grad():
-                plain = policy.sample_latents([PROMPT], noise, STEPS, images=[image], guidance_scale=scale)
-        finally:
-            qwen_image.true_cfg = orig
-        assert diff(plain, ref) > 2e-4
 
 
 def test_the_first_release_pipeline_too(tmp_path, checkpoint):
@@ -207,15 +150,81 @@ def test_the_first_release_pipeline_too(tmp_path, checkpoint):
     assert d <= 1e-4
 
 
-def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, monkeypatch):
-    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
-    policy, lora_dir = hub.trained_policy(
+# What the family contract (tests/policies/test_family_contract.py) calls.
+
+
+def condition_images(pipe) -> tuple[list[Image.Image], list[Image.Image]]:
+    """Two source images (2509 takes several) and the same as the pipeline shows them to the VL encoder."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
+    images, shown = [source(48, 40, 0), source(32, 56, 1)], []
+    for im in images:  # the pipeline's own resize of the condition images
+        w, h = calculate_dimensions(CONDITION_IMAGE_SIZE, im.size[0] / im.size[1])
+        shown.append(pipe.image_processor.resize(im, h, w))
+    return images, shown
+
+
+def embeddings(pipe, policy: FlowPolicy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(FIRM's, the pipeline's) embeddings of the prompt with two condition images."""
+    images, shown = condition_images(pipe)
+    ref, _ = pipe.encode_prompt(prompt=PROMPT, image=shown, device=torch.device("cpu"))
+    return [(policy.text_encoder.encode([PROMPT], [images])[0].embeds, ref[0])]
+
+
+def check_embeddings(pipe, policy: FlowPolicy, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The comparison can see a bug: bicubic instead of lanczos for the VL condition images."""
+    images, shown = condition_images(pipe)
+    enc = policy.text_encoder
+    wrong = [im.resize(s.size, Image.BICUBIC) for im, s in zip(images, shown)]
+    states = enc.model(
+        **enc.processor(text=[enc.text(PROMPT, 2)], images=wrong, return_tensors="pt"), output_hidden_states=True
+    ).hidden_states[-1][0, 64:]
+    assert diff(states, pairs[0][1]) > 1e-3
+
+
+def reference(pipe, noise: torch.Tensor, scale: float, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's final latents (B, C, h, w) and decoded images at its default condition sizes, in one call (the
+    source is VAE-encoded at ~1024^2 pixels: the expensive part)."""
+    final = {}
+
+    def keep_latents(_pipe, _i, _t, tensors):  # the pipeline's per-step hook: the packed latents after each step
+        final["latents"] = tensors["latents"]
+        return {}
+
+    images = pipeline_latents(pipe, [source(48, 40)], noise, scale, output_type="pt", callback_on_step_end=keep_latents)
+    return pipe._unpack_latents(final["latents"], RES, RES, pipe.vae_scale_factor)[:, :, 0], images
+
+
+def sample(policy: FlowPolicy, noise: torch.Tensor, scale: float) -> torch.Tensor:
+    return policy.sample_latents([PROMPT], noise, STEPS, images=[source(48, 40)], guidance_scale=scale)
+
+
+def check_sampling(pipe, policy: FlowPolicy, noise: torch.Tensor, scale: float, ref: torch.Tensor, ours) -> None:
+    """The source at the pipeline's ~1024^2 area; with true CFG, the comparison can see a missing norm rescale."""
+    image = source(48, 40)
+    if scale == 1.0:
+        tokens = policy.encode_prompts([PROMPT], [image]).image_latents[0].shape
+        assert tokens[-2:] == (116, 140)  # 48x40 -> 1120x928 px (the pipeline's ~1024^2 area) -> 8x VAE
+        return
+    from firm.policies.families import qwen_image
+
+    orig = qwen_image.true_cfg
+    qwen_image.true_cfg = lambda v_u, v_c, s: v_u + s * (v_c - v_u)
+    try:
+        plain = policy.sample_latents([PROMPT], noise, STEPS, images=[image], guidance_scale=scale)
+    finally:
+        qwen_image.true_cfg = orig
+    assert diff(plain, ref) > 2e-4
+
+
+def train_lora(checkpoint: Path, tmp_path: Path) -> tuple[FlowPolicy, Path]:
+    return hub.trained_policy(
         str(experiments_root() / "rl/tiny_qwen_edit_nft.yaml"),
         checkpoint,
         tmp_path,
         [
             f"module.policy.resolution={RES}",
-            "module.policy.condition_area=65536",  # train with small sources (cheap); compare at the defaults below
+            "module.policy.condition_area=65536",  # train with small sources (cheap); compare at the defaults
             "module.lr=0.01",
             "trainer.max_steps=2",
             "module.sampler.num_steps=2",
@@ -225,14 +234,3 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
             "module.ema_decay=null",
         ],
     )
-    image = source(48, 40)
-    noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(3))
-    pipe = official(checkpoint)
-    with torch.no_grad():
-        base = pipeline_latents(pipe, [image], noise, 1.0)
-        ours = policy.sample_latents([PROMPT], noise, STEPS, images=[image])
-        pipe.load_lora_weights(str(lora_dir))
-        theirs = pipeline_latents(pipe, [image], noise, 1.0)
-    d, effect = diff(ours, theirs), diff(theirs, base)
-    print(f"qwen_image_edit LoRA round trip: max abs diff {d:.2e}; the adapter moves the output by {effect:.2e}")
-    assert d <= 1e-4 and effect > 1e-3

@@ -3,7 +3,8 @@
 The tiny checkpoint (two CLIPs with projections, T5, SD3 transformer, AutoencoderKL, the scheduler) has the hub's
 layout and ``model_index.json``; its tokenizers are word-level ``PreTrainedTokenizerFast`` stand-ins (a CLIP BPE
 vocabulary cannot be built offline), declared as such, so that FIRM's ``AutoTokenizer`` and the pipeline load the
-same tokenizer.
+same tokenizer. The checks (embeddings, sampling, the LoRA round trip) are the family contract's
+(tests/policies/test_family_contract.py), on the functions at the end of this file.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from firm.paths import experiments_root
@@ -23,9 +23,8 @@ STEPS = 3
 PROMPT = "a red circle at the top"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_sd3_checkpoint, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sd3_hub") / "sd3"
+def build(root: Path, tiny_sd3_checkpoint: Path) -> Path:
+    """The hub layout of SD3 around the tiny random components of ``tiny_sd3_checkpoint`` (tests/policies/conftest)."""
     shutil.copytree(tiny_sd3_checkpoint, root)
     tok = ("transformers", "PreTrainedTokenizerFast")
     hub.write_model_index(
@@ -77,36 +76,34 @@ def pipeline_out(pipe, noise: torch.Tensor, scale: float, output_type: str = "la
     ).images
 
 
-def test_embeddings_equal_encode_prompt(checkpoint):
-    pipe, policy = official(checkpoint), policy_for(checkpoint)
-    with torch.no_grad():
-        ref, _, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False)
+# What the family contract (tests/policies/test_family_contract.py) calls.
+
+
+def embeddings(pipe, policy: FlowPolicy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(FIRM's, the pipeline's) joint CLIP + T5 embeddings and pooled CLIP embeddings of the prompt."""
+    ref, _, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False)
     ours = policy.text_encoder.encode([PROMPT])[0]
-    d, dp = diff(ours.embeds, ref[0]), diff(ours.pooled, pooled[0])
-    print(f"sd3 embeddings: {ref.shape[1]} tokens, max abs diff {d:.2e}; pooled {dp:.2e}")
-    assert ours.embeds.shape == ref[0].shape and d == 0.0 and dp == 0.0
+    return [(ours.embeds, ref[0]), (ours.pooled, pooled[0])]
 
 
-@pytest.mark.parametrize("scale", [1.0, 4.5])
-def test_sampling_equals_the_pipeline(checkpoint, scale):
-    pipe, policy = official(checkpoint), policy_for(checkpoint)
-    noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = pipeline_out(pipe, noise, scale)
-        ours = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale)
-        img = pipeline_out(pipe, noise, scale, output_type="pt")
-    d, di = diff(ours, ref), diff(policy.decode(ours), img)
-    print(f"sd3 sampling, guidance_scale {scale}: latents max abs diff {d:.2e}, decoded images {di:.2e}")
-    assert d <= 1e-4 and di <= 1e-4
-    if scale > 1:  # the comparison can see a wrong guidance formula (guidance on the conditional side only)
-        with torch.no_grad():
-            wrong = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale - 1.0)
+def reference(pipe, noise: torch.Tensor, scale: float, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pipeline's final latents and (``decode``) images from ``noise`` at guidance ``scale``."""
+    return pipeline_out(pipe, noise, scale), pipeline_out(pipe, noise, scale, output_type="pt") if decode else None
+
+
+def sample(policy: FlowPolicy, noise: torch.Tensor, scale: float) -> torch.Tensor:
+    return policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale)
+
+
+def check_sampling(pipe, policy: FlowPolicy, noise: torch.Tensor, scale: float, ref: torch.Tensor, ours) -> None:
+    """The comparison can see a wrong guidance formula (guidance on the conditional side only)."""
+    if scale > 1:
+        wrong = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=scale - 1.0)
         assert diff(wrong, ref) > 1e-3
 
 
-def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, checkpoint, monkeypatch):
-    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
-    policy, lora_dir = hub.trained_policy(
+def train_lora(checkpoint: Path, tmp_path: Path) -> tuple[FlowPolicy, Path]:
+    return hub.trained_policy(
         str(experiments_root() / "rl/tiny_sd3_nft.yaml"),
         checkpoint,
         tmp_path,
@@ -120,13 +117,3 @@ def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(tmp_path, c
             "module.ema_decay=null",
         ],
     )
-    noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(3))
-    pipe = official(checkpoint)
-    with torch.no_grad():
-        base = pipeline_out(pipe, noise, 4.5)
-        ours = policy.sample_latents([PROMPT], noise, STEPS, guidance_scale=4.5)
-        pipe.load_lora_weights(str(lora_dir))
-        theirs = pipeline_out(pipe, noise, 4.5)
-    d, effect = diff(ours, theirs), diff(theirs, base)
-    print(f"sd3 LoRA round trip (CFG 4.5): max abs diff {d:.2e}; the adapter moves the output by {effect:.2e}")
-    assert d <= 1e-4 and effect > 1e-3

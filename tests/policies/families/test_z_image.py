@@ -10,6 +10,9 @@ pipeline's with CFG off and on, the decoded images agree, and a LoRA trained by 
 FIRM reproduces the trained policy inside the pipeline. Run with ``-s`` to see the numbers.
 
 FIRM's ``guidance_scale`` is the CFG weight ``w`` (1 = off); the pipeline's is ``w - 1`` (0 = off).
+
+The embeddings, sampling and LoRA checks are the family contract's (tests/policies/test_family_contract.py), on the
+functions at the end of this file; the CFG knobs and the tiny built model are checked here.
 """
 
 from __future__ import annotations
@@ -146,13 +149,17 @@ def checkpoint(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("z_image_turbo"))
 
 
-@pytest.fixture(scope="module")
-def pipe(checkpoint):
+def official(root: Path):
     from diffusers import ZImagePipeline
 
-    p = ZImagePipeline.from_pretrained(checkpoint)  # the real loader: no torchvision needed
-    p.set_progress_bar_config(disable=True)
-    return p
+    pipe = ZImagePipeline.from_pretrained(root)  # the real loader: no torchvision needed
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return official(checkpoint)
 
 
 def policy_for(root: Path, **kw) -> FlowPolicy:
@@ -188,55 +195,6 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def test_embeddings_equal_encode_prompt(pipe, policy):
-    with torch.no_grad():
-        ref, ref_neg = pipe.encode_prompt(prompt=list(PROMPTS), device=torch.device("cpu"))  # batched, CFG: ""
-    ours = [policy.text_encoder.encode([p])[0] for p in [*PROMPTS, ""]]  # one prompt per call, as the cache does
-    d = max(diff(o.embeds, r) for o, r in zip(ours, [*ref, *ref_neg]))
-    lengths = [tuple(r.shape) for r in [*ref, *ref_neg]]
-    print(f"z_image embeddings: {lengths} (prompts, negative), max abs diff {d:.2e}")
-    assert all(o.embeds.shape == r.shape for o, r in zip(ours, [*ref, *ref_neg])) and d <= 1e-5
-    assert len({r.shape[0] for r in ref}) == 2  # variable lengths: no padding kept
-    # the comparison can see a bug: the last hidden layer instead of the second-to-last
-    enc = policy.text_encoder
-    tokens = enc.tokenizer([enc.text(PROMPTS[0])], return_tensors="pt")
-    with torch.no_grad():
-        last = enc.model(**tokens, output_hidden_states=True).hidden_states[-1][0]
-    assert last.shape == ref[0].shape and diff(last, ref[0]) > 1e-3
-    # ... and the template rendered without the pipeline's enable_thinking=True (an empty thinking block)
-    wrong = enc.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True, enable_thinking=False
-    )
-    assert len(enc.tokenizer(wrong).input_ids) != ref[0].shape[0]
-
-
-@pytest.mark.parametrize("w", [1.0, 4.0])  # CFG off; CFG on at the pipeline's guidance_scale 3
-def test_sampling_equals_the_pipeline(checkpoint, pipe, policy, w):
-    noise = noise_for(policy)
-    ref = run_pipe(pipe, noise, w)
-    sig_pipe = pipe.scheduler.sigmas.clone()
-    with torch.no_grad():
-        ours = policy.sample_latents(list(PROMPTS), noise, STEPS, guidance_scale=w)
-    d, ds = diff(ours, ref), diff(policy.sigmas(STEPS), sig_pipe)
-    print(f"z_image sampling, FIRM guidance {w} (pipeline {w - 1:g}): latents max abs diff {d:.2e}, sigmas {ds:.1e}")
-    assert ds == 0.0 and d <= 1e-4
-    assert diff(ours, noise) > 1e-1  # the model really moved the latents
-    if w == 1.0:  # the comparison can see a wrong schedule: shift 2 instead of the checkpoint's 3
-        with torch.no_grad():
-            shifted = policy_for(checkpoint, shift=2.0).sample_latents(list(PROMPTS), noise, STEPS)
-        assert diff(shifted, ref) > 1e-3
-        return
-    # decoded images agree too (the pipeline's decode path: latents / scaling + shift, VAE, postprocess)
-    img_ref = run_pipe(pipe, noise, w, output_type="pt")
-    di = diff(policy.decode(ours), img_ref)
-    print(f"z_image decoded images (FIRM guidance {w}): max abs diff {di:.2e}")
-    assert img_ref.shape == (len(PROMPTS), 3, RES, RES) and di <= 1e-4
-    # ... and can see the scale convention: FIRM's w passed as the pipeline's guidance_scale
-    with torch.no_grad():
-        naive = policy.sample_latents(list(PROMPTS), noise, STEPS, guidance_scale=w - 1.0)
-    assert diff(naive, ref) > 1e-3
-
-
 def test_cfg_normalization_and_truncation_as_the_pipeline(pipe, policy):
     """The pipeline's two non-default guidance knobs: the norm cap, and no guidance at the late steps."""
     noise, w = noise_for(policy, seed=2), 6.0
@@ -257,46 +215,6 @@ def test_cfg_normalization_and_truncation_as_the_pipeline(pipe, policy):
     print(f"z_image sampling with cfg_normalization 1.05, cfg_truncation 0.2: max abs diff {d:.2e}")
     assert d <= 1e-4
     assert diff(capped, plain) > 1e-3 and diff(ref, capped) > 1e-3  # each knob changes the pipeline's result
-
-
-def test_trained_lora_loads_into_the_pipeline(tmp_path, monkeypatch, checkpoint, pipe):
-    """A 2-step DiffusionNFT run on the checkpoint, exported, loaded with ``load_lora_weights``."""
-    from diffusers import ZImagePipeline
-
-    from firm.config import load_experiment, to_object
-    from firm.policies.export import export_lora
-    from firm.runner import run
-
-    monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
-    overrides = [
-        f"output_root={tmp_path}",
-        f"module.policy.pretrained={checkpoint}",
-        f"module.policy.resolution={RES}",
-        "trainer.max_steps=2",
-        "trainer.checkpoint_every_n_steps=2",
-        "module.lr=3.0e-2",  # a large step so that the adapter's effect is far above the tolerance
-        "module.ema_decay=null",
-        "module.log_images_every=0",
-    ]
-    run_dir = run(str(REPO / "experiments" / "rl" / "tiny_z_image_nft.yaml"), overrides)
-    out = export_lora(run_dir, tmp_path / "lora")
-    cfg = to_object(load_experiment(run_dir / "config.yaml"))
-    trained = FlowPolicy(cfg.module.policy, old_adapter=True).eval()
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    loaded = trained.load_state_dict({k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}, False)
-    assert not loaded.unexpected_keys
-
-    noise = noise_for(trained, seed=3)
-    base = run_pipe(pipe, noise, 1.0)
-    lora_pipe = ZImagePipeline.from_pretrained(checkpoint)
-    lora_pipe.set_progress_bar_config(disable=True)
-    lora_pipe.load_lora_weights(str(out.parent))
-    theirs = run_pipe(lora_pipe, noise, 1.0)
-    with torch.no_grad():
-        ours = trained.sample_latents(list(PROMPTS), noise, STEPS)
-    d, effect = diff(ours, theirs), diff(theirs, base)
-    print(f"z_image LoRA round trip: FIRM vs pipeline + load_lora_weights {d:.2e}; adapter effect {effect:.2e}")
-    assert d <= 1e-4 and effect > 1e-2
 
 
 def test_tiny_random_model_and_clear_errors(checkpoint):
@@ -327,3 +245,78 @@ def test_tiny_random_model_and_clear_errors(checkpoint):
     narrow = HashTextEncoder(HashTextEncoder.Config(dim=16))  # the transformer takes 32-wide captions
     with pytest.raises(ValueError, match="cap_feat_dim"):
         policy.family.check({"transformer": policy.transformer, "codec": policy.codec, "text_encoder": narrow})
+
+
+# What the family contract (tests/policies/test_family_contract.py) calls: two prompts of different lengths. Its
+# guidance scales are FIRM's (1 = off); ``run_pipe`` passes the pipeline ``w - 1``.
+
+
+def embeddings(pipe, policy: FlowPolicy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(FIRM's, the pipeline's) embeddings of each prompt and of the negative prompt (""), FIRM's one prompt per call
+    (as its cache encodes them) against the pipeline's batched call."""
+    ref, ref_neg = pipe.encode_prompt(prompt=list(PROMPTS), device=torch.device("cpu"))
+    ours = [policy.text_encoder.encode([p])[0].embeds for p in [*PROMPTS, ""]]
+    return list(zip(ours, [*ref, *ref_neg]))
+
+
+def check_embeddings(pipe, policy: FlowPolicy, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Variable lengths (no padding kept); the comparison can see the last hidden layer instead of the second-to-last,
+    and the template rendered without the pipeline's enable_thinking=True (an empty thinking block)."""
+    ref = [r for _, r in pairs[: len(PROMPTS)]]
+    assert len({r.shape[0] for r in ref}) == 2
+    enc = policy.text_encoder
+    tokens = enc.tokenizer([enc.text(PROMPTS[0])], return_tensors="pt")
+    last = enc.model(**tokens, output_hidden_states=True).hidden_states[-1][0]
+    assert last.shape == ref[0].shape and diff(last, ref[0]) > 1e-3
+    wrong = enc.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert len(enc.tokenizer(wrong).input_ids) != ref[0].shape[0]
+
+
+def reference(pipe, noise: torch.Tensor, w: float, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pipeline's final latents and (``decode``) images from ``noise`` at FIRM's CFG weight ``w``."""
+    return run_pipe(pipe, noise, w), run_pipe(pipe, noise, w, output_type="pt") if decode else None
+
+
+def sample(policy: FlowPolicy, noise: torch.Tensor, w: float) -> torch.Tensor:
+    return policy.sample_latents(list(PROMPTS), noise, STEPS, guidance_scale=w)
+
+
+def check_sampling(pipe, policy: FlowPolicy, noise: torch.Tensor, w: float, ref: torch.Tensor, ours) -> None:
+    """The same sigmas to the bit; the model really moves the latents; the comparison can see a wrong schedule (shift 2
+    instead of the checkpoint's 3) and the scale convention (FIRM's w passed as the pipeline's guidance_scale)."""
+    assert diff(policy.sigmas(STEPS), pipe.scheduler.sigmas) == 0.0
+    assert diff(ours, noise) > 1e-1
+    if w == 1.0:
+        shifted = policy_for(Path(policy.config.pretrained), shift=2.0).sample_latents(list(PROMPTS), noise, STEPS)
+        assert diff(shifted, ref) > 1e-3
+    else:
+        naive = policy.sample_latents(list(PROMPTS), noise, STEPS, guidance_scale=w - 1.0)
+        assert diff(naive, ref) > 1e-3
+
+
+def train_lora(checkpoint: Path, tmp_path: Path) -> tuple[FlowPolicy, Path]:
+    """A 2-step DiffusionNFT run on the checkpoint, exported, and the run's policy with its trained adapters."""
+    from firm.config import load_experiment, to_object
+    from firm.policies.export import export_lora
+    from firm.runner import run
+
+    overrides = [
+        f"output_root={tmp_path}",
+        f"module.policy.pretrained={checkpoint}",
+        f"module.policy.resolution={RES}",
+        "trainer.max_steps=2",
+        "trainer.checkpoint_every_n_steps=2",
+        "module.lr=3.0e-2",  # a large step so that the adapter's effect is far above the tolerance
+        "module.ema_decay=null",
+        "module.log_images_every=0",
+    ]
+    run_dir = run(str(REPO / "experiments" / "rl" / "tiny_z_image_nft.yaml"), overrides)
+    out = export_lora(run_dir, tmp_path / "lora")
+    cfg = to_object(load_experiment(run_dir / "config.yaml"))
+    trained = FlowPolicy(cfg.module.policy, old_adapter=True).eval()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    loaded = trained.load_state_dict({k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}, False)
+    assert not loaded.unexpected_keys
+    return trained, out.parent

@@ -19,17 +19,17 @@ MODULES: dict[str, Any] = {
     "diffusion_nft": "firm.algorithms.diffusion_nft:DiffusionNFT",  # DiffusionNFT
     "mix_grpo": "firm.algorithms.mix_grpo:MixGRPO",  # MixGRPO: sliding SDE window (+ Flash: dpm2 outside it)
     "grpo_guard": "firm.algorithms.grpo_guard:GRPOGuard",  # GRPO-Guard: RatioNorm + 1/|dt| reweighting
-    "shapes_pretrain": "firm.synthetic.pretrain:ShapesPretrainModule",  # tiny base models of the shapes world
+    "shapes_pretrain": "firm.synthetic.recipes.pretrain:ShapesPretrainModule",  # tiny base models of the shapes world
     "critic_sft": "firm.critics.sft:CriticSFTModule",  # critic SFT (answer-only CE, full or LoRA)
 }
 
 # LightningDataModules.
 DATAMODULES: dict[str, Any] = {
     "synthetic_regression": "firm.data.toy:RegressionDataModule",
-    "critic_sft": "firm.data.critic_sft:CriticSFTDataModule",
+    "critic_sft": "firm.critics.sft_data:CriticSFTDataModule",
     "prompts": "firm.data.prompts:PromptDataModule",
-    "shapes_pairs": "firm.synthetic.pretrain:ShapesPairsDataModule",  # rendered shapes-world training pairs
-    "shapes_prompts": "firm.synthetic.demo:ShapesPromptDataModule",  # shapes-world RL prompts (exported once)
+    "shapes_pairs": "firm.synthetic.recipes.pretrain:ShapesPairsDataModule",  # rendered shapes-world training pairs
+    "shapes_prompts": "firm.synthetic.recipes.demo:ShapesPromptDataModule",  # shapes-world RL prompts (exported once)
 }
 
 # Model families of the flow policy (firm/policies/families/: one file each, pinned to its diffusers pipeline).
@@ -44,7 +44,7 @@ FAMILIES: dict[str, Any] = {
 
 # Lightning callbacks an RL module attaches by name (`module.callbacks: {name: {settings}}`).
 CALLBACKS: dict[str, Any] = {
-    "shapes_report": "firm.synthetic.demo:ShapesReport",  # shapes world: held-out base vs trained report
+    "shapes_report": "firm.synthetic.recipes.demo:ShapesReport",  # shapes world: held-out base vs trained report
 }
 
 # Critic backends (local model, OpenAI-compatible HTTP, rule critics): class with a nested Config, built as

@@ -1,6 +1,6 @@
 """Chat encoding shared by critic training and inference: neutral chat messages -> token ids + image tensors.
 
-One implementation for both sides, so that a prompt the critic is trained on (:mod:`firm.data.critic_sft`) and
+One implementation for both sides, so that a prompt the critic is trained on (:mod:`firm.critics.sft_data`) and
 the same prompt at inference (:mod:`firm.critics.local`) become the very same tokens:
 
 1. images are prepared the same way (RGB, downscaled to at most ``max_image_pixels`` keeping the aspect ratio);

@@ -78,7 +78,7 @@ class TinyCriticConfig:
 def _corpus(n: int, size: int) -> list[str]:
     """Texts the tokenizer is trained on: every critic template and shapes-world prompts and answers."""
     from firm.critics.prompts import DEFAULT_TEMPLATES
-    from firm.curation.sft import format_answer
+    from firm.critics.sft_render import format_answer
     from firm.synthetic.data import scored_edit_samples, scored_gen_samples
     from firm.synthetic.world import WorldConfig
 

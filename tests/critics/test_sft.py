@@ -112,7 +112,7 @@ def _overrides(model, shards, tmp_path, *extra):
 
 
 def _sft_batch(model, shards):
-    from firm.data.critic_sft import CriticSFTDataModule
+    from firm.critics.sft_data import CriticSFTDataModule
 
     dm = CriticSFTDataModule(
         CriticSFTDataModule.Config(

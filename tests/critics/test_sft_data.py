@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from firm.critics import PromptSet, explain_boxed_score, explain_json_score, explain_quality_scores
-from firm.curation.sft import CriticSFTRenderer, format_answer
-from firm.data.critic_sft import IGNORE_INDEX, ChatExampleEncoder, CriticSFTDataModule, collate_examples
+from firm.critics.sft_data import IGNORE_INDEX, ChatExampleEncoder, CriticSFTDataModule, collate_examples
+from firm.critics.sft_render import CriticSFTRenderer, format_answer
 from firm.data.writer import write_shards
 from tests.helpers.data import edit_sample, generation_sample
 from tests.helpers.tiny_vlm import build_tiny_vlm
@@ -154,3 +154,13 @@ def test_sft_prompt_tokens_equal_the_local_critics_with_downscaled_non_rgb_image
     assert torch.equal(ex["pixel_values"], infer["pixel_values"])
     assert torch.equal(ex["image_grid_thw"], infer["image_grid_thw"])
     assert ex["mm_token_type_ids"][:-n_answer].tolist() == infer["mm_token_type_ids"][0].tolist()
+
+
+def test_the_default_renderer_and_its_old_name_give_the_critics_renderer(tiny_vlm):
+    dm = CriticSFTDataModule(CriticSFTDataModule.Config(processor=str(tiny_vlm), num_workers=0))
+    assert isinstance(dm.renderer(), CriticSFTRenderer)
+    old = CriticSFTDataModule.Config(
+        processor=str(tiny_vlm), num_workers=0, renderer="firm.curation.sft:CriticSFTRenderer"
+    )  # what run directories written before the move hold
+    with pytest.warns(UserWarning, match="is now 'firm.critics.sft_render:CriticSFTRenderer'"):
+        assert isinstance(CriticSFTDataModule(old).renderer(), CriticSFTRenderer)

@@ -6,12 +6,12 @@ is the critic's prompt (the images and the judgement's template) followed by the
 everywhere except on the answer's tokens (and the end-of-turn token that closes it), so the loss teaches the answer
 only.
 
-**Rendering is injected.** This module imports nothing from ``firm``: what the prompt says and how the answer is
-written belong to the critic. The DataModule takes a *renderer*, a callable ``render(sample, dimension) ->
-(messages, answer) | None`` (None: no usable label). Give it as an object (``CriticSFTDataModule(config,
-render=...)``) or in the config as an import string ``"package.module:Factory"`` called with
-``renderer_options`` (default: ``firm.curation.sft:CriticSFTRenderer``, which uses the critic's own prompt
-templates and answer formats). ``messages`` use the neutral chat format of the critics: ``[{"role": ...,
+**Rendering is pluggable.** What the prompt says and how the answer is written belong to the critic. The DataModule
+takes a *renderer*, a callable ``render(sample, dimension) -> (messages, answer) | None`` (None: no usable label).
+Give it as an object (``CriticSFTDataModule(config, render=...)``) or in the config as an import string
+``"package.module:Factory"`` called with ``renderer_options`` (default:
+:class:`firm.critics.sft_render.CriticSFTRenderer`, which uses the critic's own prompt templates and answer
+formats). ``messages`` use the neutral chat format of the critics: ``[{"role": ...,
 "content": [{"type": "image", "image": PIL.Image} | {"type": "text", "text": ...}]}]``.
 
 **Tokenisation** uses the critic checkpoint's processor (``processor:`` a directory written by
@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,9 @@ import torch
 
 from firm.data.chat import ChatProcessor
 from firm.data.reader import ReaderConfig, ShardDataset, make_loader
+
+DEFAULT_RENDERER = "firm.critics.sft_render:CriticSFTRenderer"
+MOVED_RENDERERS = {"firm.curation.sft:CriticSFTRenderer": DEFAULT_RENDERER}  # its place until 2026-12
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +215,7 @@ class CriticSFTDataModule(L.LightningDataModule):
         train_shards: str = "???"  # edit and/or generation shards: a folder, glob, brace pattern or list (a::b)
         val_shards: str | None = None  # validation shards (None: no validation loader)
         processor: str = "???"  # critic checkpoint directory whose tokenizer/image processor/chat template to use
-        renderer: str = "firm.curation.sft:CriticSFTRenderer"  # "module:Factory" building render(sample, judgement)
+        renderer: str = DEFAULT_RENDERER  # "module:Factory" building render(sample, judgement)
         renderer_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
         judgements: list[str] = field(
             default_factory=lambda: ["execution", "consistency", "instruction", "quality"]
@@ -237,7 +241,11 @@ class CriticSFTDataModule(L.LightningDataModule):
 
     def renderer(self) -> Renderer:
         if self._render is None:
-            factory = resolve_callable(self.config.renderer)
+            spec = self.config.renderer
+            if spec in MOVED_RENDERERS:  # run directories written before the move name the old place
+                warnings.warn(f"critic_sft: renderer {spec!r} is now {MOVED_RENDERERS[spec]!r}", stacklevel=2)
+                spec = MOVED_RENDERERS[spec]
+            factory = resolve_callable(spec)
             self._render = factory(**dict(self.config.renderer_options))
         return self._render
 

@@ -1,7 +1,7 @@
 """Critic SFT examples: a curated sample + a judgement -> (the critic's prompt, the answer the critic should give).
 
-:class:`CriticSFTRenderer` is the ``renderer`` that :class:`firm.data.critic_sft.CriticSFTDataModule` uses by
-default (the datamodule imports nothing from ``firm``; it resolves the renderer from its config string). The prompt
+:class:`CriticSFTRenderer` is the ``renderer`` that :class:`firm.critics.sft_data.CriticSFTDataModule` uses by
+default (another one can be named in its config as ``"module:Factory"``). The prompt
 is exactly what a FIRM critic backend sends for that judgement (:class:`firm.critics.prompts.PromptSet`, with the
 same template overrides), and the answer is written in the format that prompt asks for and that
 :mod:`firm.critics.parsing` reads back:

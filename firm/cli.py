@@ -33,6 +33,7 @@ PROVIDERS: list[str] = [
     "firm.profile.cli",
     "firm.kernels_cli",
     "firm.synthetic.cli",
+    "firm.synthetic.recipes.cli",
 ]
 
 # `firm NOUN ...`: the groups of actions, with their one-line help.

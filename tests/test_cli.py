@@ -33,9 +33,9 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "shapes export": ("firm.synthetic.cli", "firm.synthetic", ()),
     "shapes export-bench": ("firm.synthetic.cli", "firm.synthetic", ()),
     "shapes critic-agreement": ("firm.synthetic.cli", "firm.synthetic", ()),
-    "shapes ablate": ("firm.synthetic.cli", "firm.synthetic", ()),
-    "shapes faithfulness": ("firm.synthetic.cli", "firm.synthetic", ()),
-    "shapes critic-proof": ("firm.synthetic.cli", "firm.synthetic", ()),
+    "shapes ablate": ("firm.synthetic.recipes.cli", "firm.synthetic.recipes", ()),
+    "shapes faithfulness": ("firm.synthetic.recipes.cli", "firm.synthetic.recipes", ()),
+    "shapes critic-proof": ("firm.synthetic.recipes.cli", "firm.synthetic.recipes", ()),
     "shapes tiny-critic": ("firm.synthetic.cli", "firm.synthetic", ()),
 }
 # Modules every command may use to find and load its experiment.

@@ -1,4 +1,5 @@
-"""Layering: the shapes world (firm/synthetic/) is a plugin; nothing else in firm/ imports it. The fused kernels
+"""Layering: the shapes world (firm/synthetic/) is a plugin; nothing else in firm/ imports it, and inside it the task
+never imports the recipes (firm/synthetic/recipes/) that run studies on top of it. The fused kernels
 (firm/kernels/) import nothing else of firm, and the data layer (firm/data/) only the leaves firm.vocab and
 firm.images. Every module sits in one layer of the table LAYERS and imports only lower layers (or its own package);
 no module imports a private name of another package; there are no import circles.
@@ -114,6 +115,52 @@ def test_the_check_finds_plugin_imports(package, source):
 )
 def test_the_check_allows_registry_strings_and_other_modules(package, source):
     assert plugin_imports(source, package) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inside the plugin: the recipes (firm/synthetic/recipes/: pretraining, the demo, the ablation, faithfulness, the critic
+# proof) sit on top of the task (world, language, tasks, perception, rule critic, ...). The task never imports them.
+
+RECIPES = "firm.synthetic.recipes"
+
+
+def recipe_offences(folder: Path, package: str = PLUGIN) -> list[str]:
+    """``file:line: statement`` for each import of the recipes by a module of the plugin in ``folder`` (firm/synthetic/,
+    whose package is ``package``): any ``.py`` under it outside ``folder/recipes/``."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        if folder / "recipes" in path.parents:
+            continue
+        sub = ".".join([package, *path.relative_to(folder).parent.parts])
+        for line, text in imports_matching(path.read_text(encoding="utf-8"), sub, lambda n: _is_in(n, RECIPES)):
+            found.append(f"{path.relative_to(folder.parent)}:{line}: {text}")
+    return found
+
+
+def test_the_shapes_task_never_imports_its_recipes():
+    assert (FIRM / "synthetic" / "world.py").is_file() and (FIRM / "synthetic" / "recipes" / "demo.py").is_file()
+    offences = recipe_offences(FIRM / "synthetic")
+    assert not offences, "the shapes task plugin imports a recipe; recipes sit on top of it\n" + "\n".join(offences)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from firm.synthetic.recipes.demo import ShapesReport",
+        "def f():\n    from firm.synthetic.recipes import ablation\n",
+        "from .recipes import demo",
+        "from . import recipes",
+        "import importlib\nimportlib.import_module('firm.synthetic.recipes.cli')\n",
+    ],
+)
+def test_the_recipe_check_finds_a_planted_import(tmp_path, source):
+    plugin = tmp_path / "synthetic"
+    (plugin / "recipes").mkdir(parents=True)
+    (plugin / "world.py").write_text("from firm.synthetic.tasks import edit_tasks\n")
+    (plugin / "recipes" / "demo.py").write_text("from firm.synthetic.world import render\nfrom . import report\n")
+    assert recipe_offences(plugin) == []  # recipes import the task and each other
+    (plugin / "critic.py").write_text(source)
+    assert [o.split(":")[0] for o in recipe_offences(plugin)] == ["synthetic/critic.py"], source
 
 
 @pytest.mark.parametrize(
@@ -259,7 +306,7 @@ def test_no_module_imports_a_higher_layer():
         ("firm.rewards.functions", "firm.algorithms.config", False),
         ("firm.critics.cli", "firm.rewards", True),  # commands sit above everything
         ("firm.kernels.bench", "firm.config", False),
-        ("firm.synthetic.demo", "firm.runner", True),  # the plugin is on top
+        ("firm.synthetic.recipes.demo", "firm.runner", True),  # the plugin is on top
         ("firm.bench.run", "firm.eval.run", False),
     ],
 )

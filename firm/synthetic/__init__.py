@@ -10,6 +10,10 @@ are registered by name in firm/registry.py: the curation teacher and sources (:m
 eval sets and judge; its commands (`firm shapes ...`, among them `export-bench` with :mod:`.bench` and `tiny-critic`
 with :mod:`.tiny_critic`) are a provider of firm/cli.py (:mod:`.cli`).
 
+The studies that run the library on this world (pretraining the tiny base models, the RL demo and its report, the
+reward ablation, critic faithfulness, the critic proof) are recipes on top of it, in :mod:`firm.synthetic.recipes`;
+nothing outside recipes/ imports them (tests/test_layering.py).
+
 Importing this package does not import torch; :mod:`.data` does.
 """
 

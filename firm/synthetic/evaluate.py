@@ -1,9 +1,9 @@
 """Held-out evaluation of shapes-world policies: sample a policy on tasks, score the images with the rule critic.
 
-Used by the pretraining module (how good is the base model?), the RL demo report (base vs trained) and the reward
-ablation. Sampling is deterministic given ``(seed, task key)``: the initial noise of a task is drawn from a generator
-seeded by both, so the base and the trained policy start from the *same* noise on each task (a paired comparison),
-and a different evaluation seed draws different noise for every task.
+Used by the recipes (firm/synthetic/recipes/): the pretraining module (how good is the base model?), the RL demo
+report (base vs trained) and the reward ablation. Sampling is deterministic given ``(seed, task key)``: the initial
+noise of a task is drawn from a generator seeded by both, so the base and the trained policy start from the *same*
+noise on each task (a paired comparison), and a different evaluation seed draws different noise for every task.
 
 Scores are normalised to [0, 1] (``(s - 1) / 4``); the headline reward is CME for editing and QMA for generation,
 whatever reward a run trained on.

@@ -1,7 +1,7 @@
 """The reward ablation of the shapes editing demo: the same RL with CME, the plain sum 0.5 E + 0.5 C, and E alone.
 
 ``firm shapes ablate`` runs ``experiments/demo/ablation_edit_rewards.yaml`` once per (reward, training seed), each
-run writing its own held-out report (:mod:`firm.synthetic.demo`), then gathers the held-out numbers and the
+run writing its own held-out report (:mod:`firm.synthetic.recipes.demo`), then gathers the held-out numbers and the
 training curves into::
 
     <out>/ablation.md     a markdown table (held-out CME, execution, consistency, lazy-editor share; mean ± std over
@@ -11,7 +11,7 @@ training curves into::
 
 The runner, table and plot are shared with other comparisons of the same RL (:func:`run_arms`, :func:`arms_table`,
 :func:`plot_arms` over a list of :class:`Arm`: a name and the overrides that make it), e.g. the critic faithfulness
-experiment of :mod:`firm.synthetic.faithfulness`.
+experiment of :mod:`firm.synthetic.recipes.faithfulness`.
 
 The question it answers (the paper's "lazy editor" finding, in miniature): does the plain sum drift towards copying
 the source (consistency up, execution down) while CME improves execution without giving up consistency?
@@ -261,7 +261,7 @@ def plot_arms(
     arm_key: str = "arm",
 ) -> Path:
     """Held-out bars (CME, E, C per arm, base first) and one training-curve panel per entry of ``panels``."""
-    from firm.synthetic.report import _plt
+    from firm.synthetic.recipes.report import _plt
 
     plt = _plt()
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.7 * (1 + len(panels)) - 0.1, 3.8))

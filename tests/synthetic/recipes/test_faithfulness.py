@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo"
+DEMO = Path(__file__).resolve().parents[3] / "experiments" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def tiny_critic(tmp_path_factory) -> Path:
 
 def test_critic_override_replaces_the_section(tiny_critic):
     from firm.config import load_experiment
-    from firm.synthetic.faithfulness import critic_arms
+    from firm.synthetic.recipes.faithfulness import critic_arms
 
     arms = critic_arms(["rule", "trained", "hallucinating"], str(tiny_critic), prompts={"system": "sys.txt"})
     cfgs = {a.name: load_experiment(DEMO / "shapes_edit_cme.yaml", list(a.overrides)).module for a in arms}
@@ -44,7 +44,7 @@ def test_truncated_score_first_json_parses():
 
 @pytest.mark.slow
 def test_faithfulness_end_to_end(tmp_path, monkeypatch, tiny_critic):
-    from firm.synthetic.faithfulness import run_faithfulness
+    from firm.synthetic.recipes.faithfulness import run_faithfulness
 
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     overrides = [

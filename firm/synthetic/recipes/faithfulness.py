@@ -19,7 +19,7 @@ whatever critic the RL used: the table reports *true* CME, execution, consistenc
 
 The question: does RL gain on the truth only as far as its critic is faithful? Under a hallucinating critic the
 training reward should rise while the true held-out CME does not (reward hacking of the critic's blind spots).
-The runner, table and plot are the reward ablation's (:mod:`firm.synthetic.ablation`), over critic arms.
+The runner, table and plot are the reward ablation's (:mod:`firm.synthetic.recipes.ablation`), over critic arms.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from firm.synthetic.ablation import (
+from firm.synthetic.recipes.ablation import (
     CURVE_KEYS,
     Arm,
     Line,

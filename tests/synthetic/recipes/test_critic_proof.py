@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from firm.synthetic.critic_proof import ProofConfig, markdown, run_critic_proof, summarize
+from firm.synthetic.recipes.critic_proof import ProofConfig, markdown, run_critic_proof, summarize
 
 
 @pytest.mark.slow

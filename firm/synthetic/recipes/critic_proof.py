@@ -331,7 +331,7 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_training(run_dir: Path, path: Path) -> Path | None:
     """Training loss and validation MAE of the critic run (None when the run logged nothing)."""
-    from firm.synthetic.report import _plt
+    from firm.synthetic.recipes.report import _plt
 
     m = read_metrics(run_dir)
     if not m["train/loss"]:

@@ -22,13 +22,13 @@ from firm.policies.policy import (
 )
 from firm.runner import run
 from firm.synthetic.critic import ShapesRuleCritic
-from firm.synthetic.demo import ShapesPromptDataModule, compare
 from firm.synthetic.evaluate import evaluate_policy
-from firm.synthetic.pretrain import shapes_tiny_config
+from firm.synthetic.recipes.demo import ShapesPromptDataModule, compare
+from firm.synthetic.recipes.pretrain import shapes_tiny_config
 from firm.synthetic.tasks import SplitConfig, edit_tasks, split_of
 from firm.synthetic.world import WorldConfig, render
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "experiments" / "demo"
 CHECKPOINTS = REPO / "firm" / "synthetic" / "checkpoints"
 WORLD = WorldConfig(size=32, colours=["red", "green", "blue", "yellow"], shapes=["circle", "square", "triangle"])
@@ -262,7 +262,7 @@ def test_short_gen_demo_runs_and_reports(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ablation_driver_writes_table_and_plot(tmp_path, monkeypatch):
-    from firm.synthetic.ablation import run_ablation
+    from firm.synthetic.recipes.ablation import run_ablation
 
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     overrides = [

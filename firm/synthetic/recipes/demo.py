@@ -248,7 +248,7 @@ def compare(base: Any, trained: Any) -> dict[str, Any]:
 
 def write_report(out: Path, rep: ShapesReport, module: Any, trained: Any) -> Path:
     """Write ``summary.json``, ``curves.png``, ``grid.png`` and ``report.md`` into ``out``; returns report.md."""
-    from firm.synthetic.report import comparison_grid, curves_plot
+    from firm.synthetic.recipes.report import comparison_grid, curves_plot
 
     out.mkdir(parents=True, exist_ok=True)
     c, mc = rep.config, module.config

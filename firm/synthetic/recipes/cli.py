@@ -1,0 +1,130 @@
+"""`firm shapes ...` commands of the recipes: the studies that run the library many times on the shapes world.
+
+firm shapes ablate --seeds 0 1                                     # the reward ablation of the editing demo
+firm shapes faithfulness --critic-model runs/critic-proof/critic   # the same RL under rule / trained / hallucinating
+firm shapes critic-proof --out runs/critic-proof                   # bench, curate, train and bench a tiny critic
+
+The plugin's own commands (preview, export, critic-agreement, export-bench, tiny-critic) are in firm/synthetic/cli.py;
+both modules add actions to the one `firm shapes` noun.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    import time
+
+    from firm.synthetic.recipes.ablation import run_ablation
+
+    out = args.out or f"runs/ablation_edit_rewards/{time.strftime('%Y%m%d-%H%M%S')}"
+    run_ablation(args.experiment, args.rewards, args.seeds, out, args.overrides)
+    return 0
+
+
+def _cmd_faithfulness(args: argparse.Namespace) -> int:
+    import time
+
+    from firm.synthetic.recipes.faithfulness import run_faithfulness
+
+    prompts = {}
+    for item in args.critic_prompts:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise SystemExit(f"--critic-prompts {item!r}: expected TEMPLATE=PATH (e.g. edit_execution=prompt.txt)")
+        prompts[key] = path
+    out = args.out or f"runs/faithfulness/{time.strftime('%Y%m%d-%H%M%S')}"
+    run_faithfulness(
+        out,
+        experiment=args.experiment,
+        critics=args.critics,
+        seeds=args.seeds,
+        critic_model=args.critic_model,
+        max_new_tokens=args.critic_max_new_tokens,
+        batch_size=args.critic_batch_size,
+        prompts=prompts,
+        steps=args.steps,
+        overrides=args.overrides,
+    )
+    return 0
+
+
+def _cmd_critic_proof(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from firm.synthetic.recipes.critic_proof import ProofConfig, run_critic_proof
+
+    fields = {f.name: f for f in dataclasses.fields(ProofConfig)}
+    values: dict = {"out": args.out, "fresh": args.fresh}
+    for item in args.settings:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields or key in ("critic", "train_overrides", "bench_overrides"):
+            simple = ", ".join(k for k in fields if k not in ("critic", "train_overrides", "bench_overrides"))
+            raise SystemExit(f"firm shapes critic-proof: {item!r}: expected KEY=VALUE with KEY one of {simple}")
+        kind = type(fields[key].default)
+        values[key] = raw if kind is str else (raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw))
+    values["critic"] = dict(kv.split("=", 1) for kv in args.critic)
+    values["critic"] = {k: int(v) for k, v in values["critic"].items()}
+    values["train_overrides"], values["bench_overrides"] = list(args.train), list(args.bench)
+    results = run_critic_proof(ProofConfig(**values))
+    return 0 if results["acceptance"]["ok"] else 1
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    ss = sub.noun("shapes")
+
+    q = ss.add_parser(
+        "ablate",
+        help="the reward ablation: the same RL with CME, the plain sum and execution only; table + plot",
+        description="Run the RL experiment once per reward and training seed, then write ablation.md (table), "
+        "ablation.json and ablation.png into --out.",
+    )
+    q.add_argument(
+        "--experiment", default="demo/ablation_edit_rewards", help="the RL experiment (a path or a shipped name)"
+    )
+    q.add_argument("--rewards", nargs="+", default=["cme", "weighted_sum", "execution_only"])
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    q.add_argument("--out", default=None, help="output folder (default: runs/ablation_edit_rewards/<timestamp>)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    q.set_defaults(func=_cmd_ablate)
+
+    q = ss.add_parser(
+        "faithfulness",
+        help="the same editing RL under the rule, a trained and a hallucinating critic; true held-out table + plot",
+        description="Run the RL experiment once per critic and training seed (module.critic replaced per run), then "
+        "write faithfulness.md (held-out numbers by the rule critic), faithfulness.json and faithfulness.png.",
+    )
+    q.add_argument("--experiment", default="demo/shapes_edit_cme", help="the RL experiment (a path or a shipped name)")
+    q.add_argument("--critics", nargs="+", default=["rule", "trained", "hallucinating"], help="which arms")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    q.add_argument("--critic-model", default=None, help="the trained critic's save_pretrained directory")
+    q.add_argument("--critic-max-new-tokens", type=int, default=12, help="its token budget (score-first JSON)")
+    q.add_argument("--critic-batch-size", type=int, default=None, help="its conversations per generate() call")
+    q.add_argument(
+        "--critic-prompts",
+        action="append",
+        default=[],
+        metavar="TEMPLATE=PATH",
+        help="one of its prompt templates (PromptConfig field=file); repeat for more",
+    )
+    q.add_argument("--steps", type=int, default=None, help="trainer.max_steps of every run (default: the experiment's)")
+    q.add_argument("--out", default=None, help="output folder (default: runs/faithfulness/<timestamp>)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    q.set_defaults(func=_cmd_faithfulness)
+
+    q = ss.add_parser(
+        "critic-proof",
+        help="build the held-out shapes bench, curate training data, train the tiny critic from scratch, benchmark it",
+        description="The critic half of FIRM's claim on a CPU (docs/faithfulness.md): benchmark, curation with the "
+        "rule teacher, a random tiny Qwen3-VL, critic SFT, export, firm critic bench of the rule critic / label "
+        "priors / untrained / trained critic; writes results.json, table.md and training.png into --out (finished "
+        "stages are reused on a rerun). Exit status 1 when the trained critic misses its targets.",
+    )
+    q.add_argument("--out", default="runs/critic-proof", help="output folder (default runs/critic-proof)")
+    q.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished stages")
+    q.add_argument("--critic", action="append", default=[], metavar="FIELD=INT", help="a TinyCriticConfig size")
+    q.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="an override of the SFT run")
+    q.add_argument("--bench", action="append", default=[], metavar="KEY=VALUE", help="an override of firm critic bench")
+    q.add_argument("settings", nargs="*", help="ProofConfig settings, e.g. steps=1500 train_edits=3000")
+    q.set_defaults(func=_cmd_critic_proof)

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# HISTORY: the first CPU critic recipe, superseded by `firm shapes critic-proof` (docs/bench.md, section 4). Kept as
+# the record of the numbers measured with it (docs/bench.md: History); not the recipe to follow.
 # Inputs of the tiny CPU critic experiments (tiny_*_cpu.yaml): a tiny random Qwen3-VL critic, and critic SFT
 # shards curated from the shapes world's *train* split by the curation pipelines with the rule teacher
 # (difference-first for edits, plan-then-score for generations). The benchmark of docs/bench.md uses the held-out

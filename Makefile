@@ -40,7 +40,7 @@ format: $(BIN)/.installed
 # trained critic is the export of the critic proof run; FAITH_ARGS adds options (e.g. --steps 30) or overrides.
 PROOF_OUT    ?= runs/critic-proof
 PROOF_ARGS   ?=
-# The critic half (docs/faithfulness.md): bench, curation, tiny critic from random init, SFT, export, firm critic bench.
+# The critic half (docs/bench.md, section 4): bench, curation, tiny critic from random init, SFT, export, firm critic bench.
 .PHONY: critic-proof
 critic-proof: $(BIN)/.installed
 	OMP_NUM_THREADS=2 $(BIN)/firm shapes critic-proof --out $(PROOF_OUT) $(PROOF_ARGS)

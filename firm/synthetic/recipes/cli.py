@@ -116,7 +116,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q = ss.add_parser(
         "critic-proof",
         help="build the held-out shapes bench, curate training data, train the tiny critic from scratch, benchmark it",
-        description="The critic half of FIRM's claim on a CPU (docs/faithfulness.md): benchmark, curation with the "
+        description="The critic half of FIRM's claim on a CPU (docs/bench.md, section 4): benchmark, curation with the "
         "rule teacher, a random tiny Qwen3-VL, critic SFT, export, firm critic bench of the rule critic / label "
         "priors / untrained / trained critic; writes results.json, table.md and training.png into --out (finished "
         "stages are reused on a rerun). Exit status 1 when the trained critic misses its targets.",

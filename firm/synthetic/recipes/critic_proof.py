@@ -41,7 +41,7 @@ GROUP_OF = {"execution": "edit-execution", "consistency": "edit-consistency", "i
 
 @dataclass
 class ProofConfig:
-    """Sizes of the proof (defaults: about 20 minutes on 2 CPU cores; see docs/faithfulness.md)."""
+    """Sizes of the proof (defaults: about 20 minutes on 2 CPU cores; see docs/bench.md, section 4)."""
 
     out: str = "runs/critic-proof"
     seed: int = 0

@@ -1,6 +1,7 @@
 # FIRM — the two commands of the README, and a few helpers.
 #   make demo     create .venv, install FIRM from the lock (CPU torch), run the embedded default experiment
 #   make test     same setup, run the test suite
+#   make test-fast  the suite without the tests marked slow (subprocess runs, full fits, servers): under 3 minutes
 #   make upgrade  re-resolve to the newest releases in a separate venv, run the suite there, rewrite the lock if it passes
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ DEMO   ?= experiments/demo/shapes_edit_cme.yaml
 PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format clean upgrade
+.PHONY: demo test test-fast lint format clean upgrade
 
 # Everything comes from the lock, never from whatever is newest: pip itself, the build backend, torch, the rest.
 # FIRM is installed on top without resolving again (--no-deps) and `pip check` proves the lock meets setup.py.
@@ -29,6 +30,10 @@ demo: $(BIN)/.installed
 # Two pytest-xdist workers, one thread each (tests/conftest.py): 558 s against 1171 s on one worker, 2 cores (README).
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The fast lane for the edit-test loop: the same workers, without `slow` (which `make test` and CI still run).
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

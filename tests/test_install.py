@@ -79,6 +79,7 @@ def test_every_entry_point_from_the_repo_root_and_from_elsewhere(tmp_path):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # a `firm doctor` subprocess
 def test_the_doctor_fails_when_a_top_level_kernels_package_is_back(tmp_path):
     """The old layout, restored beside the working directory: FIRM's fused kernels as a top-level `kernels`."""
     if not _installed("kernels"):

@@ -178,6 +178,7 @@ def _manifest_lines(out: Path, label: str) -> list[dict]:
     return lines
 
 
+@pytest.mark.slow  # four `firm eval` subprocesses, two of them killed
 def test_sigkill_during_generate_and_score_then_relaunch(tmp_path):
     ov = [
         f"output_root={tmp_path}",
@@ -227,6 +228,7 @@ def test_sigkill_during_generate_and_score_then_relaunch(tmp_path):
     assert len(ids) == len(set(ids)) == 32, "a question was asked twice or is missing"
 
 
+@pytest.mark.slow  # two `firm eval` ranks as subprocesses, then the report
 def test_two_ranks_split_the_work_and_the_report_merges_them(tmp_path):
     ov = [
         f"output_root={tmp_path}",

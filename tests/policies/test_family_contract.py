@@ -8,7 +8,8 @@ Each family's file in tests/policies/families/ builds a tiny random checkpoint w
 2. from the same initial latents and steps, FIRM's sampling equals the pipeline's with guidance off and on: the same
    sigmas, final latents and decoded images, and the comparison would see the guidance missing;
 3. a LoRA trained by a 2-step RL run and exported by FIRM reproduces the trained policy inside the pipeline
-   (``load_lora_weights``), and visibly changes its output.
+   (``load_lora_weights``), and visibly changes its output. It trains, so it is marked ``slow``: ``make test`` runs it,
+   ``make test-fast`` does not.
 
 A family's file may add ``check_embeddings``, ``check_sampling`` and ``check_export``: what only that family needs
 (positions, token counts, that the comparison can see a family-specific bug), run here on the same outputs. The rest of
@@ -133,6 +134,7 @@ def test_sampling_equals_the_pipeline(family, loaded):
         assert effect > family.guidance_effect, f"guidance {scale}"
 
 
+@pytest.mark.slow  # a 2-step RL run (a full Lightning fit) per family
 def test_exported_lora_reproduces_the_trained_policy_in_the_pipeline(family, checkpoint, tmp_path, monkeypatch):
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
     mod, scale = family.module, family.lora_scale

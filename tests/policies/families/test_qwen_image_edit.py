@@ -123,6 +123,7 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+@pytest.mark.slow  # a second pipeline class at ~1024^2 source pixels: seconds of VAE on a CPU
 def test_the_first_release_pipeline_too(tmp_path, checkpoint):
     root = tmp_path / "classic"
     shutil.copytree(checkpoint, root)

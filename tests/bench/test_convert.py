@@ -72,7 +72,17 @@ def test_per_dimension_columns_and_field_overrides(tmp_path, capsys):
         convert_firm_bench(tmp_path / "o1", edit_dir=edit)
     assert "['edit_text', 'images', 'uid']" in str(e.value) and "--field instruction=KEY" in str(e.value)
     with pytest.raises(SystemExit):
-        main(["critic", "bench-convert", str(tmp_path / "o2"), "--edit-dir", str(edit), "--field", "instruction=edit_text"])
+        main(
+            [
+                "critic",
+                "bench-convert",
+                str(tmp_path / "o2"),
+                "--edit-dir",
+                str(edit),
+                "--field",
+                "instruction=edit_text",
+            ]
+        )
     b = load_benchmark(tmp_path / "o2")
     assert sorted((it.id, it.human_score) for it in b.items) == [("edit-q-cons", 3.0), ("edit-q-exec", 5.0)]
     assert "fields used" in capsys.readouterr().out

@@ -1,8 +1,15 @@
-"""Experiment configuration.
+"""Experiment configuration: the one loader of `firm run`, `firm curate`, `firm critic bench` and `firm eval`.
 
 An experiment is a YAML file. Its values are resolved in a fixed order:
 
-    component dataclass defaults  <-  YAML (and the chain of `base:` files it inherits)  <-  CLI `key.sub=value`
+    dataclass defaults  <-  YAML (and the chain of `base:` files it inherits)  <-  command flags  <-  `key.sub=value`
+
+:func:`load_config` does it for every command; only the top-level dataclass (the ``schema``) differs:
+``ExperimentConfig`` (`firm run`), ``firm.curation.runner.CurationConfig``, ``firm.bench.run.BenchConfig`` and
+``firm.eval.run.EvalConfig``. The experiment is a path or the name of a shipped one (``demo/shapes_edit_cme``,
+see :func:`firm.paths.find_experiment`); ``${shipped:...}`` in a value is a file that ships with FIRM
+(:mod:`firm.paths`). Command-line flags (`firm critic bench --critic NAME`) replace the YAML's sections they set;
+``key=value`` overrides merge into them.
 
 Every component (LightningModule, LightningDataModule, reward, critic backend, ...) owns a small dataclass of its
 settings next to its code, exposed as the class attribute ``Config``. A config field that holds a component is
@@ -16,7 +23,7 @@ Range checks: any config dataclass may define ``validate(self) -> None`` that ra
 of range. Write the message as ``"<field>: <problem and what to do>"`` (e.g. ``"rank: must be >= 1, got -1"``):
 when ``<field>`` is one of the dataclass's fields, the :class:`ConfigError` names the full key
 (``module.policy.lora.rank``) and the file or override that set it; otherwise it names the section. The loader
-(:func:`load_experiment`, :func:`build_component`) calls every ``validate()`` of the resolved config, nested ones
+(:func:`load_config`, :func:`build_component`) calls every ``validate()`` of the resolved config, nested ones
 first, after the types are checked; so ``firm run --dry-run`` catches them, before any run directory or model
 exists. A ``ValueError`` raised by a dataclass's ``__post_init__`` is reported the same way. ``validate()`` sees
 its own section only (not the rest of the experiment); checks across sections belong to the component that joins
@@ -26,6 +33,7 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import math
@@ -40,7 +48,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from firm.paths import shipped
+from firm.paths import experiments_root, find_experiment, shipped
 from firm.registry import REGISTRIES, resolve
 
 
@@ -63,11 +71,14 @@ __all__ = [
     "TrainerConfig",
     "component_field",
     "import_extensions",
+    "check_run_name",
+    "load_config",
     "load_experiment",
     "load_yaml_chain",
     "parse_overrides",
     "save_config",
     "to_object",
+    "to_yaml",
     "validate_config",
 ]
 
@@ -76,15 +87,29 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and where it was set."""
 
 
-def component_field(registry: str, *, optional: bool = False, default_name: str | None = None) -> Any:
+def component_field(
+    registry: str, *, optional: bool = False, default_name: str | None = None, many: bool = False
+) -> Any:
     """A config field holding a registered component, chosen by its ``name:`` key.
 
     Args:
         registry: which registry in :data:`firm.registry.REGISTRIES` to look the name up in.
         optional: the section may be left out (the field is then ``None``).
         default_name: the component used when the section gives no ``name:``.
+        many: the field is a mapping ``label -> section`` of any number of components of the registry (the critics
+            of `firm critic bench`); each section is checked against its component's ``Config``, and a ``null``
+            section is left out (so a derived YAML can drop an inherited one). The field defaults to ``{}``.
     """
-    return field(default=None, metadata={"registry": registry, "optional": optional, "default_name": default_name})
+    metadata = {"registry": registry, "optional": optional, "default_name": default_name, "many": many}
+    if many:
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=None, metadata=metadata)
+
+
+def check_run_name(name: str) -> None:
+    """The ``validate()`` check of a ``name:`` that names an output folder: one plain path component."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"name: must be a plain folder name (no '/', '..' or NUL), got {name!r}")
 
 
 @dataclass
@@ -141,9 +166,7 @@ class ExperimentConfig:
     data: Any = component_field("datamodules")  # the LightningDataModule: {name: ..., **its Config}
 
     def validate(self) -> None:
-        # the name is a folder of the run directory: one plain path component
-        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
-            raise ValueError(f"name: must be a plain folder name (no '/', '..' or NUL), got {self.name!r}")
+        check_run_name(self.name)  # the name is a folder of the run directory
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -255,6 +278,22 @@ def _build_schema(
             if dataclasses.is_dataclass(ftype) and _has_component_fields(ftype):
                 node[f.name] = _build_schema(ftype, sub_raw, key + ".", layers, top, components)
             continue
+        if f.metadata.get("many"):
+            if sub_raw is None:
+                continue
+            if not isinstance(sub_raw, DictConfig):
+                src = _source_of(layers, key, top)
+                raise ConfigError(
+                    f"{src}: '{key}' must be a mapping of labels to sections with a `name:` key, got {sub_raw!r}"
+                )
+            for label in sub_raw:
+                section = sub_raw.get(label)  # null: left out (kept as null, so that the labels keep their order)
+                node[f.name][label] = (
+                    None
+                    if section is None
+                    else _component_schema(registry, section, f"{key}.{label}", None, layers, top, components)
+                )
+            continue
         if sub_raw is None:
             if f.metadata.get("optional"):
                 continue
@@ -263,25 +302,41 @@ def _build_schema(
                 choices = ", ".join(sorted(REGISTRIES[registry]))
                 raise ConfigError(f"{top}: missing required section '{key}' (give it a `name:`, one of: {choices})")
             sub_raw = OmegaConf.create({"name": default_name})
-        if not isinstance(sub_raw, DictConfig):
-            src = _source_of(layers, key, top)
-            raise ConfigError(f"{src}: '{key}' must be a mapping with a `name:` key, got {sub_raw!r}")
-        comp_name = sub_raw.get("name", f.metadata.get("default_name"))
-        if comp_name is None:
-            choices = ", ".join(sorted(REGISTRIES[registry]))
-            raise ConfigError(f"{top}: missing required value '{key}.name' (one of: {choices})")
-        try:
-            comp = resolve(registry, str(comp_name))
-        except KeyError as e:
-            src = _source_of(layers, f"{key}.name", top)
-            raise ConfigError(f"{src}: '{key}.name': {e.args[0]}") from None
-        conf_cls = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
-        if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
-            raise ConfigError(f"component {comp_name!r} of registry {registry!r} has no `Config` dataclass")
-        if components is not None:
-            components.append((key, registry))
-        node[f.name] = _build_schema(conf_cls, sub_raw, key + ".", layers, top, components)
-        node[f.name]["name"] = str(comp_name)
+        node[f.name] = _component_schema(
+            registry, sub_raw, key, f.metadata.get("default_name"), layers, top, components
+        )
+    return node
+
+
+def _component_schema(
+    registry: str,
+    section: Any,
+    key: str,
+    default_name: str | None,
+    layers: list[tuple[str, DictConfig]],
+    top: str,
+    components: list[tuple[str, str]] | None,
+) -> DictConfig:
+    """The structured node of one component section ``key`` (``{name: ..., **its Config}``) of ``registry``."""
+    if not isinstance(section, DictConfig):
+        src = _source_of(layers, key, top)
+        raise ConfigError(f"{src}: '{key}' must be a mapping with a `name:` key, got {section!r}")
+    comp_name = section.get("name", default_name)
+    if comp_name is None:
+        choices = ", ".join(sorted(REGISTRIES[registry]))
+        raise ConfigError(f"{_source_of(layers, key, top)}: missing required value '{key}.name' (one of: {choices})")
+    try:
+        comp = resolve(registry, str(comp_name))
+    except KeyError as e:
+        src = _source_of(layers, f"{key}.name", top)
+        raise ConfigError(f"{src}: '{key}.name': {e.args[0]}") from None
+    conf_cls = comp if dataclasses.is_dataclass(comp) else getattr(comp, "Config", None)
+    if conf_cls is None or not dataclasses.is_dataclass(conf_cls):
+        raise ConfigError(f"component {comp_name!r} of registry {registry!r} has no `Config` dataclass")
+    if components is not None:
+        components.append((key, registry))
+    node = _build_schema(conf_cls, section, key + ".", layers, top, components)
+    node["name"] = str(comp_name)
     return node
 
 
@@ -358,28 +413,53 @@ def _format_omegaconf_error(e: OmegaConfBaseException, source: str) -> str:
     return f"{source}: invalid value for '{key}': {first}"
 
 
-def load_experiment(
-    path: str | Path,
+def load_config(
+    experiment: str | Path | None,
     overrides: list[str] | None = None,
     *,
     schema: type = ExperimentConfig,
+    flags: dict[str, Any] | None = None,
+    flags_source: str = "command-line flags",
 ) -> DictConfig:
-    """Resolve an experiment: dataclass defaults <- YAML chain <- overrides.
+    """Resolve a config of any command: dataclass defaults <- YAML chain <- ``flags`` <- overrides.
+
+    The one loader of `firm run` (``schema=ExperimentConfig``), `firm curate`, `firm critic bench` and `firm eval`:
+    every command finds, inherits, types, checks and reports its config the same way.
 
     Args:
-        path: the experiment YAML.
-        overrides: CLI overrides, each ``key.sub=value``.
-        schema: the top-level dataclass (``ExperimentConfig`` for `firm run`).
+        experiment: the YAML, a path or the name of a shipped experiment (:func:`firm.paths.find_experiment`);
+            None for a config given on the command line only (`firm critic bench --data DIR --critic NAME`).
+        overrides: ``key.sub=value`` overrides (values are YAML), merged last.
+        schema: the top-level dataclass.
+        flags: values from a command's own options (``{"data": ..., "critics": {...}}``); each top-level key given
+            replaces that section of the YAML chain instead of merging into it.
+        flags_source: what to call ``flags`` in error messages.
 
     Returns:
-        A validated, structured ``DictConfig``. Use :func:`to_object` for dataclass instances.
+        A validated, structured ``DictConfig`` with interpolations (``${shipped:...}``) resolved. Use
+        :func:`to_object` for the dataclass instances and :func:`to_yaml` to print it (``--dry-run``).
 
     Raises:
-        ConfigError: naming the key and the file (or override) on any problem.
+        ConfigError: naming the key and the file (or flag, or override) that set it, on any problem: a missing
+            file, a YAML syntax error, an unknown key (with the closest known one), a wrong type, a missing value,
+            an unknown component name, a value out of range (the dataclasses' ``validate()``).
     """
-    path = Path(path)
-    layers = load_yaml_chain(path) + parse_overrides(list(overrides or []))
-    top = str(_display_path(path.resolve()))
+    layers: list[tuple[str, DictConfig]] = []
+    if experiment is not None:
+        path = _experiment_path(experiment)
+        layers += load_yaml_chain(path)
+        top = str(_display_path(path.resolve()))
+    else:
+        top = flags_source if flags else "command line"
+    if flags:
+        for _, layer in layers:
+            for key in flags:
+                layer.pop(key, None)
+        try:
+            layers.append((flags_source, OmegaConf.create(dict(flags))))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{flags_source}: {e}") from None
+    layers += parse_overrides(list(overrides or []))
     try:
         raw = OmegaConf.merge(*[layer for _, layer in layers]) if layers else OmegaConf.create({})
     except OmegaConfBaseException as e:
@@ -403,6 +483,41 @@ def load_experiment(
         raise ConfigError(_format_omegaconf_error(e, top)) from None
     validate_config(_checked_object(cfg, layers, top), layers=layers, source=top)
     return cfg
+
+
+def load_experiment(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    schema: type = ExperimentConfig,
+) -> DictConfig:
+    """A `firm run` experiment (or another ``schema``): :func:`load_config` without command-line flags."""
+    return load_config(path, overrides, schema=schema)
+
+
+def _experiment_path(experiment: str | Path) -> Path:
+    """The YAML file of ``experiment`` (a path, or a shipped experiment's name); a ConfigError when there is none."""
+    spec = str(experiment)
+    try:
+        path = Path(find_experiment(spec))
+    except FileNotFoundError:  # a broken install without experiments/: the path as given
+        path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"experiment file not found: {spec} is a folder (give a YAML file in it)")
+    hint = ""
+    if not Path(spec).is_absolute():
+        try:
+            root = experiments_root()
+            names = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+        except (FileNotFoundError, OSError):
+            names = []
+        name = spec.removeprefix("experiments/").removesuffix(".yaml").removesuffix(".yml")
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = " (no such file, nor a shipped experiment of that name; "
+        hint += f"did you mean {', '.join(repr(c) for c in close)}?)" if close else "`firm list` shows them)"
+    raise ConfigError(f"experiment file not found: {spec}{hint}")
 
 
 def build_component(registry: str, config: Any, *, source: str | None = None) -> tuple[type, Any]:
@@ -485,8 +600,12 @@ def _problem(cls_or_obj: Any, prefix: str, e: ValueError) -> tuple[str, str]:
     message = str(e)
     name, sep, rest = message.partition(":")
     names = {f.name for f in dataclasses.fields(cls_or_obj)} if dataclasses.is_dataclass(cls_or_obj) else set()
-    if sep and name.strip() in names:
-        return prefix + name.strip(), rest.strip()
+    name = name.strip()
+    section = prefix.rstrip(".").rsplit(".", 1)[-1]
+    if sep and section and name.startswith(section + "."):  # "generation.seeds: ..." raised by `generation`
+        name = name[len(section) + 1 :]
+    if sep and name in names:
+        return prefix + name, rest.strip()
     return prefix.rstrip(".") or "<top level>", message
 
 

@@ -293,3 +293,249 @@ def test_rl_callbacks_are_checked_at_load_time():
         load_experiment(demo, ["module.callbacks.shapes_report.n_taks=3"])
     cfg = to_object(load_experiment(demo, ["module.callbacks.shapes_report=null"]))  # null leaves it out
     assert cfg.module.callbacks["shapes_report"] is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One loader for every command: `firm run`, `firm curate`, `firm critic bench` and `firm eval` resolve their YAML
+# through firm.config.load_config, with the same lookup, inheritance, resolver, types, range checks and messages.
+
+
+def _load_curation(spec, overrides=()):
+    from firm.curation.runner import load_curation
+
+    return to_object(load_curation(spec, list(overrides)))
+
+
+def _load_bench(spec, overrides=()):
+    from firm.bench.run import load_bench_config
+
+    return to_object(load_bench_config(spec, list(overrides)))
+
+
+def _load_eval(spec, overrides=()):
+    from firm.eval.run import load_eval_config
+
+    return load_eval_config(spec, list(overrides))
+
+
+def _load_run(spec, overrides=()):
+    return to_object(load_experiment(spec, list(overrides)))
+
+
+def _schema(kind):
+    from firm.bench.run import BenchConfig
+    from firm.curation.runner import CurationConfig
+    from firm.eval.run import EvalConfig
+
+    return {"run": ExperimentConfig, "curate": CurationConfig, "bench": BenchConfig, "eval": EvalConfig}[kind]
+
+
+# kind -> (the command's loader, a shipped experiment, an integer setting)
+KINDS = {
+    "run": (_load_run, "demo/toy_regression", "trainer.log_every_n_steps"),
+    "curate": (_load_curation, "curation/shapes_edit_tiny", "concurrency.batch_size"),
+    "bench": (_load_bench, "bench/shapes_rule", "batch_size"),
+    "eval": (_load_eval, "eval/shapes_edit", "score_batch_size"),
+}
+FOLDER_KINDS = {"curation": "curate", "bench": "bench", "eval": "eval"}  # any other folder of experiments/: run
+
+
+def _kind_of(path: Path) -> str:
+    from firm.paths import experiments_root
+
+    return FOLDER_KINDS.get(path.relative_to(experiments_root()).parts[0], "run")
+
+
+def _shipped_yamls() -> list[Path]:
+    from firm.paths import experiments_root
+
+    return sorted(experiments_root().rglob("*.yaml"))
+
+
+def test_every_kind_of_experiment_ships():
+    counts = {kind: sum(_kind_of(p) == kind for p in _shipped_yamls()) for kind in KINDS}
+    assert counts["run"] >= 2 and counts["bench"] >= 3 and counts["eval"] >= 2, counts
+    from firm.paths import experiments_root
+
+    names = {p.name for p in (experiments_root() / "curation").glob("*.yaml")}
+    assert names >= {"shapes_edit_tiny.yaml", "shapes_gen_tiny.yaml", "edit_vllm.yaml"}
+
+
+@pytest.mark.parametrize("path", _shipped_yamls(), ids=lambda p: "/".join(p.parts[-2:]))
+def test_every_shipped_experiment_loads_through_the_one_loader(path):
+    """Each YAML under experiments/ resolves with its command's schema: components, types and ranges checked."""
+    from firm.config import load_config
+    from firm.registry import resolve
+
+    kind = _kind_of(path)
+    cfg = to_object(load_config(path, schema=_schema(kind)))
+    assert isinstance(cfg, _schema(kind))
+    assert cfg.name and cfg.description, f"{path}: needs a name and a one-line description"
+    cfg = KINDS[kind][0](path)  # and through the command's own entry point
+    if kind == "run":
+        assert resolve("modules", cfg.module.name) is not None and resolve("datamodules", cfg.data.name) is not None
+    elif kind == "curate":
+        assert resolve("curation_sources", cfg.source.name) is not None
+        roles = ("default", "reporter", "evaluator", "planner", "scorer", "rewriter")
+        teachers = [getattr(cfg.teachers, r) for r in roles if getattr(cfg.teachers, r)]
+        assert teachers and all(resolve("teachers", t.name) for t in teachers)
+    elif kind == "bench":
+        assert cfg.critics and all(dataclasses.is_dataclass(c) for c in cfg.critics.values())
+    else:
+        assert cfg.policies and dataclasses.is_dataclass(cfg.judge) and dataclasses.is_dataclass(cfg.prompts)
+
+
+BAD_OVERRIDES = [
+    # (override, the message as a regex); {int} is the kind's integer setting
+    ("descripton=x", r"command-line override 'descripton=x': unknown key 'descripton' .*Did you mean.*'description'"),
+    ("description=[1,2]", r"command-line override 'description=\[1,2\]': invalid value for 'description'"),
+    ("{int}=abc", r"command-line override '{int}=abc': invalid value for '{int}': .* could not be converted"),
+    ("{int}=0", r"command-line override '{int}=0': invalid value for '{int}': must be >= 1"),
+    ("name=../x", r"command-line override 'name=\.\./x': invalid value for 'name': must be a plain folder name"),
+    ("base=x.yaml", r"command-line override 'base=\.\.\.' is not allowed"),
+    ("name", r"override 'name' must look like key\.sub=value"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("override,message", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_the_same_bad_override_gives_the_same_error_in_every_kind(kind, override, message):
+    load, name, int_key = KINDS[kind]
+    override, message = override.replace("{int}", int_key), message.replace("{int}", int_key.replace(".", r"\."))
+    with pytest.raises(ConfigError, match="^" + message):
+        load(name, [override])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_is_found_by_name_from_any_directory_and_a_typo_is_suggested(kind, monkeypatch, tmp_path):
+    load, name, _ = KINDS[kind]
+    monkeypatch.chdir(tmp_path)
+    for spec in (name, f"{name}.yaml", f"experiments/{name}.yaml"):
+        assert load(spec).name
+    with pytest.raises(ConfigError, match=f"experiment file not found: {name}x .*did you mean '{name}'"):
+        load(name + "x")
+
+
+def test_a_folder_or_an_unknown_name_is_not_an_experiment(tmp_path):
+    with pytest.raises(ConfigError, match="experiment file not found: .* is a folder"):
+        load_experiment(tmp_path)
+    with pytest.raises(ConfigError, match=r"experiment file not found: nowhere/nothing \(.*`firm list` shows them"):
+        load_experiment("nowhere/nothing")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_inherits_with_base_and_resolves_shipped_paths(kind, tmp_path):
+    from firm.paths import experiments_root, shipped
+
+    load, name, int_key = KINDS[kind]
+    child = write(
+        tmp_path / "child.yaml",
+        f"base: {experiments_root() / name}.yaml\ndescription: '${{shipped:experiments/{name}.yaml}}'\n",
+    )
+    cfg = load(child, [f"{int_key}=3"])
+    parent = load(name)
+    assert cfg.name == parent.name  # inherited
+    assert cfg.description == str(shipped(f"experiments/{name}.yaml"))  # the resolver, in every kind
+    section, _, key = int_key.rpartition(".")
+    assert getattr(getattr(cfg, section) if section else cfg, key) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_names_the_file_that_set_a_bad_value(kind, tmp_path):
+    from firm.paths import experiments_root
+
+    load, name, int_key = KINDS[kind]
+    section, _, key = int_key.rpartition(".")
+    body = f"{section}: {{{key}: 0}}" if section else f"{key}: 0"
+    write(tmp_path / "mid.yaml", f"base: {experiments_root() / name}.yaml\n{body}\n")
+    leaf = write(tmp_path / "leaf.yaml", "base: mid.yaml\ndescription: leaf\n")
+    with pytest.raises(ConfigError, match=rf"mid\.yaml: invalid value for '{int_key}': must be >= 1"):
+        load(leaf)
+
+
+@pytest.mark.parametrize(
+    "command,name,override,check",
+    [
+        ("run", "demo/toy_regression", "module.hidden=3", lambda c: c.module.hidden == 3),
+        ("curate", "curation/shapes_edit_tiny", "source.count=3", lambda c: c.source.count == 3),
+        ("eval", "eval/shapes_edit", "limit=2", lambda c: c.limit == 2),
+    ],
+)
+def test_dry_run_prints_the_resolved_config(command, name, override, check, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, name, "--dry-run", override])
+    assert e.value.code == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert check(printed) and printed.name == name.split("/")[-1]
+
+
+# `firm critic bench --data DIR --critic NAME [critic.key=value]`: command-line flags on top of (or instead of) a YAML
+
+
+@pytest.fixture
+def bench_dir(tmp_path, monkeypatch):
+    from tests.bench.helpers import make_bench, register_scripted
+
+    register_scripted(monkeypatch)
+    items = [{"id": f"e{i}", "task": "edit-execution", "human_score": 1 + i % 5} for i in range(3)]
+    return make_bench(tmp_path / "bench", items, name="tiny-bench")
+
+
+def test_bench_flags_errors_name_the_key(bench_dir, tmp_path):
+    from firm.bench.run import load_bench_config, run_bench
+
+    def load(overrides, critics=("test_scripted",)):
+        return load_bench_config(None, overrides, data=str(bench_dir), critics=list(critics))
+
+    assert to_object(load(["critic.default_score=5"])).critics["test_scripted"].default_score == 5
+    with pytest.raises(ConfigError, match=r"unknown key 'critics\.test_scripted\.colour'"):
+        load(["critic.colour=1"])
+    with pytest.raises(ConfigError, match=r"invalid value for 'critics\.test_scripted\.default_score'"):
+        load(["critic.default_score=high"])
+    with pytest.raises(ConfigError, match=r"--critic\): 'critics\.nonexistent\.name': unknown critic 'nonexistent'"):
+        load([], critics=["nonexistent"])
+    with pytest.raises(ConfigError, match="invalid value for 'critics': no critic to evaluate"):
+        load([], critics=[])
+    with pytest.raises(ConfigError, match="unknown key 'limt'.*Did you mean.*'limit'"):
+        load(["limt=3"])
+    with pytest.raises(ConfigError, match="invalid value for 'critics': label 'a b': use letters"):
+        load(["critics={'a b': {name: test_scripted}}"])
+    with pytest.raises(ConfigError, match="no items.jsonl"):
+        run_bench(load_bench_config(None, [], data=str(tmp_path), critics=["test_scripted"]), echo=False)
+
+
+def test_bench_critic_flag_replaces_the_yamls_critics_and_null_drops_one(bench_dir, tmp_path):
+    from firm.bench.run import load_bench_config
+
+    exp = write(
+        tmp_path / "b.yaml",
+        f"name: b\ndata: {bench_dir}\ncritics:\n  one: {{name: test_scripted, default_score: 2}}\n"
+        "  two: {name: test_scripted, default_score: 4}\n",
+    )
+    child = write(tmp_path / "child.yaml", "base: b.yaml\ncritics: {one: null}\n")
+    assert list(to_object(load_bench_config(child)).critics) == ["one", "two"]
+    assert to_object(load_bench_config(child)).critics["one"] is None  # left out of the evaluation
+    cfg = to_object(load_bench_config(exp, ["critic.default_score=5"], critics=["test_scripted"]))
+    assert list(cfg.critics) == ["test_scripted"] and cfg.critics["test_scripted"].default_score == 5
+    bad = write(tmp_path / "bad.yaml", "base: b.yaml\ncritics: {two: {default_scor: 1}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'critics\.two\.default_scor'.*'default_score'"):
+        load_bench_config(bad)
+
+
+def test_eval_sections_are_components_checked_at_load_time():
+    load = KINDS["eval"][0]
+    with pytest.raises(ConfigError, match=r"unknown key 'generation\.nope'"):
+        load("eval/shapes_edit", ["generation.nope=1"])
+    with pytest.raises(ConfigError, match=r"'judge\.name': unknown judge 'not_a_judge'"):
+        load("eval/shapes_edit", ["judge.name=not_a_judge"])
+    with pytest.raises(ConfigError, match=r"unknown key 'prompts\.n_taks'.*'n_tasks'"):
+        load("eval/shapes_edit", ["prompts.n_taks=3"])
+    with pytest.raises(ConfigError, match=r"invalid value for 'generation\.seeds': give distinct seeds"):
+        load("eval/shapes_edit", ["generation.seeds=[0,0]"])
+    with pytest.raises(ConfigError, match=r"invalid value for 'baseline': 'nobody' is not one of the policies"):
+        load("eval/shapes_edit", ["baseline=nobody"])
+
+
+def test_curation_pipeline_is_checked_at_load_time():
+    with pytest.raises(ConfigError, match=r"invalid value for 'pipeline': unknown 'difference_frist'"):
+        KINDS["curate"][0]("curation/shapes_edit_tiny", ["pipeline=difference_frist"])

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
-from firm.config import ConfigError, parse_overrides
+from firm.config import MISSING, ConfigError, check_run_name, component_field, load_config
 from firm.provenance import environment
+
+LABEL = re.compile(r"[A-Za-z0-9_.\-]+")  # a critic label names cache and prediction files
 
 
 @dataclass
@@ -35,7 +36,7 @@ class BenchConfig:
     data: str = MISSING  # benchmark directory (items.jsonl + images; see docs/bench.md)
     output_root: str = "runs/bench"  # root folder of benchmark results
     imports: list[str] = field(default_factory=list)  # modules or .py files that register extra critics
-    critics: dict[str, Any] = field(default_factory=dict)  # label -> {name: <critics registry key>, **its Config}
+    critics: dict[str, Any] = component_field("critics", many=True)  # label -> {name: <critics key>, **its Config}
     tasks: list[str] = field(default_factory=list)  # evaluate only these tasks (empty: all)
     limit: int | None = None  # at most this many items per task (quick looks)
     batch_size: int = 8  # requests per critic.score() call
@@ -47,19 +48,23 @@ class BenchConfig:
     published: bool = True  # show the published FIRM-Bench rows in the table and plot
     plot: bool = True  # write bench.png
 
-
-def _merge(layers: list[tuple[str, DictConfig]]) -> DictConfig:
-    cfg = OmegaConf.structured(BenchConfig)
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None) or "?"
-            raise ConfigError(f"{source}: invalid or unknown key '{key}': {str(e).splitlines()[0]}") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"missing required value(s) {', '.join(missing)}: set them in the YAML or as key=value")
-    return cfg
+    def validate(self) -> None:
+        check_run_name(self.name)
+        labels = [label for label, conf in self.critics.items() if conf is not None]
+        if not labels:
+            raise ValueError("critics: no critic to evaluate: add a `critics:` section or pass --critic NAME")
+        for label in labels:
+            if not LABEL.fullmatch(str(label)):
+                raise ValueError(
+                    f"critics: label {label!r}: use letters, digits, '_', '-' or '.' (it names cache files)"
+                )
+        for key in ("batch_size", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.bootstrap_samples < 0:
+            raise ValueError(f"bootstrap_samples: must be >= 0 (0: no intervals), got {self.bootstrap_samples}")
+        if not 0 < self.ci_level < 1:
+            raise ValueError(f"ci_level: must be in (0, 1), got {self.ci_level}")
 
 
 def load_bench_config(
@@ -69,23 +74,20 @@ def load_bench_config(
     data: str | None = None,
     critics: list[str] | None = None,
 ) -> DictConfig:
-    """Resolve a bench config: dataclass defaults <- YAML (with `base:`) <- ``--data/--critic`` <- key=value.
+    """A bench config (:func:`firm.config.load_config`): defaults <- YAML (with `base:`) <- ``--data/--critic`` <-
+    key=value.
 
-    With ``critics`` (registry names from ``--critic``), overrides ``critic.KEY=VALUE`` apply to the single critic
+    ``path`` is a YAML or the name of a shipped one (``bench/shapes_rule``). ``critics`` (registry names from
+    ``--critic``) replace the YAML's critics, and then overrides ``critic.KEY=VALUE`` apply to the single critic
     given (``critic.NAME.KEY=VALUE`` picks one of several).
     """
-    from firm.config import load_yaml_chain  # the same `base:` inheritance as `firm run`
-
-    layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
-        layers += load_yaml_chain(Path(path))
-    cli: dict[str, Any] = {}
+    flags: dict[str, Any] = {}
     if data is not None:
-        cli["data"] = data
-        cli["name"] = Path(data).resolve().name
+        flags["data"] = data
+        flags["name"] = Path(data).resolve().name
     overrides = list(overrides or [])
     if critics:
-        cli["critics"] = {c: {"name": c} for c in critics}
+        flags["critics"] = {c: {"name": c} for c in critics}
         rewritten = []
         for ov in overrides:
             if ov.startswith("critic."):
@@ -96,50 +98,7 @@ def load_bench_config(
                 ov = f"critics.{key}"
             rewritten.append(ov)
         overrides = rewritten
-        if path is not None:
-            # `--critic` replaces the YAML's critics rather than adding to them.
-            for _, layer in layers:
-                layer.pop("critics", None)
-    if cli:
-        layers.append(("command line (--data/--critic)", OmegaConf.create(cli)))
-    layers += parse_overrides(overrides)
-    cfg = _merge(layers)
-    if not cfg.critics:
-        raise ConfigError("no critic to evaluate: add a `critics:` section or pass --critic NAME")
-    from firm.config import import_extensions
-
-    import_extensions(cfg.imports, str(path or "bench config"))
-    for label, section in cfg.critics.items():  # fail now, not after the first critic has run
-        build_critic_config(_critic_label_ok(str(label)), section)
-    return cfg
-
-
-def _critic_label_ok(label: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", label):
-        raise ConfigError(f"critic label {label!r}: use letters, digits, '_', '-' or '.' (it names cache files)")
-    return label
-
-
-def build_critic_config(label: str, section: Any) -> Any:
-    """The critic's ``Config`` dataclass, type-checked; errors name ``critics.<label>.<key>``."""
-    from firm.registry import resolve
-
-    if not isinstance(section, DictConfig | dict) or "name" not in section:
-        raise ConfigError(f"critics.{label}: expected a mapping with a `name:` (a critics registry key)")
-    try:
-        cls = resolve("critics", str(section["name"]))
-    except KeyError as e:
-        raise ConfigError(f"critics.{label}.name: {e.args[0]}") from None
-    schema = OmegaConf.structured(cls.Config)
-    try:
-        merged = OmegaConf.merge(schema, section)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"critics.{label}: invalid or unknown key '{key}': {str(e).splitlines()[0]}") from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"critics.{label}: missing required value(s) {', '.join(missing)}")
-    return OmegaConf.to_object(merged)
+    return load_config(path, overrides, schema=BenchConfig, flags=flags, flags_source="command line (--data/--critic)")
 
 
 def critic_id(label: str, conf: Any) -> str:
@@ -174,7 +133,7 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
     if echo:
         print(f"[firm critic bench] {bench.name}: {len(bench.items)} items {bench.task_counts()} -> {out}")
 
-    confs = {_critic_label_ok(label): build_critic_config(label, sec) for label, sec in c.critics.items()}
+    confs = {label: conf for label, conf in c.critics.items() if conf is not None}
     results: dict[str, Any] = {}
     for label, conf in confs.items():
         cid = critic_id(label, conf)

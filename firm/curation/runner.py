@@ -38,7 +38,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from firm.config import MISSING, ConfigError, component_field
+from firm.config import MISSING, ConfigError, check_run_name, component_field, load_config
 from firm.curation.balance import BalanceConfig, plan_rewrites, select
 from firm.curation.journal import ShardSink
 from firm.curation.pipelines import PIPELINES, Outcome, Pipeline
@@ -84,6 +84,11 @@ class ConcurrencyConfig:
     batch_size: int = 8  # samples per teacher call (a local model batches them; HTTP sends them concurrently)
     max_in_flight: int = 4  # chunks (teacher calls) in flight at once
 
+    def validate(self) -> None:
+        for key in ("batch_size", "max_in_flight"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+
 
 @dataclass
 class OutputConfig:
@@ -115,12 +120,16 @@ class CurationConfig:
     retry_failed: bool = False  # on relaunch, try again the samples whose teacher answers could not be read
     progress: bool = True  # tqdm progress bars
 
+    def validate(self) -> None:
+        check_run_name(self.name)
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline: unknown {self.pipeline!r}; choose from {', '.join(PIPELINES)}")
+
 
 def load_curation(path: str | Path, overrides: list[str] | None = None) -> Any:
-    """The resolved :class:`CurationConfig` (as a DictConfig) of a curation YAML."""
-    from firm.config import load_experiment
-
-    return load_experiment(path, overrides, schema=CurationConfig)
+    """The resolved :class:`CurationConfig` (as a DictConfig) of a curation YAML (a path or a shipped name) and
+    key=value overrides: :func:`firm.config.load_config`."""
+    return load_config(path, overrides, schema=CurationConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
-from firm.config import ConfigError, build_component, parse_overrides
+from firm.config import MISSING, ConfigError, build_component, check_run_name, component_field, load_config, to_object
 from firm.eval.generate import GenerationConfig
 from firm.eval.policies import PolicySpec
 from firm.eval.report import ReportConfig
@@ -36,51 +35,37 @@ class EvalConfig:
     description: str = ""  # one line shown by `firm list`
     output_root: str = "runs/eval"  # root folder of evaluations
     imports: list[str] = field(default_factory=list)  # modules or .py files registering extra sets / judges / critics
-    prompts: dict[str, Any] = field(default_factory=dict)  # {name: <EVAL_SETS key>, ...its Config}
+    prompts: Any = component_field("eval_sets")  # the prompt set: {name: <EVAL_SETS key>, ...its Config}
     categories: list[str] = field(default_factory=list)  # evaluate only these categories (empty: all)
     limit: int | None = None  # at most this many prompts per category (quick looks)
     policies: dict[str, PolicySpec] = field(default_factory=dict)  # label -> policy (base, run, exported LoRA)
     baseline: str | None = None  # the label the others are compared to (null: the first)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    judge: dict[str, Any] = field(default_factory=dict)  # {name: <JUDGES key>, ...its Config}
+    judge: Any = component_field("judges")  # {name: <JUDGES key>, ...its Config}
     score_batch_size: int = 8  # questions per judge call
     wait_s: float = 3600.0  # several ranks: how long rank 0 waits for the others' answers before the report
     progress: bool = True  # progress bars
     report: ReportConfig = field(default_factory=ReportConfig)
 
+    def validate(self) -> None:
+        check_run_name(self.name)
+        if not self.policies:
+            raise ValueError("policies: names no policy to evaluate")
+        if self.baseline is not None and self.baseline not in self.policies:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of the policies {list(self.policies)}")
+        for label in self.policies:
+            if not label.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"policies: label {label!r}: use letters, digits, '_' or '-' (it names folders)")
+        if self.score_batch_size < 1:
+            raise ValueError(f"score_batch_size: must be >= 1, got {self.score_batch_size}")
+
 
 def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
-    """Dataclass defaults <- YAML (with `base:`) <- key=value; components and policies checked (no weights read)."""
-    from firm.config import import_extensions, load_yaml_chain
-
-    layers = [*load_yaml_chain(Path(path)), *parse_overrides(list(overrides or []))]
-    cfg: DictConfig = OmegaConf.structured(EvalConfig)
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None) or "?"
-            raise ConfigError(f"{source}: invalid or unknown key '{key}': {str(e).splitlines()[0]}") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{path}: missing required value(s) {', '.join(missing)}")
-    c: EvalConfig = OmegaConf.to_object(cfg)
-    import_extensions(c.imports, str(path))
-    if not c.policies:
-        raise ConfigError(f"{path}: `policies:` names no policy to evaluate")
-    if c.baseline is not None and c.baseline not in c.policies:
-        raise ConfigError(f"{path}: baseline {c.baseline!r} is not one of the policies {list(c.policies)}")
-    for label in c.policies:
-        if not label.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"policies: label {label!r}: use letters, digits, '_' or '-' (it names folders)")
-    try:
-        c.generation.validate()
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    build_component("eval_sets", dict(c.prompts), source="prompts")
-    build_component("judges", dict(c.judge), source="judge")
+    """The :class:`EvalConfig` of an eval YAML (a path or a shipped name) and key=value overrides
+    (:func:`firm.config.load_config`); the policies are checked too (no weights read)."""
     from firm.eval.policies import resolve_spec
 
+    c: EvalConfig = to_object(load_config(path, overrides, schema=EvalConfig))
     for label, spec in c.policies.items():
         resolve_spec(spec, label, c.generation.resolution, check_files=False)
     return c
@@ -89,7 +74,7 @@ def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> Ev
 def build_prompt_set(c: EvalConfig) -> Any:
     from firm.eval.items import EvalSetError
 
-    cls, conf = build_component("eval_sets", dict(c.prompts), source="prompts")
+    cls, conf = build_component("eval_sets", c.prompts, source="prompts")
     try:
         return cls(conf).load().select(c.categories or None, c.limit)
     except EvalSetError as e:
@@ -99,7 +84,7 @@ def build_prompt_set(c: EvalConfig) -> Any:
 def build_judge(c: EvalConfig, kind: str) -> tuple[Any, str]:
     from firm.eval.score import judge_id
 
-    cls, conf = build_component("judges", dict(c.judge), source="judge")
+    cls, conf = build_component("judges", c.judge, source="judge")
     try:
         return cls(conf, kind), judge_id(conf)
     except ValueError as e:
@@ -185,7 +170,7 @@ def report(out: Path, c: EvalConfig, ps: Any, judge: Any, jid: str) -> dict[str,
         "overall_rule": judge.overall,
         "scale": judge.scale,
         "note": getattr(judge, "note", ""),
-        "judge": {"id": jid, **json.loads(json.dumps(dict(c.judge), default=str))},
+        "judge": {"id": jid, **json.loads(json.dumps(dataclasses.asdict(c.judge), default=str))},
         "generation": dataclasses.asdict(c.generation),
         "resolutions": sorted({p["policy"]["resolution"] for p in policies.values()}),
         "policies": policies,

@@ -1,32 +1,13 @@
-"""Every shipped curation YAML validates; the tiny shapes-world ones run end to end (and resume as a no-op)."""
+"""The tiny shapes-world curation YAMLs run end to end (and resume as a no-op). That every shipped curation YAML
+validates is tested in tests/test_config.py, with the other commands' YAMLs."""
 
 import json
 
 import pytest
 
-from firm.cli import main
-from firm.config import to_object
-from firm.curation.runner import CurationConfig, load_curation, run_curation
+from firm.curation.runner import load_curation, run_curation
 from firm.data.inspect import inspect_shards
 from firm.paths import experiments_root
-from firm.registry import resolve
-
-CURATION = sorted((experiments_root() / "curation").glob("*.yaml"))
-
-
-def test_there_are_curation_experiments():
-    assert {p.name for p in CURATION} >= {"shapes_edit_tiny.yaml", "shapes_gen_tiny.yaml", "edit_vllm.yaml"}
-
-
-@pytest.mark.parametrize("path", CURATION, ids=lambda p: p.name)
-def test_curation_yaml_validates(path):
-    cfg = to_object(load_curation(path))
-    assert isinstance(cfg, CurationConfig) and cfg.name and cfg.description
-    assert resolve("curation_sources", cfg.source.name) is not None
-    roles = [
-        r for r in ("default", "reporter", "evaluator", "planner", "scorer", "rewriter") if getattr(cfg.teachers, r)
-    ]
-    assert roles and all(resolve("teachers", getattr(cfg.teachers, r).name) for r in roles)
 
 
 @pytest.mark.slow
@@ -55,11 +36,3 @@ def test_tiny_curation_runs_and_relaunch_is_a_no_op(tmp_path, name, schema, dim)
     again = run_curation(load_curation(path, overrides + ["concurrency.max_in_flight=1"]))
     assert again["this_launch"]["score"]["processed"] == 0 and again["this_launch"]["score"]["resumed_skipped"] == 40
     assert again["counts"] == m["counts"] and again["this_launch"]["teacher_calls"] == {}
-
-
-def test_curate_dry_run(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["curate", "curation/shapes_edit_tiny", "--dry-run", "source.count=3"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert "pipeline: difference_first" in out and "count: 3" in out

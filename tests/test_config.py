@@ -459,11 +459,12 @@ def test_every_kind_names_the_file_that_set_a_bad_value(kind, tmp_path):
         ("run", "demo/toy_regression", "module.hidden=3", lambda c: c.module.hidden == 3),
         ("curate", "curation/shapes_edit_tiny", "source.count=3", lambda c: c.source.count == 3),
         ("eval", "eval/shapes_edit", "limit=2", lambda c: c.limit == 2),
+        ("critic bench", "bench/shapes_rule", "limit=2", lambda c: c.limit == 2),
     ],
 )
 def test_dry_run_prints_the_resolved_config(command, name, override, check, capsys):
     with pytest.raises(SystemExit) as e:
-        main([command, name, "--dry-run", override])
+        main([*command.split(), name, "--dry-run", override])
     assert e.value.code == 0
     printed = OmegaConf.create(capsys.readouterr().out)
     assert check(printed) and printed.name == name.split("/")[-1]

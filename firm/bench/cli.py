@@ -28,6 +28,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_bench_config(
         find_experiment(experiment) if experiment else None, overrides, data=args.data, critics=args.critic
     )
+    if args.dry_run:
+        from firm.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
     try:
         run_bench(cfg, progress=None)
     except BenchEvaluationError as e:
@@ -62,6 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="benchmark directory (items.jsonl + images)")
     p.add_argument("--critic", action="append", metavar="NAME", help="critic registry name (repeatable)")
     p.add_argument("--fresh", action="store_true", help="ignore cached answers and score everything again")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_cmd_bench)
 
     p = critic.add_parser(

@@ -11,6 +11,7 @@ the registry's ``"firm.synthetic.x:Name"`` entries (firm/registry.py) and the ``
 """
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,19 @@ def plugin_imports(source: str, package: str) -> list[tuple[int, str]]:
 
 def import_statements(source: str, package: str) -> list[tuple[int, list[str], str]]:
     """(line, the module names it imports, statement) for each import in ``source``, a module of ``package``."""
+    return list(_import_statements(source, package))
+
+
+@functools.cache
+def _parse(source: str) -> ast.Module:
+    return ast.parse(source)  # each file of firm/ is parsed once for all the checks of this module
+
+
+@functools.cache
+def _import_statements(source: str, package: str) -> tuple[tuple[int, list[str], str], ...]:
     parts = package.split(".")
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(_parse(source)):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -55,7 +66,7 @@ def import_statements(source: str, package: str) -> list[tuple[int, list[str], s
                 names = [node.args[0].value]
         if names:
             found.append((node.lineno, names, ast.get_source_segment(source, node) or ast.dump(node)))
-    return found
+    return tuple(found)
 
 
 def imports_matching(source: str, package: str, bad) -> list[tuple[int, str]]:
@@ -329,7 +340,7 @@ def private_imports(source: str, package: str) -> list[tuple[int, str]]:
     """(line, statement) for each ``from other_package... import _name`` of ``source`` (a module of ``package``)."""
     top = ".".join(package.split(".")[:2])
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(_parse(source)):
         if isinstance(node, ast.ImportFrom):
             parts = package.split(".")
             target = node.module or ""

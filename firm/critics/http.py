@@ -1,8 +1,8 @@
 """Critic client for OpenAI-compatible chat-completions endpoints (vLLM, SGLang, `firm critic serve`, ...).
 
 Async and concurrent: every judgement is one ``POST {endpoint}/chat/completions`` with the images as base64 data
-URLs; at most ``max_concurrency`` requests are in flight, spread over several endpoints by picking the one with
-the fewest requests in flight. Each request has a timeout; connection errors, timeouts, HTTP 429 and 5xx are
+URLs; at most ``max_concurrency`` requests of a call are in flight, spread over several endpoints by picking the one
+with the fewest requests in flight. Each request has a timeout; connection errors, timeouts, HTTP 429 and 5xx are
 retried with exponential backoff (on another endpoint when there is one; a ``Retry-After`` header lengthens the
 wait to what the server asked for, up to ``retry_after_max_s``), and so are structurally bad replies (a
 200 whose body is not JSON, or is not a chat completion: ``{"choices": []}``, no message, content that is not
@@ -19,32 +19,25 @@ integer, the probability-weighted mean score at the score token (:mod:`firm.crit
 the local critic's); ``structured_outputs`` sends a JSON schema or a regex that constrains each judgement's answer
 to the format its parser reads (:mod:`firm.critics.structured`).
 
-``score()`` is synchronous and works from plain code and from inside a running event loop (it then runs the
-requests on a helper thread); ``ascore()`` is the coroutine. ``complete()`` / ``acomplete()`` send free-form
-conversations through the same transport and return the answer texts (the curation ``http`` teacher uses them).
-One client may be used from several threads at once (each call runs its own event loop).
+The transport lives in :mod:`firm.critics.transport` (:class:`ChatTransport`: retries, timeouts, endpoint
+balancing, the API key, and one long-lived event loop with one connection pool per critic, reused by every call);
+this module turns judgements into requests and answers into scores. ``score()`` is synchronous and works from plain
+code, from several threads at once (the RL loop scores on worker threads) and from inside a running event loop;
+``ascore()`` is the coroutine. ``complete()`` / ``acomplete()`` send free-form conversations through the same
+transport and return the answer texts (the curation ``http`` teacher uses them). ``close()`` (or ``with``) stops the
+client's loop thread and closes its connections; garbage collection and interpreter exit do it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import io
-import itertools
 import logging
-import math
 import os
-import random
-import threading
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Any
-from urllib.parse import urlsplit
-
-import httpx
+from typing import Any, TypeVar
 
 from firm.critics.base import PLAN, Completion, Job, PromptedCritic, now
 from firm.critics.expected import expected_from_logprobs
@@ -52,133 +45,44 @@ from firm.critics.parsing import ParseResult
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.structured import MODES as STRUCTURED_MODES
 from firm.critics.structured import request_fields
+from firm.critics.transport import (
+    RETRYABLE_STATUS,
+    ChatTransport,
+    CriticEndpointError,
+    CriticReplyError,
+    CriticRequestError,
+    CriticTimeoutError,
+    Reply,
+    chat_content,
+    chat_reply,
+    normalize_endpoint,
+    retry_after_s,
+    run_blocking,
+)
 from firm.critics.types import CriticRequest, CriticResult
 from firm.data.chat import prepare_messages
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+T = TypeVar("T")
 
-
-class CriticEndpointError(RuntimeError):
-    """An endpoint could not be reached, timed out, or kept failing after all retries."""
-
-    def __init__(self, message: str, endpoints: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.endpoints = list(endpoints)
-
-
-class CriticTimeoutError(CriticEndpointError):
-    """Every attempt timed out."""
-
-
-class CriticRequestError(RuntimeError):
-    """The endpoint rejected the request (HTTP 4xx other than 408/429): a bug or a misconfiguration, not retried."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class CriticReplyError(CriticEndpointError):
-    """The endpoint kept answering with replies that are not chat completions, through every retry."""
-
-
-class _BadReply(ValueError):
-    """A reply that is not what the API promises (retried like a transport error)."""
-
-
-def _shown(data: Any, n: int = 200) -> str:
-    try:
-        text = data if isinstance(data, str) else repr(data)
-    except RecursionError:
-        return f"<{type(data).__name__} nested too deeply to show>"
-    return text[:n] + ("..." if len(text) > n else "")
-
-
-def chat_content(data: Any) -> str:
-    """The answer text of a chat-completions reply (``""`` when the server gave none).
-
-    Raises:
-        _BadReply: the reply is not a chat completion (no choices, no message, content that is not text).
-    """
-    if not isinstance(data, dict):
-        raise _BadReply(f"the reply is not a JSON object: {_shown(data)}")
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise _BadReply(f"the reply has no choices: {_shown(data)}")
-    message = choices[0].get("message") if isinstance(choices[0], dict) else None
-    if not isinstance(message, dict):
-        raise _BadReply(f"the first choice has no message: {_shown(choices[0])}")
-    content = message.get("content")
-    if isinstance(content, list):  # some servers answer in content parts
-        texts = [p.get("text") for p in content if isinstance(p, dict)]
-        content = "".join(t for t in texts if isinstance(t, str))
-    if content is not None and not isinstance(content, str):
-        raise _BadReply(f"the message content is {type(content).__name__}, not text: {_shown(content)}")
-    # Lone surrogates ("\ud800" escapes) cannot be written as UTF-8 later (JSONL, shards): replace them here.
-    return (content or "").encode("utf-8", "replace").decode("utf-8")
-
-
-@dataclass
-class Reply:
-    """A chat completion's first choice: its text, ``logprobs.content`` entries (when asked for) and why it ended."""
-
-    text: str
-    logprobs: list | None = None
-    finish_reason: str | None = None
-
-
-def chat_reply(data: Any) -> Reply:
-    """:func:`chat_content` plus the first choice's ``logprobs.content`` (None when absent) and ``finish_reason``.
-
-    Raises:
-        _BadReply: as :func:`chat_content`.
-    """
-    text = chat_content(data)
-    choice = data["choices"][0]
-    lp = choice.get("logprobs")
-    content = lp.get("content") if isinstance(lp, dict) else None
-    finish = choice.get("finish_reason")
-    return Reply(text, content if isinstance(content, list) else None, finish if isinstance(finish, str) else None)
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (RFC 9110: a number of seconds or an HTTP date); None when the
-    header is absent or unreadable, 0 for a date in the past."""
-    if not value or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-def normalize_endpoint(url: str) -> str:
-    """The API base URL (``.../v1``) from ``host:port``, ``http://host:port``, ``.../v1`` or ``.../completions``."""
-    url = url.strip().rstrip("/")
-    if not url:
-        raise ValueError("empty endpoint URL")
-    if "://" not in url:
-        url = "http://" + url
-    if url.endswith("/chat/completions"):
-        url = url[: -len("/chat/completions")]
-    parts = urlsplit(url)
-    if not parts.hostname:
-        raise ValueError(f"endpoint {url!r} has no host; use e.g. http://127.0.0.1:8000/v1")
-    if parts.path in ("", "/"):
-        url += "/v1"
-    return url
+__all__ = [
+    "RETRYABLE_STATUS",
+    "ChatTransport",
+    "CriticEndpointError",
+    "CriticReplyError",
+    "CriticRequestError",
+    "CriticTimeoutError",
+    "HTTPCritic",
+    "Reply",
+    "chat_content",
+    "chat_reply",
+    "image_data_url",
+    "normalize_endpoint",
+    "retry_after_s",
+    "run_blocking",
+    "to_openai_messages",
+]
 
 
 def image_data_url(image: Any, fmt: str = "png", quality: int = 95) -> str:
@@ -226,7 +130,7 @@ class HTTPCritic(PromptedCritic):
         endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])  # API base URLs
         model: str | None = None  # model name sent with each request; None: the first id listed by GET /models
         api_key_env: str = "FIRM_CRITIC_API_KEY"  # name of the environment variable holding the API key, if any
-        max_concurrency: int = 32  # HTTP requests in flight at once, over all endpoints
+        max_concurrency: int = 32  # HTTP requests in flight at once per score()/complete() call, over all endpoints
         timeout_s: float = 120.0  # limit for one HTTP request (connect + generate + read)
         max_retries: int = 3  # retries after a connection error, timeout, HTTP 408/429/5xx
         backoff_s: float = 0.5  # delay before the first retry; doubles at each retry (+-25% jitter)
@@ -246,7 +150,7 @@ class HTTPCritic(PromptedCritic):
         prompts: PromptConfig = field(default_factory=PromptConfig)  # template files replacing the built-in ones
 
     def __init__(self, config: Config | None = None, *, api_key: str | None = None) -> None:
-        """A client for ``config.endpoints``.
+        """A client for ``config.endpoints``. Nothing is connected, and no thread started, before the first call.
 
         Args:
             config: endpoints, limits, retries, prompts.
@@ -267,163 +171,64 @@ class HTTPCritic(PromptedCritic):
             raise ValueError(f"http critic: top_logprobs must be in 0..20, got {config.top_logprobs}")
         if config.retry_after_max_s < 0:
             raise ValueError("http critic: retry_after_max_s must be >= 0")
-        self.endpoints = [normalize_endpoint(u) for u in config.endpoints]
+        endpoints = [normalize_endpoint(u) for u in config.endpoints]
         if config.max_concurrency < 1 or config.max_retries < 0 or config.parse_retries < 0 or config.timeout_s <= 0:
             raise ValueError(
                 "http critic: need max_concurrency >= 1, max_retries >= 0, parse_retries >= 0 and timeout_s > 0"
             )
-        self.api_key = api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None) or None
-        self.model = config.model
-        self._inflight = dict.fromkeys(self.endpoints, 0)  # guarded by _lock: calls may run on several threads
-        self._rr = itertools.count()
-        self._lock = threading.Lock()
-
-    # ---- transport
-
-    def _headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/json"}
-        if self.api_key:
-            h["Authorization"] = f"Bearer {self.api_key}"
-        return h
-
-    def _pick(self, avoid: set[str]) -> str:
-        """The endpoint with the fewest requests in flight (round-robin among ties), avoiding failed ones; counts
-        the request as in flight there (the caller calls :meth:`_done` when it ends)."""
-        pool = [e for e in self.endpoints if e not in avoid] or self.endpoints
-        with self._lock:
-            start = next(self._rr) % len(pool)
-            rotated = pool[start:] + pool[:start]
-            endpoint = min(rotated, key=lambda e: self._inflight[e])
-            self._inflight[endpoint] += 1
-        return endpoint
-
-    def _done(self, endpoint: str) -> None:
-        with self._lock:
-            self._inflight[endpoint] -= 1
-
-    async def _sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-    def _delay(self, retry: int) -> float:
-        d = min(self.config.backoff_s * (2**retry), self.config.backoff_max_s)
-        return d * random.uniform(0.75, 1.25)
-
-    async def _request(
-        self,
-        client: httpx.AsyncClient,
-        sem: asyncio.Semaphore,
-        method: str,
-        path: str,
-        body: Any = None,
-        read: Callable[[Any], Any] | None = None,
-    ) -> Any:
-        """One API call with retries; returns the decoded JSON body, or ``read(body)`` (which raises
-        :class:`_BadReply` for a reply to retry)."""
-        tried: list[str] = []
-        last: str = ""
-        timeouts = bad_replies = 0
-        last_was_bad_reply = False
-        hint: float | None = None  # the server's Retry-After of the last answer, in seconds
-        for attempt in range(1 + self.config.max_retries):
-            if attempt:
-                delay = self._delay(attempt - 1)
-                if hint is not None:  # the server said how long to wait: at least that, up to retry_after_max_s
-                    delay = max(delay, min(hint, self.config.retry_after_max_s))
-                hint = None
-                await self._sleep(delay)
-            async with sem:
-                endpoint = self._pick(set(tried[-1:]) if len(self.endpoints) > 1 else set())
-                tried.append(endpoint)
-                url = endpoint + path
-                try:
-                    resp = await client.request(method, url, json=body, timeout=self.config.timeout_s)
-                except httpx.TimeoutException:
-                    timeouts += 1
-                    last = f"{url}: no answer within {self.config.timeout_s:g} s"
-                    log.warning("critic endpoint %s timed out (attempt %d)", endpoint, attempt + 1)
-                    continue
-                except httpx.TransportError as e:
-                    last = f"{url}: {type(e).__name__}: {e or 'connection failed'}"
-                    log.warning("critic endpoint %s failed (attempt %d): %s", endpoint, attempt + 1, last)
-                    continue
-                finally:
-                    self._done(endpoint)
-            last_was_bad_reply = False
-            if resp.status_code in RETRYABLE_STATUS:
-                hint = retry_after_s(resp.headers.get("retry-after"))
-                last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
-                log.warning("critic endpoint %s answered HTTP %d (attempt %d)", endpoint, resp.status_code, attempt + 1)
-                continue
-            if resp.status_code in (401, 403):
-                raise CriticRequestError(
-                    f"{url} refused the request (HTTP {resp.status_code}): check the API key "
-                    f"(${self.config.api_key_env}, or --api-key on the command line). Server said: {resp.text[:300]}",
-                    resp.status_code,
-                )
-            if resp.status_code >= 400:
-                raise CriticRequestError(
-                    f"{url} rejected the request: HTTP {resp.status_code}: {resp.text[:500]}", resp.status_code
-                )
-            try:
-                try:
-                    data = resp.json()
-                except (ValueError, RecursionError):
-                    raise _BadReply(f"HTTP {resp.status_code} with a body that is not JSON: {resp.text[:200]!r}")
-                return data if read is None else read(data)
-            except _BadReply as e:
-                bad_replies += 1
-                last_was_bad_reply = True
-                last = f"{url}: {e}"
-                log.warning("critic endpoint %s gave a malformed reply (attempt %d): %s", endpoint, attempt + 1, e)
-                continue
-        names = ", ".join(dict.fromkeys(tried))
-        n = 1 + self.config.max_retries
-        if last_was_bad_reply:
-            raise CriticReplyError(
-                f"critic endpoint {names}: no usable reply after {n} attempts ({bad_replies} malformed; last: {last})",
-                tried,
-            )
-        if timeouts == n:
-            raise CriticTimeoutError(
-                f"critic endpoint {names}: all {n} attempts timed out after {self.config.timeout_s:g} s each; "
-                "raise timeout_s, lower max_concurrency, or check the server's load",
-                tried,
-            )
-        raise CriticEndpointError(
-            f"critic endpoint {names} failed after {n} attempts (last: {last}); check that the server is running "
-            "and the URL is right (e.g. http://127.0.0.1:8000/v1)",
-            tried,
+        self.transport = ChatTransport(
+            endpoints,
+            model=config.model,
+            api_key=api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None) or None,
+            api_key_env=config.api_key_env,
+            max_concurrency=config.max_concurrency,
+            timeout_s=config.timeout_s,
+            max_retries=config.max_retries,
+            backoff_s=config.backoff_s,
+            backoff_max_s=config.backoff_max_s,
+            retry_after_max_s=config.retry_after_max_s,
+            name=f"firm-http-{config.name}",
         )
+        self.endpoints = self.transport.endpoints
 
-    async def _resolve_model(self, client: httpx.AsyncClient, sem: asyncio.Semaphore) -> str:
-        if self.model is None:
-            try:
-                data = await self._request(client, sem, "GET", "/models")
-            except CriticReplyError as e:  # no model name: every judgement would fail, so this one raises
-                raise CriticEndpointError(f"{e}; set `model:` in the config to skip GET /models", e.endpoints) from None
-            try:
-                self.model = str(data["data"][0]["id"])
-            except (KeyError, IndexError, TypeError):
-                raise CriticRequestError(
-                    f"{self.endpoints[0]}/models lists no model ({str(data)[:200]}); set `model:` in the config"
-                ) from None
-            log.info("critic model: %s", self.model)
-        return self.model
+    @property
+    def model(self) -> str | None:
+        """The model name sent with each request (None until ``GET /models`` answered, when not configured)."""
+        return self.transport.model
 
-    async def chat(
-        self,
-        client: httpx.AsyncClient,
-        sem: asyncio.Semaphore,
-        messages: list[dict],
-        *,
-        temperature: float,
-    ) -> str:
-        """One chat completion (OpenAI-format ``messages``); returns the answer text ('' when the server gave none)."""
-        return (await self.chat_reply(client, sem, messages, temperature=temperature)).text
+    @model.setter
+    def model(self, value: str | None) -> None:
+        self.transport.model = value
+
+    @property
+    def api_key(self) -> str | None:
+        return self.transport.api_key
+
+    @api_key.setter
+    def api_key(self, value: str | None) -> None:
+        self.transport.api_key = value or None
+
+    def close(self) -> None:
+        """Close the connection pool and stop the client's event-loop thread (idempotent; a later call reopens
+        them). Also done when the critic is garbage-collected and at interpreter exit."""
+        self.transport.close()
+
+    def __enter__(self) -> HTTPCritic:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- requests (coroutines on the transport's loop)
+
+    async def chat(self, sem: asyncio.Semaphore, messages: list[dict], *, temperature: float) -> str:
+        """One chat completion (OpenAI-format ``messages``); returns the answer text ('' when the server gave none).
+
+        ``sem``: the call's bound on requests in flight (``self.transport.limit()``)."""
+        return (await self.chat_reply(sem, messages, temperature=temperature)).text
 
     async def chat_reply(
         self,
-        client: httpx.AsyncClient,
         sem: asyncio.Semaphore,
         messages: list[dict],
         *,
@@ -431,15 +236,14 @@ class HTTPCritic(PromptedCritic):
         extra: dict[str, Any] | None = None,
     ) -> Reply:
         """One chat completion with its logprobs and finish reason; ``extra`` fields are added to the body."""
-        body = {
-            "model": await self._resolve_model(client, sem),
+        fields = {
             "messages": messages,
             "max_tokens": self.config.max_tokens,
             "temperature": temperature,
             **(extra or {}),
             **self.config.extra_body,
         }
-        return await self._request(client, sem, "POST", "/chat/completions", body, read=chat_reply)
+        return await self.transport.chat(sem, fields)
 
     def _job_fields(self, job: Job) -> dict[str, Any]:
         """Request fields of a judgement: logprobs in expected-score mode, and its structured-output constraint."""
@@ -452,7 +256,6 @@ class HTTPCritic(PromptedCritic):
 
     async def _chat_or_reason(
         self,
-        client: httpx.AsyncClient,
         sem: asyncio.Semaphore,
         messages: list[dict],
         *,
@@ -462,7 +265,7 @@ class HTTPCritic(PromptedCritic):
         """``(reply, None)``, or ``(None, why)`` for the failures that cost only this conversation: replies that
         stayed malformed through every retry, and HTTP 413 (this request is over the server's limits)."""
         try:
-            return await self.chat_reply(client, sem, messages, temperature=temperature, extra=extra), None
+            return await self.chat_reply(sem, messages, temperature=temperature, extra=extra), None
         except CriticReplyError as e:
             why = f"no usable reply from the endpoint: {e}"
         except CriticRequestError as e:
@@ -475,9 +278,7 @@ class HTTPCritic(PromptedCritic):
 
     # ---- scoring
 
-    async def _complete_job(
-        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, job: Job, messages: list
-    ) -> Completion:
+    async def _complete_job(self, sem: asyncio.Semaphore, job: Job, messages: list) -> Completion:
         start = now()
         reply, parsed, attempt = None, None, 0
         extra = self._job_fields(job)
@@ -485,7 +286,7 @@ class HTTPCritic(PromptedCritic):
             temperature = self.config.temperature if attempt == 0 else self.config.retry_temperature
             if attempt:
                 self.stats["parse_retries"] += 1
-            reply, why = await self._chat_or_reason(client, sem, messages, temperature=temperature, extra=extra)
+            reply, why = await self._chat_or_reason(sem, messages, temperature=temperature, extra=extra)
             if why is not None:  # a missing score with the reason; the other judgements of the call are kept
                 return Completion(None, ParseResult(value=None, reason=why), attempt + 1, start, now())
             self.stats["generations"] += 1
@@ -504,36 +305,38 @@ class HTTPCritic(PromptedCritic):
                     comp.notes.append(f"no expected score for {key}: {why}")
         return comp
 
-    async def _complete(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, jobs: list[Job]) -> list[Completion]:
+    async def _complete(self, sem: asyncio.Semaphore, jobs: list[Job]) -> list[Completion]:
+        if not jobs:
+            return []
         cache: dict = {}
         fmt, q = self.config.image_format, self.config.jpeg_quality
-        # image encoding is CPU work: keep it off the event loop
+        # image encoding is CPU work: keep it off the event loop (other calls share it)
         payloads = await asyncio.to_thread(lambda: [to_openai_messages(j.messages, fmt, q, cache) for j in jobs])
-        tasks = [asyncio.ensure_future(self._complete_job(client, sem, j, p)) for j, p in zip(jobs, payloads)]
-        try:
-            out = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        out = await _gather([self._complete_job(sem, j, p) for j, p in zip(jobs, payloads)])
         self.stats["jobs"] += len(jobs)
-        return list(out)
+        return out
+
+    async def _judge(
+        self, requests: list[CriticRequest], plan_jobs: list[Job]
+    ) -> tuple[list[Job], list[Completion], dict[int, Completion]]:
+        """Plans, then judgements, on the transport's loop: ``(jobs, completions, plans)``."""
+        sem = self.transport.limit()
+        plans = dict(zip((j.index for j in plan_jobs), await self._complete(sem, plan_jobs)))
+        jobs = await asyncio.to_thread(self.judgement_jobs, requests, plans)
+        return jobs, await self._complete(sem, jobs), plans
 
     async def ascore(self, requests: Sequence[CriticRequest]) -> list[CriticResult]:
-        """Coroutine version of :meth:`score`."""
+        """Coroutine version of :meth:`score` (from any event loop; the requests run on the client's own loop)."""
         requests = list(requests)
         plan_jobs = self.plan_jobs(requests)  # validates the requests
-        limits = httpx.Limits(max_connections=self.config.max_concurrency, max_keepalive_connections=32)
-        sem = asyncio.Semaphore(self.config.max_concurrency)
-        async with httpx.AsyncClient(headers=self._headers(), limits=limits) as client:
-            plans = dict(zip((j.index for j in plan_jobs), await self._complete(client, sem, plan_jobs)))
-            jobs = await asyncio.to_thread(self.judgement_jobs, requests, plans)
-            comps = await self._complete(client, sem, jobs)
+        jobs, comps, plans = await self.transport.arun(lambda: self._judge(requests, plan_jobs))
         return self.assemble(requests, jobs, comps, plans)
 
     def score(self, requests: Sequence[CriticRequest]) -> list[CriticResult]:
         """Judge every request (blocking). Missing scores are ``None``; unreachable endpoints raise.
+
+        Safe from any thread, several at once, and from inside a running event loop; every call shares the
+        critic's connection pool.
 
         Raises:
             CriticEndpointError: an endpoint stayed unreachable / failing after ``max_retries`` retries.
@@ -541,14 +344,14 @@ class HTTPCritic(PromptedCritic):
             CriticRequestError: the server rejected a request (e.g. wrong API key or model name); not for HTTP 413,
                 which costs only that judgement.
         """
-        return run_blocking(lambda: self.ascore(requests))
+        requests = list(requests)
+        plan_jobs = self.plan_jobs(requests)  # validates the requests
+        jobs, comps, plans = self.transport.run(lambda: self._judge(requests, plan_jobs))
+        return self.assemble(requests, jobs, comps, plans)
 
     # ---- free-form completions (no prompts, no parsing)
 
-    async def acomplete(self, conversations: Sequence[list[dict]], *, temperature: float | None = None) -> list[str]:
-        """Coroutine version of :meth:`complete`."""
-        if not conversations:
-            return []
+    async def _complete_free(self, conversations: list[list[dict]], temperature: float | None) -> list[str]:
         fmt, q, max_px = self.config.image_format, self.config.jpeg_quality, self.config.max_image_pixels
         cache: dict = {}
 
@@ -557,22 +360,20 @@ class HTTPCritic(PromptedCritic):
 
         payload = await asyncio.to_thread(payloads)
         temp = self.config.temperature if temperature is None else temperature
-        limits = httpx.Limits(max_connections=self.config.max_concurrency, max_keepalive_connections=32)
-        sem = asyncio.Semaphore(self.config.max_concurrency)
-        async with httpx.AsyncClient(headers=self._headers(), limits=limits) as client:
+        sem = self.transport.limit()
 
-            async def one(p: list) -> str:
-                reply, _ = await self._chat_or_reason(client, sem, p, temperature=temp)
-                return "" if reply is None else reply.text  # no reply: an empty answer, which no parser accepts
+        async def one(p: list) -> str:
+            reply, _ = await self._chat_or_reason(sem, p, temperature=temp)
+            return "" if reply is None else reply.text  # no reply: an empty answer, which no parser accepts
 
-            tasks = [asyncio.ensure_future(one(p)) for p in payload]
-            try:
-                return list(await asyncio.gather(*tasks))
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+        return await _gather([one(p) for p in payload])
+
+    async def acomplete(self, conversations: Sequence[list[dict]], *, temperature: float | None = None) -> list[str]:
+        """Coroutine version of :meth:`complete`."""
+        if not conversations:
+            return []
+        convs = list(conversations)
+        return await self.transport.arun(lambda: self._complete_free(convs, temperature))
 
     def complete(self, conversations: Sequence[list[dict]], *, temperature: float | None = None) -> list[str]:
         """The endpoint's answer text to each conversation (neutral messages, PIL images inline), in order.
@@ -581,21 +382,25 @@ class HTTPCritic(PromptedCritic):
         timeouts, image preparation (``max_image_pixels``) and encoding; ``max_tokens`` and ``extra_body`` from the
         config. ``temperature`` defaults to the config's. Nothing is parsed: an empty answer is ``""``, and so is a
         conversation whose replies stayed malformed through every retry or that the server refused as too large
-        (HTTP 413; logged and counted in ``stats["reply_failures"]``). Blocking, and safe to call from inside a
-        running event loop.
+        (HTTP 413; logged and counted in ``stats["reply_failures"]``). Blocking, safe from several threads at once
+        and from inside a running event loop.
 
         Raises:
             CriticEndpointError, CriticTimeoutError, CriticRequestError: as :meth:`score`.
         """
-        return run_blocking(lambda: self.acomplete(conversations, temperature=temperature))
+        if not conversations:
+            return []
+        convs = list(conversations)
+        return self.transport.run(lambda: self._complete_free(convs, temperature))
 
 
-def run_blocking(make: Callable[[], Awaitable[Any]]) -> Any:
-    """Run the coroutine made by ``make()`` to completion and return its result, from plain code or from inside a
-    running event loop (a notebook, an async trainer: it then runs on a helper thread with its own loop)."""
+async def _gather(coros: list[Awaitable[T]]) -> list[T]:
+    """All results in order; the first failure cancels the others (and waits for them) before it propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firm-http") as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

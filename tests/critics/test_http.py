@@ -217,7 +217,7 @@ def test_the_api_key_comes_from_the_environment_never_from_the_config(monkeypatc
 
 def test_complete_answers_free_form_conversations_from_several_threads():
     """The public transport the curation teacher uses: images prepared and encoded, answers in order, and one client
-    shared by threads (each with its own event loop) keeps its in-flight counts consistent."""
+    shared by threads (all on the critic's one event loop) keeps its in-flight counts consistent."""
     from concurrent.futures import ThreadPoolExecutor
 
     def echo(body):
@@ -238,7 +238,7 @@ def test_complete_answers_free_form_conversations_from_several_threads():
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda i: critic.complete(convs[i : i + 2]), range(0, 8, 2)))
         assert answers == [[f"q{i} 9x6 t=0.0", f"q{i + 1} 9x6 t=0.0"] for i in range(0, 8, 2)]
-        assert critic._inflight == {critic.endpoints[0]: 0, critic.endpoints[1]: 0}
+        assert critic.transport.inflight == {critic.endpoints[0]: 0, critic.endpoints[1]: 0}
         assert len(a.bodies) > 0 and len(b.bodies) > 0 and len(a.bodies) + len(b.bodies) == 10
     assert critic.complete([]) == []
 
@@ -267,7 +267,7 @@ def test_retry_after_is_honoured_up_to_its_cap():
         async def record(seconds):
             waits.append(seconds)
 
-        critic._sleep = record
+        critic.transport._sleep = record
         [res] = critic.score([EditRequest(_img(), _img(), "x", dimensions=("execution",))])
     assert res.scores == {"execution": 3}
     assert waits == [5.0, 5.0]  # the server asked for 7 s each time; capped at retry_after_max_s (backoff 0.01 s)

@@ -31,8 +31,6 @@ client's loop thread and closes its connections; garbage collection and interpre
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import os
 from collections.abc import Awaitable, Sequence
@@ -61,6 +59,7 @@ from firm.critics.transport import (
 )
 from firm.critics.types import CriticRequest, CriticResult
 from firm.data.chat import prepare_messages
+from firm.images import to_data_url as image_data_url  # public here too: clients build data URLs with it
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +82,6 @@ __all__ = [
     "run_blocking",
     "to_openai_messages",
 ]
-
-
-def image_data_url(image: Any, fmt: str = "png", quality: int = 95) -> str:
-    """A PIL image as a ``data:image/...;base64,...`` URL."""
-    buf = io.BytesIO()
-    fmt = fmt.lower()
-    if fmt in ("jpg", "jpeg"):
-        image.convert("RGB").save(buf, format="JPEG", quality=quality)
-        mime = "jpeg"
-    elif fmt == "png":
-        image.save(buf, format="PNG")
-        mime = "png"
-    else:
-        raise ValueError(f"image_format {fmt!r} unknown; use png or jpeg")
-    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def to_openai_messages(messages: list[dict], fmt: str = "png", quality: int = 95, cache: dict | None = None) -> list:

@@ -404,7 +404,8 @@ class RLAlgorithm(FirmModule):
         opt = self.optimizers()
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
         norms = [torch.linalg.vector_norm(g.float()) for g in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+        zero = torch.zeros((), device=self.device, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else zero
         ok = (finite & torch.isfinite(total)).float()
         if self.world > 1:
             ok = self.trainer.strategy.reduce(ok, reduce_op="min")

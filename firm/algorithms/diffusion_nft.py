@@ -106,7 +106,7 @@ class DiffusionNFT(RLAlgorithm):
         c, m = self.config, mic.m
         x0, r = ctx.x0[m], ctx.r[m]
         t = ctx.sigmas[mic.idx]  # (b,)
-        noise = torch.randn(x0.shape, generator=ctx.noise, device=self.device)  # drawn on the device
+        noise = torch.randn(x0.shape, generator=ctx.noise, device=self.device, dtype=torch.float32)  # on the device
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * noise
         cond = roll.cond.index(m)

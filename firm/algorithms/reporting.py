@@ -26,7 +26,7 @@ def rollout_metrics(
     Every statistic is computed on the device and read in one copy (NaN where nothing was valid).
     """
     r, valid, a = adv.all_rewards, adv.all_valid, adv.all_adv
-    nan = torch.full((), math.nan, device=r.device)
+    nan = torch.full((), math.nan, device=r.device, dtype=torch.float32)
     vr = torch.where(valid, r, nan)
     dev: dict[str, torch.Tensor] = {
         "reward/mean": vr.nanmean(),
@@ -69,7 +69,9 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: floa
     """(N, 3, H, W) images -> one (3, H', W') grid image, ``nrow`` images per row."""
     n, ch, h, w = images.shape
     rows = math.ceil(n / nrow)
-    grid = torch.full((ch, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
+    grid = torch.full(
+        (ch, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value, dtype=images.dtype
+    )
     for i in range(n):
         r, col = divmod(i, nrow)
         y, x = padding + r * (h + padding), padding + col * (w + padding)

@@ -82,7 +82,9 @@ class Rollouter:
                 if c.sampler.same_noise_in_group
                 else ("noise", c.seed, rl_step, "rank", rank, i)
             )
-            rows.append(torch.randn(shape, generator=generator(*parts)))
+            # float32 whatever the default dtype (Lightning's bf16-true sets bfloat16): latents stay float32 outside the
+            # transformer's forward
+            rows.append(torch.randn(shape, generator=generator(*parts), dtype=torch.float32))
         return torch.stack(rows).to(device)
 
     @torch.no_grad()

@@ -38,7 +38,7 @@ def missing_output(n: int, dimensions: Sequence[str], error: str) -> RewardOutpu
     """A RewardOutput of ``n`` missing rewards (NaN) for every dimension."""
     from firm.critics.types import CriticResult, ErrorKind
 
-    nan = torch.full((n,), math.nan)
+    nan = torch.full((n,), math.nan, dtype=torch.float32)
     return RewardOutput(
         rewards=nan.clone(),
         components={d: nan.clone() for d in dimensions},

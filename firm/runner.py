@@ -242,6 +242,60 @@ def _final_checkpoint_callback() -> type:
     return FinalCheckpoint
 
 
+# Exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (128 + SIGTERM, as a shell reports it).
+PREEMPTED_EXIT = 143
+
+
+@functools.cache
+def _preemption_callback() -> type:
+    import signal
+
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class PreemptionCheckpoint(L.Callback):
+        """On SIGTERM (Kubernetes, torchrun elastic, SLURM at the time limit) or SIGUSR1 (SLURM's ``--signal``), write
+        ``last.ckpt`` at the end of the current batch, the next point where the loops, the data loader and the RNG
+        are as a periodic checkpoint records them, then stop: ``firm run --resume`` continues bit for bit.
+
+        Lightning's own SIGTERM handler sets ``trainer.received_sigterm``; SIGUSR1 is caught here. The ranks agree on
+        the decision before anyone writes (every rank takes part in a checkpoint).
+        """
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+            self.signal_name: str | None = None
+            self.saved_step: int | None = None
+            self._previous: Any = None
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            if hasattr(signal, "SIGUSR1"):
+                try:
+                    self._previous = signal.signal(signal.SIGUSR1, self._on_usr1)
+                except ValueError:  # not the main thread (a notebook's worker): SIGTERM still works
+                    self._previous = None
+
+        def _on_usr1(self, signum: int, frame: Any) -> None:
+            self.signal_name = "SIGUSR1"
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            local = bool(trainer.received_sigterm) or self.signal_name is not None
+            stop = trainer.strategy.reduce_boolean_decision(local, all=False)  # any rank signalled: all stop
+            if not stop:
+                return
+            self.signal_name = self.signal_name or "SIGTERM"
+            trainer.save_checkpoint(self.path, weights_only=False)  # every rank; rank 0 writes
+            self.saved_step = trainer.global_step
+            raise SIGTERMException()
+
+        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if self._previous is not None:
+                signal.signal(signal.SIGUSR1, self._previous)
+                self._previous = None
+
+    return PreemptionCheckpoint
+
+
 def build_trainer(
     cfg: ExperimentConfig, run_dir: Path, module: Any, extra_callbacks: list | None = None, datamodule: Any = None
 ):
@@ -262,7 +316,8 @@ def build_trainer(
         save_last=True,
     )
     final = _final_checkpoint_callback()(run_dir / "checkpoints" / LAST_CKPT)
-    callbacks = [ckpt, final, LearningRateMonitor(logging_interval="step")]
+    preempt = _preemption_callback()(run_dir / "checkpoints" / LAST_CKPT)
+    callbacks = [ckpt, final, preempt, LearningRateMonitor(logging_interval="step")]
     callbacks += list(extra_callbacks or [])
     kwargs: dict[str, Any] = {}
     for key in ("val_check_interval", "limit_train_batches", "limit_val_batches"):
@@ -350,7 +405,22 @@ def run(
 
     module, datamodule = build_components(cfg)
     trainer = build_trainer(cfg, run_dir, module, datamodule=datamodule)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException:
+        preempt = next((cb for cb in trainer.callbacks if isinstance(cb, _preemption_callback())), None)
+        if trainer.is_global_zero:
+            if preempt is not None and preempt.saved_step is not None:
+                print(
+                    f"[firm] stopped by {preempt.signal_name} after step {preempt.saved_step}; checkpoint: "
+                    f"{run_dir / 'checkpoints' / LAST_CKPT}. Continue with: firm run --resume {run_dir}",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"[firm] stopped by SIGTERM before a checkpoint could be written: {run_dir}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     # A run that stopped at max_steps saved last.ckpt inside the loop (FinalCheckpoint): saving it again here would
     # record the data epoch as finished and lose the loader's position, so that `--resume` with a larger max_steps
     # would start a new epoch on other prompts. Runs that stopped otherwise (max_epochs) are saved here.

@@ -126,6 +126,54 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, subprocess_env)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact(tmp_path, subprocess_env):
+    """SIGTERM (a scheduler's stop) and SIGUSR1 (SLURM's --signal) write last.ckpt at the end of the running step and
+    stop the run with status 143 and the command that continues it; that continuation ends with the uninterrupted
+    run's weights."""
+    steps, every = 400, 20
+    exp = probe_yaml(tmp_path, max_steps=steps, checkpoint_every_n_steps=every, val_check_interval=1000)
+    cmd = [sys.executable, "-m", "firm", "run", str(exp)]
+    subprocess.run([*cmd, "name=reference"], env=subprocess_env, check=True, capture_output=True, timeout=300)
+    reference = load_file(str(next((tmp_path / "runs" / "reference").iterdir()) / "weights_rank0.safetensors"))
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        name = f"probe_{sig.name.lower()}"
+        proc = subprocess.Popen(
+            [*cmd, f"name={name}"], env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline, first = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            first = next(iter((tmp_path / "runs" / name).glob("*/checkpoints/step*.ckpt")), None)
+            if first is not None:
+                break
+            time.sleep(0.02)
+        assert first is not None, "no periodic checkpoint appeared"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        run_dir = first.parent.parent
+        last = run_dir / "checkpoints" / "last.ckpt"
+        stopped_at = torch.load(last, weights_only=True)["global_step"]
+        assert proc.returncode == 143, out + err
+        assert f"stopped by {sig.name} after step {stopped_at}" in err, err
+        assert f"firm run --resume {run_dir}" in err
+        assert every <= stopped_at < steps, "the run finished before the signal; make it longer"
+
+        again = subprocess.run(
+            [sys.executable, "-m", "firm", "run", "--resume", str(run_dir)],
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+        resumed = [int(r["step"]) for r in read_metrics(run_dir, 1) if r.get("train/loss")]
+        assert min(resumed) >= stopped_at  # continued where the signal stopped it
+        weights = load_file(str(run_dir / "weights_rank0.safetensors"))
+        for k in reference:
+            torch.testing.assert_close(weights[k], reference[k], rtol=1e-5, atol=1e-6)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text(TOY.read_text().replace("${data.in_dim}", "8"))

@@ -11,6 +11,7 @@ A run writes everything to ``<output_root>/<name>/<timestamp>/``::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -266,14 +267,15 @@ def _preemption_callback() -> type:
             self.path = path
             self.signal_name: str | None = None
             self.saved_step: int | None = None
-            self._previous: Any = None
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            # Installed before Lightning registers its own handlers (after on_fit_start), so Lightning's SLURM
+            # handler, which would save in the middle of a step, stays out. run() restores the previous handler.
             if hasattr(signal, "SIGUSR1"):
                 try:
-                    self._previous = signal.signal(signal.SIGUSR1, self._on_usr1)
+                    signal.signal(signal.SIGUSR1, self._on_usr1)
                 except ValueError:  # not the main thread (a notebook's worker): SIGTERM still works
-                    self._previous = None
+                    pass
 
         def _on_usr1(self, signum: int, frame: Any) -> None:
             self.signal_name = "SIGUSR1"
@@ -287,11 +289,6 @@ def _preemption_callback() -> type:
             trainer.save_checkpoint(self.path, weights_only=False)  # every rank; rank 0 writes
             self.saved_step = trainer.global_step
             raise SIGTERMException()
-
-        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            if self._previous is not None:
-                signal.signal(signal.SIGUSR1, self._previous)
-                self._previous = None
 
     return PreemptionCheckpoint
 
@@ -405,8 +402,11 @@ def run(
 
     module, datamodule = build_components(cfg)
     trainer = build_trainer(cfg, run_dir, module, datamodule=datamodule)
+    import signal
+
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    usr1 = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except SIGTERMException:
@@ -421,6 +421,10 @@ def run(
             else:
                 print(f"[firm] stopped by SIGTERM before a checkpoint could be written: {run_dir}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
+    finally:
+        if usr1 is not None:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing was installed
+                signal.signal(signal.SIGUSR1, usr1)
     # A run that stopped at max_steps saved last.ckpt inside the loop (FinalCheckpoint): saving it again here would
     # record the data epoch as finished and lose the loader's position, so that `--resume` with a larger max_steps
     # would start a new epoch on other prompts. Runs that stopped otherwise (max_epochs) are saved here.

@@ -36,6 +36,7 @@ def probe_yaml(tmp_path: Path, **trainer) -> Path:
 
 def test_run_writes_config_logs_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.delenv("FIRM_RUN_DIR", raising=False)
+    usr1 = signal.getsignal(signal.SIGUSR1)
     run_dir = run(
         str(TOY),
         [
@@ -55,6 +56,7 @@ def test_run_writes_config_logs_and_checkpoints(tmp_path, monkeypatch):
     assert losses and losses[-1] < losses[0]  # it learns
     assert any(r.get("val/loss") for r in rows)
     assert list((run_dir / "tb" / "version_0").glob("events.out.tfevents.*"))
+    assert signal.getsignal(signal.SIGUSR1) == usr1  # the preemption handler lives only as long as the fit
 
 
 def test_checkpoint_io_refuses_nan_weights(tmp_path):

@@ -115,3 +115,78 @@ def test_rl_tiny_run_with_an_http_critic_in_expected_score_mode_logs_continuous_
     # of 1/(40n) (E = a/4, C = b/4: E * (0.6 + 0.4 C) = a (6 + b) / 40). Expected scores land between.
     assert _off_grid(execution, 1 / (4 * n)), execution
     assert _off_grid(reward, 1 / (40 * n)), reward
+
+
+def _serve(model_dir, port, log_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "firm", "critic", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--served-model-name", "taught", "--max-new-tokens", "40", "--max-batch-size", "8"]
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"firm critic serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"firm critic serve did not become healthy:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _kill(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=20)
+
+
+def test_the_run_goes_on_when_the_critic_server_dies_and_comes_back(served_taught_critic, tmp_path):
+    """A `firm critic serve` killed (SIGKILL) after the run's first optimizer step and restarted on the same port a
+    few seconds later: the RL steps meanwhile count every score as missing (NaN, never 0) and make no update; after
+    the restart the critic answers again on the same client, and the run reaches max_steps."""
+    _, critic_dir = served_taught_critic
+    port, log_path = free_port(), tmp_path / "server.log"
+    server = _serve(critic_dir, port, log_path)
+    url = f"http://127.0.0.1:{port}/v1"
+    critic = (
+        f"module.critic={{name: http, endpoints: ['{url}'], max_tokens: 40, parse_retries: 0, max_retries: 1, "
+        "backoff_s: 0.1, timeout_s: 30}"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("FIRM_RUN_DIR", None)
+    cmd = [sys.executable, "-m", "firm", "run", str(RL_YAML), f"output_root={tmp_path}", "trainer.max_steps=4"]
+    cmd += ["module.log_images_every=0", "module.critic_failure=missing", "module.max_idle_rl_steps=1000", critic]
+    run = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("tiny_qwen_edit_nft/*/checkpoints/last.ckpt")):  # the first optimizer step
+            assert run.poll() is None, run.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no first optimizer step"
+            time.sleep(0.1)
+        _kill(server)
+        time.sleep(8)  # several RL steps against a dead endpoint
+        assert run.poll() is None, "the run stopped while the critic was down"
+        server = _serve(critic_dir, port, log_path)
+        out, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        _kill(server)
+    assert run.returncode == 0, out[-3000:]
+    [run_dir] = (tmp_path / "tiny_qwen_edit_nft").iterdir()
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("reward/missing_frac")]
+    missing = [float(r["reward/missing_frac"]) for r in rows]
+    down = [r for r, m in zip(rows, missing) if m == 1.0]
+    assert down, f"no RL step saw the critic down: {missing}"
+    assert all(math.isnan(float(r["reward/mean"])) for r in down)  # missing, never scored as 0
+    assert all(float(r["train/skipped_no_valid"]) == 1.0 for r in down)  # and no update from them
+    assert missing[0] == 0.0 and missing[-1] == 0.0  # scored before the kill and again after the restart
+    import torch
+
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

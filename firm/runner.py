@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,9 +147,46 @@ def _write_meta(run_dir: Path, resumed_from: str | None) -> None:
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "cuda": torch.cuda.is_available(),
+        "slurm_job_id": _slurm_job_id(),  # a requeued job finds its run by this (resume_requeued_slurm_job)
     }
     name = "meta.json" if resumed_from is None else f"meta.resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
     (run_dir / name).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _slurm_job_id() -> str | None:
+    """This SLURM job's id (``<array job>_<task>`` for an array task), or None outside SLURM."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def requeued_slurm_run(cfg: ExperimentConfig) -> Path | None:
+    """The run directory this SLURM job wrote before it was requeued (``SLURM_RESTART_COUNT`` >= 1), if it has a
+    checkpoint: a requeued job runs its batch script again, and `firm run` then continues that run by itself."""
+    job = _slurm_job_id()
+    if job is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    root = Path(cfg.output_root) / cfg.name
+    for run_dir in sorted(root.glob("*"), key=lambda p: p.name, reverse=True):
+        try:
+            meta = json.loads((run_dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("slurm_job_id") == job and (run_dir / "checkpoints" / LAST_CKPT).is_file():
+            return run_dir
+    return None
+
+
+def _requeue_slurm_job() -> str:
+    """Ask SLURM to requeue this job (``scontrol requeue``); returns what happened, for the stop message."""
+    job = _slurm_job_id()
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not requeue SLURM job {job} ({e})"
+    if done.returncode != 0:
+        return f"`scontrol requeue {job}` failed ({(done.stderr or done.stdout).strip()[:300]})"
+    return f"requeued SLURM job {job}: it continues this run when it starts again"
 
 
 def _external_job_id() -> str | None:
@@ -267,6 +305,7 @@ def _preemption_callback() -> type:
             self.path = path
             self.signal_name: str | None = None
             self.saved_step: int | None = None
+            self.requeue: str | None = None  # what `scontrol requeue` said (SIGUSR1 inside a SLURM job)
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             # Installed before Lightning registers its own handlers (after on_fit_start), so Lightning's SLURM
@@ -288,6 +327,8 @@ def _preemption_callback() -> type:
             self.signal_name = self.signal_name or "SIGTERM"
             trainer.save_checkpoint(self.path, weights_only=False)  # every rank; rank 0 writes
             self.saved_step = trainer.global_step
+            if self.signal_name == "SIGUSR1" and _slurm_job_id() is not None and trainer.is_global_zero:
+                self.requeue = _requeue_slurm_job()  # SLURM's warning before the time limit: come back later
             raise SIGTERMException()
 
     return PreemptionCheckpoint
@@ -382,6 +423,10 @@ def run(
 
     if resume == "latest":
         resume_dir = find_run_dir("latest", cfg)
+    if resume_dir is None:  # every rank looks: they all find the same run (its meta.json names the job)
+        resume_dir = requeued_slurm_run(cfg)
+        if resume_dir is not None and is_rank_zero():
+            print(f"[firm] SLURM job {_slurm_job_id()} was requeued: continuing {resume_dir}")
     ckpt_path = None
     if resume_dir is not None:
         ckpt_path = resume_dir / "checkpoints" / LAST_CKPT
@@ -418,6 +463,8 @@ def run(
                     f"{run_dir / 'checkpoints' / LAST_CKPT}. Continue with: firm run --resume {run_dir}",
                     file=sys.stderr,
                 )
+                if preempt.requeue:
+                    print(f"[firm] {preempt.requeue}", file=sys.stderr)
             else:
                 print(f"[firm] stopped by SIGTERM before a checkpoint could be written: {run_dir}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)

@@ -132,17 +132,24 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, subprocess_env)
 def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact(tmp_path, subprocess_env):
     """SIGTERM (a scheduler's stop) and SIGUSR1 (SLURM's --signal) write last.ckpt at the end of the running step and
     stop the run with status 143 and the command that continues it; that continuation ends with the uninterrupted
-    run's weights."""
+    run's weights. Inside a SLURM job, SIGUSR1 also requeues the job (`scontrol requeue`, here a stand-in that
+    records its arguments), and the requeued job's `firm run` of the same experiment continues the run by itself."""
     steps, every = 400, 20
     exp = probe_yaml(tmp_path, max_steps=steps, checkpoint_every_n_steps=every, val_check_interval=1000)
     cmd = [sys.executable, "-m", "firm", "run", str(exp)]
     subprocess.run([*cmd, "name=reference"], env=subprocess_env, check=True, capture_output=True, timeout=300)
     reference = load_file(str(next((tmp_path / "runs" / "reference").iterdir()) / "weights_rank0.safetensors"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm_env = dict(subprocess_env, SLURM_JOB_ID="4242", PATH=f"{bin_dir}{os.pathsep}{subprocess_env.get('PATH', '')}")
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig, env in ((signal.SIGTERM, subprocess_env), (signal.SIGUSR1, slurm_env)):
         name = f"probe_{sig.name.lower()}"
         proc = subprocess.Popen(
-            [*cmd, f"name={name}"], env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [*cmd, f"name={name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         deadline, first = time.time() + 120, None
         while time.time() < deadline and proc.poll() is None:
@@ -161,14 +168,16 @@ def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact
         assert f"firm run --resume {run_dir}" in err
         assert every <= stopped_at < steps, "the run finished before the signal; make it longer"
 
-        again = subprocess.run(
-            [sys.executable, "-m", "firm", "run", "--resume", str(run_dir)],
-            env=subprocess_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        if sig == signal.SIGTERM:
+            again_cmd, again_env = [sys.executable, "-m", "firm", "run", "--resume", str(run_dir)], env
+        else:  # SLURM runs the batch script again: the same command, SLURM_RESTART_COUNT=1
+            assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+            assert "requeued SLURM job 4242" in err
+            again_cmd, again_env = [*cmd, f"name={name}"], dict(env, SLURM_RESTART_COUNT="1")
+        again = subprocess.run(again_cmd, env=again_env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
+        assert "resuming from" in again.stdout
+        assert [p.name for p in (tmp_path / "runs" / name).iterdir()] == [run_dir.name]  # no second run started
         resumed = [int(r["step"]) for r in read_metrics(run_dir, 1) if r.get("train/loss")]
         assert min(resumed) >= stopped_at  # continued where the signal stopped it
         weights = load_file(str(run_dir / "weights_rank0.safetensors"))

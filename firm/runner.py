@@ -134,7 +134,7 @@ def readable_checkpoint(last: Path) -> Path:
     raise ConfigError(f"--resume: cannot read checkpoint {last} ({problem}){tried}; the run cannot be resumed")
 
 
-def _write_meta(run_dir: Path, resumed_from: str | None) -> None:
+def _write_meta(run_dir: Path, resumed_from: str | None, config_sha256: str) -> None:
     import lightning
 
     meta = {
@@ -147,7 +147,8 @@ def _write_meta(run_dir: Path, resumed_from: str | None) -> None:
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "cuda": torch.cuda.is_available(),
-        "slurm_job_id": _slurm_job_id(),  # a requeued job finds its run by this (resume_requeued_slurm_job)
+        "slurm_job_id": _slurm_job_id(),  # a requeued job finds its run by these two (requeued_slurm_run)
+        "config_sha256": config_sha256,
     }
     name = "meta.json" if resumed_from is None else f"meta.resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
     (run_dir / name).write_text(json.dumps(meta, indent=2) + "\n")
@@ -160,9 +161,18 @@ def _slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
-def requeued_slurm_run(cfg: ExperimentConfig) -> Path | None:
-    """The run directory this SLURM job wrote before it was requeued (``SLURM_RESTART_COUNT`` >= 1), if it has a
-    checkpoint: a requeued job runs its batch script again, and `firm run` then continues that run by itself."""
+def config_sha256(node: Any) -> str:
+    """A digest of a resolved experiment config (what makes two `firm run` lines the same run)."""
+    import hashlib
+
+    return hashlib.sha256(to_yaml(node).encode()).hexdigest()
+
+
+def requeued_slurm_run(cfg: ExperimentConfig, digest: str) -> Path | None:
+    """The run this SLURM job started before it was requeued (``SLURM_RESTART_COUNT`` >= 1), when it has a
+    checkpoint and has not finished: a requeued job runs its batch script again, and each `firm run` line then
+    continues its own run. A run matches on the job id and the resolved config's digest, so two lines of one script
+    (other overrides) never take each other's run."""
     job = _slurm_job_id()
     if job is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
         return None
@@ -172,8 +182,11 @@ def requeued_slurm_run(cfg: ExperimentConfig) -> Path | None:
             meta = json.loads((run_dir / "meta.json").read_text())
         except (OSError, ValueError):
             continue
-        if meta.get("slurm_job_id") == job and (run_dir / "checkpoints" / LAST_CKPT).is_file():
-            return run_dir
+        if meta.get("slurm_job_id") != job or meta.get("config_sha256") != digest:
+            continue
+        if (run_dir / FINISHED).is_file() or not (run_dir / "checkpoints" / LAST_CKPT).is_file():
+            continue
+        return run_dir
     return None
 
 
@@ -283,6 +296,8 @@ def _final_checkpoint_callback() -> type:
 
 # Exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (128 + SIGTERM, as a shell reports it).
 PREEMPTED_EXIT = 143
+# Written into a run directory when its fit ends normally; a requeued SLURM job never continues such a run.
+FINISHED = "finished.json"
 
 
 @functools.cache
@@ -297,8 +312,11 @@ def _preemption_callback() -> type:
         ``last.ckpt`` at the end of the current batch, the next point where the loops, the data loader and the RNG
         are as a periodic checkpoint records them, then stop: ``firm run --resume`` continues bit for bit.
 
-        Lightning's own SIGTERM handler sets ``trainer.received_sigterm``; SIGUSR1 is caught here. The ranks agree on
-        the decision before anyone writes (every rank takes part in a checkpoint).
+        Both signals only set a flag here. SIGUSR1's handler is installed before Lightning registers its own (so its
+        SLURM handler, which saves in the middle of a step, stays out); SIGTERM's replaces Lightning's at the start of
+        training, since Lightning's would raise during validation or between two hooks, before anything is saved.
+        The flag is read at the end of a batch that ends an optimizer step (gradient accumulation is never cut), and
+        the ranks agree on it before anyone writes (every rank takes part in a checkpoint).
         """
 
         def __init__(self, path: Path) -> None:
@@ -319,7 +337,29 @@ def _preemption_callback() -> type:
         def _on_usr1(self, signum: int, frame: Any) -> None:
             self.signal_name = "SIGUSR1"
 
-        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            # After Lightning registered its SIGTERM handler (it restores the previous one at teardown).
+            launcher = trainer.strategy.launcher
+
+            def on_term(signum: int, frame: Any) -> None:
+                if self.signal_name is None:
+                    self.signal_name = "SIGTERM"
+                    if launcher is not None:  # ranks this process started get it too, as Lightning's handler does
+                        launcher.kill(signum)
+
+            try:
+                signal.signal(signal.SIGTERM, on_term)
+            except ValueError:  # not the main thread: Lightning's handler stays
+                pass
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            last = (
+                trainer.num_training_batches not in (None, float("inf"))
+                and batch_idx + 1 >= trainer.num_training_batches
+            )
+            if (batch_idx + 1) % accumulate and not last:
+                return  # inside an optimizer step: its summed gradients are not in a checkpoint
             local = bool(trainer.received_sigterm) or self.signal_name is not None
             stop = trainer.strategy.reduce_boolean_decision(local, all=False)  # any rank signalled: all stop
             if not stop:
@@ -424,7 +464,7 @@ def run(
     if resume == "latest":
         resume_dir = find_run_dir("latest", cfg)
     if resume_dir is None:  # every rank looks: they all find the same run (its meta.json names the job)
-        resume_dir = requeued_slurm_run(cfg)
+        resume_dir = requeued_slurm_run(cfg, config_sha256(node))
         if resume_dir is not None and is_rank_zero():
             print(f"[firm] SLURM job {_slurm_job_id()} was requeued: continuing {resume_dir}")
     ckpt_path = None
@@ -442,7 +482,7 @@ def run(
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(node, run_dir / ("config.yaml" if resume_dir is None else "config.resume.yaml"))
-        _write_meta(run_dir, str(ckpt_path) if ckpt_path else None)
+        _write_meta(run_dir, str(ckpt_path) if ckpt_path else None, config_sha256(node))
         print(f"[firm] run directory: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
 
     module, datamodule = build_components(cfg)
@@ -479,6 +519,7 @@ def run(
     if final is None or final.saved_step != trainer.global_step:
         trainer.save_checkpoint(run_dir / "checkpoints" / LAST_CKPT, weights_only=False)  # every rank; rank 0 writes
     if trainer.is_global_zero:
+        (run_dir / FINISHED).write_text(json.dumps({"global_step": trainer.global_step}) + "\n")
         print(f"[firm] done after {trainer.global_step} steps. Outputs: {run_dir}")
         print(f"[firm]   config: {run_dir / 'config.yaml'}  checkpoints: {run_dir / 'checkpoints'}")
         print(f"[firm]   metrics: {run_dir / 'csv'}  tensorboard: tensorboard --logdir {run_dir / 'tb'}")

@@ -1,11 +1,13 @@
 """The runner end to end: outputs, non-finite guards, SIGKILL + --resume, and DDP with 2 CPU processes."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -129,13 +131,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, subprocess_env)
 
 
 @pytest.mark.slow
-def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact(tmp_path, subprocess_env):
+def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact(tmp_path, subprocess_env, monkeypatch):
     """SIGTERM (a scheduler's stop) and SIGUSR1 (SLURM's --signal) write last.ckpt at the end of the running step and
     stop the run with status 143 and the command that continues it; that continuation ends with the uninterrupted
     run's weights. Inside a SLURM job, SIGUSR1 also requeues the job (`scontrol requeue`, here a stand-in that
-    records its arguments), and the requeued job's `firm run` of the same experiment continues the run by itself."""
+    records its arguments), and the requeued job's `firm run` of the same experiment continues the run by itself.
+    With gradient accumulation the checkpoint is written only where an optimizer step ends."""
     steps, every = 400, 20
-    exp = probe_yaml(tmp_path, max_steps=steps, checkpoint_every_n_steps=every, val_check_interval=1000)
+    exp = probe_yaml(
+        tmp_path, max_steps=steps, checkpoint_every_n_steps=every, val_check_interval=1000, accumulate_grad_batches=2
+    )
     cmd = [sys.executable, "-m", "firm", "run", str(exp)]
     subprocess.run([*cmd, "name=reference"], env=subprocess_env, check=True, capture_output=True, timeout=300)
     reference = load_file(str(next((tmp_path / "runs" / "reference").iterdir()) / "weights_rank0.safetensors"))
@@ -162,7 +167,12 @@ def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact
         out, err = proc.communicate(timeout=120)
         run_dir = first.parent.parent
         last = run_dir / "checkpoints" / "last.ckpt"
-        stopped_at = torch.load(last, weights_only=True)["global_step"]
+        state = torch.load(last, weights_only=True)
+        stopped_at = state["global_step"]
+        batches = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+        # saved inside the hook of batch `batches + 1` (the counter moves after the hook): the end of an optimizer step,
+        # never between its two micro-batches
+        assert batches + 1 == 2 * stopped_at
         assert proc.returncode == 143, out + err
         assert f"stopped by {sig.name} after step {stopped_at}" in err, err
         assert f"firm run --resume {run_dir}" in err
@@ -174,6 +184,15 @@ def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact
             assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
             assert "requeued SLURM job 4242" in err
             again_cmd, again_env = [*cmd, f"name={name}"], dict(env, SLURM_RESTART_COUNT="1")
+            # the requeued job's lines find their own runs: the same resolved config, not another line's
+            from firm.runner import requeued_slurm_run
+
+            monkeypatch.setenv("SLURM_JOB_ID", "4242")
+            monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+            where = types.SimpleNamespace(output_root=str(tmp_path / "runs"), name=name)
+            digest = json.loads((run_dir / "meta.json").read_text())["config_sha256"]
+            assert requeued_slurm_run(where, digest) == run_dir
+            assert requeued_slurm_run(where, "0" * 64) is None
         again = subprocess.run(again_cmd, env=again_env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "resuming from" in again.stdout
@@ -183,6 +202,8 @@ def test_a_signal_checkpoints_at_the_next_step_exits_143_and_the_resume_is_exact
         weights = load_file(str(run_dir / "weights_rank0.safetensors"))
         for k in reference:
             torch.testing.assert_close(weights[k], reference[k], rtol=1e-5, atol=1e-6)
+        if sig == signal.SIGUSR1:  # finished: a later requeue of the job starts it afresh instead
+            assert (run_dir / "finished.json").is_file() and requeued_slurm_run(where, digest) is None
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

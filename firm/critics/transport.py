@@ -330,10 +330,12 @@ class ChatTransport:
         state = self.__dict__.copy()
         for k in ("inflight", "_rr", "_lock", "_loop", "_finalizer"):
             state.pop(k, None)
+        state["api_key"] = None  # never written into a pickle: the copy reads it again from api_key_env
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.api_key = (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
         self._init_runtime()
 
     # ---- the loop
@@ -343,6 +345,9 @@ class ChatTransport:
         loop = self._loop
         if loop is not None and loop.alive:
             return loop
+        if loop is not None and loop.pid != os.getpid():
+            # a forked child: the parent's loop thread may have held the lock at the fork, and it never runs here
+            self._lock = threading.Lock()
         with self._lock:
             loop = self._loop
             if loop is None or not loop.alive:

@@ -155,12 +155,15 @@ def test_errors_keep_their_kind_and_the_client_stays_usable():
             assert critic.score(_chunk())[0].complete
 
 
-def test_a_critic_pickles_and_the_copy_starts_its_own_loop():
+def test_a_critic_pickles_and_the_copy_starts_its_own_loop(monkeypatch):
+    monkeypatch.setenv("FIRM_TEST_CRITIC_KEY", "sekret")
     with ScriptedServer(lambda b: (200, GOOD)) as srv:
-        with _critic(srv.url, api_key_env="", model=None) as critic:
-            critic.api_key = "sekret"
+        with _critic(srv.url, api_key_env="FIRM_TEST_CRITIC_KEY", model=None) as critic:
+            assert critic.api_key == "sekret"
             critic.score(_chunk())  # started, and the model name resolved
-            copy = pickle.loads(pickle.dumps(critic))
+            data = pickle.dumps(critic)
+            assert b"sekret" not in data  # the key is never written into a pickle; the copy reads the variable again
+            copy = pickle.loads(data)
             with copy:
                 assert not copy.transport.started and copy.model == "scripted"
                 assert copy.score(_chunk())[0].complete

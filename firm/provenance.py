@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -21,14 +22,22 @@ def git_commit() -> str | None:
         return None
 
 
+def device_name() -> str:
+    """The first CUDA device's name, else the CPU's with its core count: what measured numbers are labelled with."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
 def environment() -> dict[str, Any]:
     """Host, device name, torch version, FIRM's commit and the date, for a report's ``environment`` entry."""
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'cpu'})"
     return {
         "host": socket.gethostname(),
-        "device": device,
+        "device": device_name(),
         "torch": torch.__version__,
         "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

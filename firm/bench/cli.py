@@ -15,7 +15,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from firm.bench.evaluate import BenchEvaluationError
     from firm.bench.run import load_bench_config, run_bench
     from firm.config import ConfigError
-    from firm.paths import find_experiment
 
     experiment, overrides = args.experiment, list(args.overrides)
     if experiment is not None and "=" in experiment and not experiment.endswith((".yaml", ".yml")):
@@ -25,9 +24,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("firm critic bench needs an experiment YAML, or --data DIR --critic NAME")
     if args.fresh:
         overrides.append("fresh=true")
-    cfg = load_bench_config(
-        find_experiment(experiment) if experiment else None, overrides, data=args.data, critics=args.critic
-    )
+    cfg = load_bench_config(experiment, overrides, data=args.data, critics=args.critic)
     if args.dry_run:
         from firm.config import to_yaml
 

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from firm.provenance import device_name
+
 STUB = "stub"  # --model stub: a stub endpoint instead of `firm critic serve`
 
 
@@ -42,14 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 async def _fire(url: str, n: int, max_tokens: int) -> tuple[float, int]:
@@ -290,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         return _run_stub(args.serve_stub)
     if not args.model or (args.model == STUB and not args.client):
         ap.error("give --model DIR (or --model stub with --client)")
-    device = _device_name()
+    device = device_name()
     if args.client:
         out = Path(args.out or "critic_client_bench.json")
         out.write_text(json.dumps(_bench_client(args, device), indent=2))

@@ -8,9 +8,8 @@ import argparse
 def _cmd_curate(args: argparse.Namespace) -> int:
     from firm.config import to_yaml
     from firm.curation.runner import load_curation, print_report, run_curation
-    from firm.paths import find_experiment
 
-    cfg = load_curation(find_experiment(args.experiment), list(args.overrides))
+    cfg = load_curation(args.experiment, list(args.overrides))
     if args.dry_run:
         print(to_yaml(cfg))
         return 0

@@ -9,9 +9,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from firm.eval.run import STAGES, load_eval_config, run_eval
-    from firm.paths import find_experiment
 
-    c = load_eval_config(find_experiment(args.experiment), list(args.overrides))
+    c = load_eval_config(args.experiment, list(args.overrides))
     if args.dry_run:
         print(OmegaConf.to_yaml(OmegaConf.structured(c)))
         return 0

@@ -81,6 +81,7 @@ def test_bf16_forwards_with_float32_log_probs_advantages_and_losses(cls, precisi
             reward=QMAReward.Config(),
             rollout_chunk=4,
             kl_beta=1e-2,  # the reference forward and the KL term run too
+            weight_decay=0.0,  # so that adapters that move were moved by the gradient
         )
     )
     seen: dict[str, set] = defaultdict(set)
@@ -124,3 +125,4 @@ def test_bf16_forwards_with_float32_log_probs_advantages_and_losses(cls, precisi
     after = {k: v.detach().float() for k, v in module.policy.named_adapter_parameters("default").items()}
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the step really trained
     assert rows.rows[-1]["train/grad_norm"] > 0
+    assert all(r["adv/abs_mean"] > 0.1 for r in rows.rows)  # a learning signal in every step, not zero advantages

@@ -55,7 +55,6 @@ from firm.critics.transport import (
     chat_reply,
     normalize_endpoint,
     retry_after_s,
-    run_blocking,
 )
 from firm.critics.types import CriticRequest, CriticResult
 from firm.data.chat import prepare_messages
@@ -79,7 +78,6 @@ __all__ = [
     "image_data_url",
     "normalize_endpoint",
     "retry_after_s",
-    "run_blocking",
     "to_openai_messages",
 ]
 

@@ -35,7 +35,6 @@ import random
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -169,19 +168,6 @@ def normalize_endpoint(url: str) -> str:
     if parts.path in ("", "/"):
         url += "/v1"
     return url
-
-
-def run_blocking(make: Callable[[], Awaitable[Any]]) -> Any:
-    """Run the coroutine made by ``make()`` to completion on a fresh event loop and return its result, from plain
-    code or from inside a running event loop (it then runs on a helper thread with its own loop).
-
-    The critics no longer use it (their calls run on their transport's long-lived loop); kept for callers."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="firm-http") as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 _on_loop = threading.local()  # .client: the connection pool of the loop running on this thread

@@ -2,12 +2,14 @@
 # The prepared GPU check (one H100 / H200, about 8 minutes). Whoever next has a GPU runs it and copies the tables it
 # prints into docs/benchmarks.md with the device name. Results (text, CSV, JSON) go to $OUT (default gpu_results/).
 #   bash scripts/gpu_check.sh            # uses $PY (default: python3) with torch (CUDA), triton, diffusers, peft
+#   STEPS="3 4" bash scripts/gpu_check.sh  # only some steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 step() { echo; echo "=== $* ==="; }
+want() { [[ " ${STEPS:-1 2 3 4} " == *" $1 "* ]]; }
 if ! $PY -c "import firm" 2>/dev/null; then
   $PY -m pip install -q --no-deps -e . || { echo "firm is not importable and could not be installed" >&2; exit 1; }
 fi
@@ -16,15 +18,20 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
 PY
 
+if want 1; then
 step "1. GPU tests (bf16 kernels vs float64, compiled Triton path)"
-timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 
+fi
+if want 2; then
 step "2. kernels at the paper's shapes: eager vs torch.compile vs Triton, % of copy bandwidth"
-timeout 150 $PY -m firm.kernels.bench bench --dtype bf16 --out "$OUT/kernels" 2>&1 | tee "$OUT/kernels.txt"
+timeout 120 $PY -m firm.kernels.bench bench --dtype bf16 --out "$OUT/kernels" 2>&1 | tee "$OUT/kernels.txt"
 
-step "3. profile step: random-weight SD3.5-M-sized DiffusionNFT at 512 px (no critic latency)"
-timeout 120 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml --steps 2 --warmup 1 \
-  --out "$OUT/bench_step" 2>&1 | grep -v Warning | tee "$OUT/bench_step.txt"
+fi
+if want 3; then
+step "3. profile step: random-weight SD3.5-M-sized DiffusionNFT at 512 px (no critic latency), without and with activation checkpointing"
+timeout 180 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml --steps 2 --warmup 1 \
+  --compare "module.policy.gradient_checkpointing=true" --out "$OUT/bench_step" 2>&1 | grep -v Warning | tee "$OUT/bench_step.txt"
 R=$($PY - "$OUT/bench_step" <<'PY'
 import glob, json, sys
 runs = json.load(open(sorted(glob.glob(sys.argv[1] + "/*.json"))[-1]))["runs"]
@@ -32,8 +39,13 @@ s = runs[0]["seconds"]
 print(round(s["rollout_fwd"] + s["other"] / 2, 2))  # rollout time, roughly: its forwards plus decoding
 PY
 )
+fi
+if want 4 && [ -z "${R:-}" ]; then
+  echo "step 4 skipped: it needs step 3's rollout time" >&2
+elif want 4; then
 step "4. profile step with a critic as slow as the rollout (${R}s per step): sync vs async"
-timeout 150 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml module.rollout_chunk=16 \
+timeout 240 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml module.rollout_chunk=16 \
   "module.critic.seconds=${R}" --steps 2 --warmup 2 --compare "module.async_rollout=true" \
   --out "$OUT/bench_step_async" 2>&1 | grep -v Warning | tee "$OUT/bench_step_async.txt"
+fi
 echo; echo "done: $OUT"

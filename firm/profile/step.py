@@ -102,7 +102,6 @@ class StepProfiler:
 
     def __init__(self, module: Any) -> None:
         self.module = module
-        self.cuda = module.device.type == "cuda"
         self.times: dict[str, float] = defaultdict(float)
         self.counts: dict[str, float] = defaultdict(float)
         self.in_update = False
@@ -111,7 +110,7 @@ class StepProfiler:
         self._patch()
 
     def _sync(self) -> None:
-        if self.cuda:
+        if self.module.device.type == "cuda":  # read each time: the module reaches its device only inside fit
             torch.cuda.synchronize()
 
     def flagged(self, fn: Any, flag: str) -> Any:
@@ -185,8 +184,12 @@ def _callback(profiler: StepProfiler, warmup: int, steps: int) -> Any:
             self.rl = 0
             self.rows: list[dict[str, float]] = []
             self.sync_row: dict[str, float] | None = None
+            self.device: torch.device | None = None
+            self.peak_mib = 0.0
 
         def on_train_start(self, trainer: Any, module: Any) -> None:
+            # Read here, not after fit: Lightning moves the module back to the CPU when training ends.
+            self.device = module.device
             for opt in trainer.optimizers:
                 opt.step = profiler.flagged(opt.step, "paused")
 
@@ -216,6 +219,8 @@ def _callback(profiler: StepProfiler, warmup: int, steps: int) -> Any:
                 trainer.should_stop = True
             elif self.rl >= warmup:
                 self.rows.append(row)
+            if self.device is not None and self.device.type == "cuda":
+                self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
             self.rl += 1
 
     return Measure()
@@ -261,7 +266,8 @@ def profile_experiment(
         callbacks=[measure],
         use_distributed_sampler=getattr(datamodule, "use_distributed_sampler", True),
     )
-    if module.device.type == "cuda":
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what an earlier run of --compare left behind
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=datamodule)
     profiler.restore()
@@ -273,14 +279,15 @@ def profile_experiment(
     mean["other"] = max(mean["step"] - main, 0.0)
     sr = measure.sync_row
     opt_steps = max(sr.get("n_optimizer_steps", 0.0), 1.0)
-    if module.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    device = measure.device or module.device
+    if device.type == "cuda":
+        peak, peak_kind = measure.peak_mib, "cuda max_memory_allocated"
+    else:  # the process's peak so far: with --compare, later runs' values include the earlier runs'
+        peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"  # KiB
     return {
         "experiment": str(experiment),
         "overrides": overrides,
-        "device": device_name(module.device),
+        "device": device_name(device),
         "steps": n,
         "warmup": warmup,
         "seconds": {k: mean.get(k, 0.0) for k in ("step", "critic_busy", *SECTIONS)},
@@ -292,6 +299,7 @@ def profile_experiment(
         "host_syncs_per_optimizer_step": sr["update_syncs"] / opt_steps,
         "host_syncs_per_rl_step": sr["syncs"],
         "peak_memory_mib": peak,
+        "peak_memory_kind": peak_kind,
         "async_rollout": bool(getattr(module.config, "async_rollout", False)),
     }
 

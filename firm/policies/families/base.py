@@ -96,6 +96,9 @@ class ModelFamily:
 
     def tiny_text_encoder(self) -> nn.Module:
         t = self.config.tiny
+        heads = max(1, min(t.num_heads, t.text_dim // 8))
+        while t.text_dim % heads:  # attention needs a divisor of the width (4096 text width with 24 heads: 16)
+            heads -= 1
         return HashTextEncoder(
             HashTextEncoder.Config(
                 vocab_size=t.vocab_size,
@@ -103,7 +106,7 @@ class ModelFamily:
                 pooled_dim=t.text_dim,
                 max_length=t.max_text_length,
                 num_layers=t.text_layers,
-                num_heads=max(1, min(t.num_heads, t.text_dim // 8)),
+                num_heads=heads,
             )
         )
 

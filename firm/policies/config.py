@@ -60,6 +60,9 @@ class TinyConfig:
     rope_axes: list[int] = field(default_factory=lambda: [4, 6, 6])  # qwen: RoPE dims per axis (sum = head_dim)
 
 
+TEXT_ENCODER_PLACEMENTS = ("kept", "sharded", "freed")
+
+
 @dataclass
 class PolicyConfig:
     """What to load (or build), how to adapt it, and at which resolution to sample."""
@@ -79,6 +82,9 @@ class PolicyConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward (less memory, ~30% slower)
     cache_size: int = 4096  # prompt embeddings kept in the cache (on the CPU)
+    # Where the text encoder lives under trainer.strategy=fsdp2: kept (whole on every GPU), sharded (fully_shard per
+    # layer, like the transformer), freed (encodes the training prompts once into the cache, then leaves the GPU)
+    text_encoder: str = "kept"
     init_seed: int = 0  # seeds the tiny model's weights and the LoRA initialisation
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
@@ -91,6 +97,8 @@ class PolicyConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.text_encoder not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(f"text_encoder: must be one of {list(TEXT_ENCODER_PLACEMENTS)}, got {self.text_encoder!r}")
         if self.cache_size < 0:
             raise ValueError(f"cache_size: must be >= 0, got {self.cache_size}")
         if self.embedded_guidance is not None and not math.isfinite(self.embedded_guidance):

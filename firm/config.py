@@ -121,8 +121,8 @@ class TrainerConfig:
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: Any = "auto"  # number of devices per node, a list of ids, or "auto"
     num_nodes: int = 1  # nodes; multi-node runs start through torchrun or SLURM (see docs/running.md)
-    strategy: str = "auto"  # auto | ddp | fsdp | ddp_spawn | ... (Lightning strategy names)
-    fsdp_sharding: str = "FULL_SHARD"  # FSDP sharding strategy when strategy=fsdp
+    strategy: str = "auto"  # auto | ddp | fsdp2 (FSDP2 fully_shard; `fsdp` is an alias) | ... (Lightning's names)
+    fsdp_sharding: str = "FULL_SHARD"  # fsdp2: FULL_SHARD (free gathered weights after each forward) | SHARD_GRAD_OP
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
     gradient_clip_val: float | None = None  # clip the gradient norm to this value (None: no clipping)
     accumulate_grad_batches: int = 1  # batches per optimizer step

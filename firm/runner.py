@@ -252,22 +252,111 @@ def find_run_dir(spec: str, cfg: ExperimentConfig | None) -> Path:
     return runs[-1]
 
 
-def build_strategy(tc: Any, module: Any) -> Any:
-    """The Trainer strategy from the config. ``fsdp`` wraps the module's ``fsdp_wrap_modules`` if it declares them."""
-    if tc.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+FSDP_SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # -> fully_shard's reshard_after_forward
 
-        wrap = getattr(module, "fsdp_wrap_modules", None)
-        kwargs: dict[str, Any] = {"sharding_strategy": tc.fsdp_sharding}
-        if wrap:
-            kwargs["auto_wrap_policy"] = set(wrap)
-            kwargs["activation_checkpointing_policy"] = set(wrap) if getattr(module, "fsdp_checkpoint", False) else None
-        return FSDPStrategy(**kwargs)
+
+def build_strategy(tc: Any, module: Any) -> Any:
+    """The Trainer strategy from the config. ``fsdp2`` (and its alias ``fsdp``) is FSDP2 through Lightning's
+    ModelParallelStrategy: the module shards itself in ``configure_model``."""
+    if tc.strategy in ("fsdp", "fsdp2"):
+        if not hasattr(module, "configure_model") or getattr(module, "fsdp2", True) is False:
+            raise ConfigError(f"trainer.strategy: {tc.strategy}: module {type(module).__name__} cannot be sharded")
+        if tc.fsdp_sharding not in FSDP_SHARDING:
+            raise ConfigError(f"trainer.fsdp_sharding: must be one of {list(FSDP_SHARDING)}, got {tc.fsdp_sharding!r}")
+        return _fsdp2_strategy()(reshard_after_forward=FSDP_SHARDING[tc.fsdp_sharding])
     if tc.strategy == "ddp" and getattr(module, "ddp_find_unused_parameters", False):
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(find_unused_parameters=True)
     return tc.strategy
+
+
+@functools.cache
+def _fsdp2_strategy() -> type:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from firm.policies.sharding import full, like
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        """FSDP2 over every process (a 1-D data-parallel mesh), with whole-tensor checkpoints.
+
+        The module applies ``fully_shard`` in ``configure_model`` (the RL modules: firm.policies.sharding). A
+        checkpoint holds whole tensors of what the module keeps (``keeps_in_checkpoint``: the LoRA adapters) and the
+        optimizer state in torch's usual index-keyed layout, written by rank 0 through FIRM's checkpoint IO (atomic,
+        NaN-checked) and read with ``weights_only=True``. So it is the file a DDP or one-process run writes: it resumes
+        at any world size, under either strategy, and ``firm policy export`` reads it unchanged. The trained state of
+        a LoRA run is small (tens to hundreds of MB), which is why this is preferred to torch's sharded distributed
+        checkpoint, whose metadata file is a pickle.
+        """
+
+        def __init__(self, reshard_after_forward: bool = True) -> None:
+            super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False)
+            self.reshard_after_forward = reshard_after_forward
+
+        def setup_environment(self) -> None:
+            self._data_parallel_size = self.num_nodes * self.num_processes  # every process shards the same model
+            self._tensor_parallel_size = 1
+            super().setup_environment()
+
+        def lightning_module_state_dict(self) -> dict[str, Any]:
+            module = self.lightning_module
+            keep = getattr(module, "keeps_in_checkpoint", None)
+            if keep is None:
+                return super().lightning_module_state_dict()  # every tensor, whole, on rank 0
+            out = {}
+            for name, p in module.named_parameters():
+                if keep(name):
+                    t = full(p.detach())  # a collective: every rank takes part, rank 0 keeps the result
+                    if self.is_global_zero:
+                        out[name] = t.cpu().clone()
+            return out
+
+        def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            if isinstance(optimizer, LightningOptimizer):
+                optimizer = optimizer._optimizer
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            osd = get_optimizer_state_dict(self.model, optimizer, options=opts)
+            if not self.is_global_zero:
+                return {}
+            index = {name: i for i, name in enumerate(self._param_names(optimizer))}
+            return {
+                "state": {index[k]: v for k, v in osd["state"].items()},
+                "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in osd["param_groups"]],
+            }
+
+        def _param_names(self, optimizer: Any) -> list[str]:
+            name_of = {id(p): n for n, p in self.lightning_module.named_parameters()}
+            return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            import torch
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            path = Path(self.broadcast(str(checkpoint_path)))
+            checkpoint = self.checkpoint_io.load_checkpoint(path)  # weights_only=True
+            params = dict(self.lightning_module.named_parameters())
+            unknown = sorted(set(checkpoint.get("state_dict", {})) - set(params))
+            if unknown:
+                raise CheckpointError(f"{path}: {len(unknown)} tensors match no parameter, e.g. {unknown[:3]}")
+            with torch.no_grad():
+                for name, value in checkpoint.get("state_dict", {}).items():
+                    params[name].copy_(like(value, params[name]))
+            saved = checkpoint.get("optimizer_states", [])
+            for opt, osd in zip(self.optimizers, saved):
+                opt = opt._optimizer if isinstance(opt, LightningOptimizer) else opt
+                names = self._param_names(opt)
+                by_name = {
+                    "state": {names[i]: v for i, v in osd["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]],
+                }
+                opts = StateDictOptions(full_state_dict=True)
+                set_optimizer_state_dict(self.model, opt, optim_state_dict=by_name, options=opts)
+            return checkpoint
+
+    return FSDP2Strategy
 
 
 @functools.cache

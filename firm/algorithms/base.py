@@ -54,6 +54,7 @@ from firm.critics.factory import build_critic
 from firm.module import FirmModule
 from firm.policies.policy import FlowPolicy
 from firm.policies.samplers import sde_window
+from firm.policies.sharding import is_sharded, like
 from firm.rewards.functions import FirmEditReward, FirmGenReward, build_combiner
 from firm.vocab import Task
 
@@ -121,6 +122,7 @@ class RLAlgorithm(FirmModule):
         self._idle_rl_steps = 0
         self._pending: tuple[dict[str, Any], Rollout] | None = None  # asynchronous mode: the rollout being scored
         self._callbacks = build_callbacks(c.callbacks)
+        self._sharded: dict[str, int] | None = None  # what configure_model sharded (fsdp2), None when not sharded
 
     # ---------------------------------------------------------------------------------------------------- hooks
 
@@ -173,7 +175,53 @@ class RLAlgorithm(FirmModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return self._callbacks
 
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy: fsdp2`` (Lightning's ModelParallelStrategy), shard the policy over the
+        data-parallel mesh (firm.policies.sharding); under any other strategy, nothing to do."""
+        mesh = self._device_mesh
+        if mesh is None or self._sharded is not None:
+            return
+        from firm.policies.sharding import shard_policy
+
+        reshard = getattr(self.trainer.strategy, "reshard_after_forward", True)
+        dp = mesh["data_parallel"] if mesh.ndim > 1 else mesh
+        self._sharded = shard_policy(self.policy, dp, reshard_after_forward=reshard)
+
+    def keeps_in_checkpoint(self, name: str) -> bool:
+        """Which parameters a checkpoint holds: the adapters (``save_rl_state`` keeps the same), not the frozen base."""
+        return "lora_" in name
+
+    def _fill_prompt_cache_and_free_encoder(self) -> None:
+        """``policy.text_encoder: freed``: encode every training prompt (and the negative prompt when the sampler
+        needs it) into the cache, then release the encoder."""
+        from firm.policies.sharding import free_text_encoder
+
+        dm = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(dm, "dataset", None)
+        if dataset is None:
+            raise ValueError("policy.text_encoder: freed needs a prompt data module (data.name: prompts)")
+        needed = len(dataset) + 1
+        if needed > self.policy.config.cache_size:
+            raise ValueError(
+                f"policy.text_encoder: freed keeps every prompt in the cache, but the data has {len(dataset)} prompts "
+                f"and policy.cache_size is {self.policy.config.cache_size}; raise cache_size to at least {needed}"
+            )
+        from tqdm.auto import tqdm
+
+        edit = self.policy.family.task == Task.EDIT
+        guidance = self.policy.needs_uncond(self.config.sampler.guidance_scale)
+        for i in tqdm(range(len(dataset)), desc="[firm] encoding the prompts", disable=self.global_rank != 0):
+            item = dataset[(i, 0)]
+            images = [item["image"]] if edit else None
+            cond = self.policy.encode_prompts([item["prompt"]], images, with_sources=False)
+            if guidance:
+                self.policy.encode_prompts([self.policy.config.negative_prompt], images, with_sources=False)
+            del cond
+        free_text_encoder(self.policy)
+
     def on_fit_start(self) -> None:
+        if self.policy.config.text_encoder == "freed" and not self.policy.text_encoder_freed:
+            self._fill_prompt_cache_and_free_encoder()
         if self.config.ema_decay is not None and self.ema is None:
             self.ema = {n: p.detach().clone() for n, p in self.policy.named_adapter_parameters("default").items()}
         per_rl = self.optimizer_steps_per_rl_step()
@@ -403,9 +451,12 @@ class RLAlgorithm(FirmModule):
         host sync; returns the norm (a device scalar), or None when the step was skipped on every rank."""
         opt = self.optimizers()
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+        # a sharded gradient's local norm: the squares are summed over the shards below (one all-reduce)
+        norms = [torch.linalg.vector_norm((g.to_local() if is_sharded(g) else g).float()) for g in grads]
         zero = torch.zeros((), device=self.device, dtype=torch.float32)
         total = torch.linalg.vector_norm(torch.stack(norms)) if norms else zero
+        if self._sharded is not None and self.world > 1:
+            total = self.trainer.strategy.reduce(total.square(), reduce_op="sum").sqrt()
         ok = (finite & torch.isfinite(total)).float()
         if self.world > 1:
             ok = self.trainer.strategy.reduce(ok, reduce_op="min")
@@ -444,7 +495,8 @@ class RLAlgorithm(FirmModule):
         state = load_rl_state(checkpoint, self.policy)
         self.rl_step = state.rl_step
         if state.ema is not None:
-            self.ema = {k: v.to(self.device) for k, v in state.ema.items()}
+            params = self.policy.named_adapter_parameters("default")
+            self.ema = {k: like(v, params[k]) if k in params else v.to(self.device) for k, v in state.ema.items()}
         self._pending_rng = state.rng
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

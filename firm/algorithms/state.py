@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from firm.policies.sharding import full
+
 if TYPE_CHECKING:
     from firm.policies.policy import FlowPolicy
 
@@ -78,7 +80,7 @@ def save_rl_state(checkpoint: dict, *, rl_step: int, policy: FlowPolicy, ema: di
     checkpoint["firm_rl"] = {
         "rl_step": rl_step,
         "fingerprint": policy.base_fingerprint(),
-        "ema": None if ema is None else {k: v.detach().cpu() for k, v in ema.items()},
+        "ema": None if ema is None else {k: full(v.detach()).cpu() for k, v in ema.items()},  # whole when sharded
         "rng": rng_state(),
     }
 

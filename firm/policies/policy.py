@@ -157,6 +157,8 @@ class FlowPolicy(nn.Module):
         if config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self._cache: OrderedDict[tuple, PromptEmbedding] = OrderedDict()
+        self._encode_group: Any = None  # the process group of a sharded text encoder (see firm.policies.sharding)
+        self.text_encoder_freed = False
         self._sigma_cache: dict[int, torch.Tensor] = {}
         self._adapter_state: str | None = TRAIN_ADAPTER
 
@@ -257,15 +259,19 @@ class FlowPolicy(nn.Module):
         """The adapter in peft's naming (``...to_q.lora_A.weight``), as diffusers' LoRA savers expect."""
         from peft import get_peft_model_state_dict
 
+        from firm.policies.sharding import full
+
         return {
-            k: v.detach().cpu().contiguous()
+            k: full(v.detach()).cpu().contiguous()
             for k, v in get_peft_model_state_dict(self.transformer, adapter_name=adapter).items()
         }
 
     def base_fingerprint(self) -> torch.Tensor:
         """(3,) float64 summary of the frozen transformer weights, to catch resuming onto a different base model."""
+        from firm.policies.sharding import full
+
         params = [p for n, p in self.transformer.named_parameters() if "lora_" not in n]
-        first, last = params[0].detach().double(), params[-1].detach().double()
+        first, last = full(params[0].detach()).double(), full(params[-1].detach()).double()  # whole: any world size
         return torch.stack([first.sum().cpu(), last.sum().cpu(), torch.tensor(float(sum(p.numel() for p in params)))])
 
     # ---------------------------------------------------------------------------------------------------- schedule
@@ -298,13 +304,24 @@ class FlowPolicy(nn.Module):
         use_images = images if edit else None
         keys = [(p, _image_key(use_images[i]) if use_images else None) for i, p in enumerate(prompts)]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
-        if todo:
-            uniq = list(dict.fromkeys(keys[i] for i in todo))
-            first = {k: keys.index(k) for k in uniq}
+        misses = {keys[i]: (use_images[i] if use_images else None) for i in todo}  # key -> its source image
+        if self._encode_group is not None:  # a sharded encoder: every rank encodes the union of all ranks' misses
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * dist.get_world_size(self._encode_group)
+            dist.all_gather_object(gathered, list(misses.items()), group=self._encode_group)
+            misses = {k: im for part in gathered for k, im in part if k not in self._cache}
+        if misses and self.text_encoder_freed:
+            raise RuntimeError(
+                f"prompt {next(iter(misses))[0]!r} is not in the prompt cache and the text encoder was freed "
+                "(policy.text_encoder: freed): every prompt must be encoded before training starts"
+            )
+        if misses:
             # One prompt per encoder call: an embedding must not depend on which other prompts missed the cache with
             # it (batched matmuls and padding change the last bits), or a resumed run, whose cache starts empty,
             # would drift from the uninterrupted one.
-            embs = [self.text_encoder.encode([k[0]], [use_images[first[k]]] if use_images else None)[0] for k in uniq]
+            uniq = list(misses)
+            embs = [self.text_encoder.encode([k[0]], [misses[k]] if edit else None)[0] for k in uniq]
             for k, e in zip(uniq, embs):
                 self._cache[k] = e.to("cpu")
                 while len(self._cache) > self.config.cache_size:
@@ -317,6 +334,11 @@ class FlowPolicy(nn.Module):
         if edit and with_sources:
             cond = cond.with_image_latents(fam.encode_sources(self.codec, use_images, self.device))
         return cond
+
+    def encode_collectively(self, group: Any) -> None:
+        """From now on, exchange cache misses over ``group`` before encoding (a sharded encoder's forward is a
+        collective: every rank must run it on the same prompts in the same order)."""
+        self._encode_group = group
 
     def needs_uncond(self, guidance_scale: float) -> bool:
         """Whether sampling at ``guidance_scale`` needs :meth:`encode_negative` (the family's guidance rule)."""

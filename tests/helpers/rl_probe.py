@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from firm.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
+from firm.policies.sharding import full
 from firm.registry import register
 
 
@@ -34,7 +35,9 @@ class ProbeNFTModule(DiffusionNFT):
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        weights = {k: v.detach().contiguous() for k, v in self.policy.named_adapter_parameters("default").items()}
+        # whole tensors (a collective when sharded: every rank gathers; each writes its own file)
+        adapters = self.policy.named_adapter_parameters("default").items()
+        weights = {k: full(v.detach()).contiguous() for k, v in adapters}
         save_file(weights, str(self._probe_dir() / f"lora_rank{self.global_rank}.safetensors"))
 
 

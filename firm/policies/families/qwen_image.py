@@ -123,7 +123,7 @@ def qwen_forward(
     (frame, h, w) shapes for the RoPE; the velocity of the target tokens, unpacked to (B, C_out, h, w)."""
     b, _, h, w = x.shape
     tokens = [pack_latents(x)]  # (B, N, 4C)
-    shapes = [(1, h // 2, w // 2)]
+    shapes = [(1, h // 2, w // 2)]  # target first: with zero_cond_t (Edit-2511) the entries after it get timestep 0
     for src in sources:  # (B, C, h_s, w_s) each
         tokens.append(pack_latents(src.to(x.dtype)))
         shapes.append((1, src.shape[2] // 2, src.shape[3] // 2))

@@ -1,5 +1,11 @@
-"""Qwen-Image-Edit and Qwen-Image-Edit-2509, pinned to diffusers' ``QwenImageEditPlusPipeline`` (2509, one or several
+"""Qwen-Image-Edit, -2509 and -2511, pinned to diffusers' ``QwenImageEditPlusPipeline`` (2509 and 2511, one or several
 source images) and ``QwenImageEditPipeline`` (the first release), chosen by the checkpoint's ``model_index.json``.
+
+2511 is 2509's layout and pipeline with one transformer option, ``zero_cond_t: true`` in ``transformer/config.json``
+(diffusers #12839, read since diffusers 0.37): the transformer then modulates the source images' tokens with timestep 0
+and the target's with the step's. It finds the target by the first ``img_shapes`` entry of each row, which is how
+:func:`~firm.policies.families.qwen_image.qwen_forward` lays the tokens out for every checkpoint, so the family loads
+2511 unchanged (tests/policies/test_qwen_edit_2511.py).
 
 What the pipelines do, and so what this family does:
 

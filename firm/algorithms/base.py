@@ -49,7 +49,7 @@ from firm.algorithms.config import RLConfig
 from firm.algorithms.reporting import log_samples, rollout_metrics
 from firm.algorithms.rollout import Rollout, Rollouter
 from firm.algorithms.scoring import OverlappedScorer
-from firm.algorithms.state import generator, load_rl_state, save_rl_state, set_rng_state
+from firm.algorithms.state import generator, load_rl_state, rng_state, save_rl_state, set_rng_state
 from firm.critics.factory import build_critic
 from firm.module import FirmModule
 from firm.policies.policy import FlowPolicy
@@ -486,13 +486,19 @@ class RLAlgorithm(FirmModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        save_rl_state(checkpoint, rl_step=self.rl_step, policy=self.policy, ema=self.ema)
+        rank_rngs = None
+        if self.world > 1:  # every rank takes part in the checkpoint's dump; only rank 0 writes it
+            import torch.distributed as dist
+
+            rank_rngs = [None] * self.world
+            dist.all_gather_object(rank_rngs, rng_state())
+        save_rl_state(checkpoint, rl_step=self.rl_step, policy=self.policy, ema=self.ema, rank_rngs=rank_rngs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         # The RNG states are restored at the first batch, not now: the data loader's iterator, created after this
         # hook, draws its base seed from the global RNG, as the uninterrupted run's did before this checkpoint.
-        state = load_rl_state(checkpoint, self.policy)
+        state = load_rl_state(checkpoint, self.policy, rank=self.global_rank, world=self.world)
         self.rl_step = state.rl_step
         if state.ema is not None:
             params = self.policy.named_adapter_parameters("default")

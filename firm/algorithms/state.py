@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,8 +74,18 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_rl_state(checkpoint: dict, *, rl_step: int, policy: FlowPolicy, ema: dict[str, torch.Tensor] | None) -> None:
-    """Keep only the adapters of the state dict, and add the RL step, base fingerprint, EMA and RNG states."""
+def save_rl_state(
+    checkpoint: dict,
+    *,
+    rl_step: int,
+    policy: FlowPolicy,
+    ema: dict[str, torch.Tensor] | None,
+    rank_rngs: list[dict[str, Any]] | None = None,
+) -> None:
+    """Keep only the adapters of the state dict, and add the RL step, base fingerprint, EMA and RNG states.
+
+    ``rank_rngs``: every rank's RNG states, in rank order (only rank 0 writes the file, so without them the other ranks
+    would resume with rank 0's generators)."""
     sd = checkpoint.get("state_dict", {})
     checkpoint["state_dict"] = {k: v for k, v in sd.items() if "lora_" in k}
     checkpoint["firm_rl"] = {
@@ -82,6 +93,7 @@ def save_rl_state(checkpoint: dict, *, rl_step: int, policy: FlowPolicy, ema: di
         "fingerprint": policy.base_fingerprint(),
         "ema": None if ema is None else {k: full(v.detach()).cpu() for k, v in ema.items()},  # whole when sharded
         "rng": rng_state(),
+        "rank_rngs": rank_rngs,
     }
 
 
@@ -94,7 +106,7 @@ class RLState:
     rng: dict[str, Any]  # the global RNG states, for :func:`set_rng_state` (empty: none saved)
 
 
-def load_rl_state(checkpoint: dict, policy: FlowPolicy) -> RLState:
+def load_rl_state(checkpoint: dict, policy: FlowPolicy, *, rank: int = 0, world: int = 1) -> RLState:
     """Check a checkpoint against ``policy`` (same base weights, every adapter tensor present) and return its RL step,
     EMA and RNG states for the caller to restore when the time is right."""
     state = checkpoint.get("firm_rl")
@@ -110,4 +122,14 @@ def load_rl_state(checkpoint: dict, policy: FlowPolicy) -> RLState:
     missing = sorted(own - set(checkpoint.get("state_dict", {})))
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
-    return RLState(rl_step=int(state["rl_step"]), ema=state.get("ema"), rng=state.get("rng") or {})
+    rng = state.get("rng") or {}
+    ranks = state.get("rank_rngs")
+    if ranks and len(ranks) == world:
+        rng = ranks[rank]
+    elif ranks and rank > 0:
+        warnings.warn(
+            f"the checkpoint holds the RNG states of {len(ranks)} ranks and this run has {world}: rank {rank} resumes "
+            "with rank 0's, so sampling noise drawn from the global generators will differ from the original run",
+            stacklevel=2,
+        )
+    return RLState(rl_step=int(state["rl_step"]), ema=state.get("ema"), rng=rng)

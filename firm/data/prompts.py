@@ -216,6 +216,19 @@ class GroupBatchSampler:
         return math.ceil(self.num_prompts / self.prompts_per_step)
 
 
+class _ResumableLoader(StatefulDataLoader):
+    """A StatefulDataLoader that resumes a finished epoch as finished.
+
+    A checkpoint written at the last batch of an epoch holds a loader state with every batch yielded. Loaded as is,
+    the next ``iter()`` (the next epoch's) yields nothing, so the run silently skips a whole epoch of data. Here such a
+    state is dropped: the next epoch starts at its first batch, as it did in the uninterrupted run."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("_num_yielded", 0) >= len(self):
+            return
+        super().load_state_dict(state_dict)
+
+
 class PromptDataModule(L.LightningDataModule):
     """RL prompt batches of ``batch_size`` samples per rank, in groups of ``group_size`` copies of a prompt.
 
@@ -292,7 +305,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup()
-        return StatefulDataLoader(
+        return _ResumableLoader(
             self.dataset,
             batch_sampler=self.batch_sampler(),
             collate_fn=collate_prompts,

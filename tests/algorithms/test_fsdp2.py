@@ -120,9 +120,10 @@ def test_fsdp2_trains_the_lora_ddp_trains(tmp_path, subprocess_env, family):
     assert len(loaded) == sum("lora_B" in k for k in ours) and any(p.abs().max() > 1e-3 for p in loaded.values())
 
 
-def test_fsdp2_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_env):
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_process_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_env, strategy):
     steps = 4
-    exp = probe_yaml(tmp_path, "sd3", strategy="fsdp2", max_steps=steps, checkpoint_every_n_steps=2)
+    exp = probe_yaml(tmp_path, "sd3", strategy=strategy, max_steps=steps, checkpoint_every_n_steps=2)
     ref = firm_run(exp, subprocess_env, "name=reference")
     assert_learned(ref, steps)
     cmd = [sys.executable, "-m", "firm", "run", str(exp)]

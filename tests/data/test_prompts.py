@@ -57,6 +57,26 @@ def test_dataloader_resumes_at_the_same_batch():
         assert e["prompt"] == g["prompt"] and e["group"].tolist() == g["group"].tolist()
 
 
+def test_a_loader_saved_at_the_end_of_an_epoch_resumes_with_the_next_epoch():
+    """A checkpoint at an epoch's last batch: the next epoch must start at its first batch. The plain
+    StatefulDataLoader yields nothing for it, and the run skipped an epoch of data (2-process resumes diverged)."""
+    cfg = PromptDataModule.Config(prompts=[f"p{i}" for i in range(10)], group_size=2, batch_size=4)
+    loader = PromptDataModule(cfg).train_dataloader()
+    it = iter(loader)
+    for _ in range(len(loader)):  # epoch 0's batches, saved after the last one (before the iterator stops)
+        next(it)
+    state = loader.state_dict()
+    loader.batch_sampler.sampler.set_epoch(1)
+    expected = list(loader)
+    loader2 = PromptDataModule(cfg).train_dataloader()
+    loader2.load_state_dict(state)
+    loader2.batch_sampler.sampler.set_epoch(1)
+    got = list(loader2)
+    assert len(got) == len(expected) == 5
+    for e, g in zip(expected, got):
+        assert e["prompt"] == g["prompt"] and e["group"].tolist() == g["group"].tolist()
+
+
 def test_epochs_continue_the_stream():
     smp = GroupBatchSampler(10, 2, 4, 1, 0, seed=0)
     smp.sampler.set_epoch(1)  # what Lightning calls at the start of epoch 1

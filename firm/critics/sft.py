@@ -9,8 +9,8 @@ Logits are computed only at the positions that predict an answer token (``logits
 keeps the ``(tokens, vocab)`` logits small when the prompt holds thousands of image tokens.
 
 Paper settings: full fine-tuning, AdamW, lr 1e-5, cosine schedule with 10% linear warmup, 1 epoch, bf16. LoRA (peft)
-is an option. Multi-GPU: ``trainer.strategy: fsdp`` wraps the model's decoder layers and vision blocks
-(:attr:`CriticSFTModule.fsdp_wrap_modules`); ddp otherwise.
+is an option. Multi-GPU: ``trainer.strategy: fsdp2`` (FSDP2) shards the model's decoder layers and vision blocks
+(:attr:`CriticSFTModule.fsdp_wrap_modules`) in ``configure_model``; ddp otherwise.
 
 Validation logs the answer-token loss, and on the first ``val_generate_batches`` batches it also generates answers
 greedily from the prompt part of each example, parses a score from them (the critics' JSON / ``\\boxed{}`` parsers)
@@ -277,6 +277,18 @@ class CriticSFTModule(FirmModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model(self.device)
+        mesh = self._device_mesh  # trainer.strategy: fsdp2 (firm.runner): shard layer by layer, then the root
+        if mesh is not None and not getattr(self, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard
+
+            dp = mesh["data_parallel"] if mesh.ndim > 1 else mesh
+            reshard = getattr(self.trainer.strategy, "reshard_after_forward", True)
+            layers = tuple(self.fsdp_wrap_modules)
+            for m in list(self.model.modules()):
+                if isinstance(m, layers):
+                    fully_shard(m, mesh=dp, reshard_after_forward=reshard)
+            fully_shard(self.model, mesh=dp, reshard_after_forward=reshard)
+            self._sharded = True
 
     # ---- steps
 

@@ -151,7 +151,7 @@ def test_sft_step_loss_is_the_answer_only_loss_of_the_model(tiny_setup):
 
 
 def test_fsdp_wraps_decoder_layers_and_vision_blocks(tiny_setup):
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from firm.config import TrainerConfig
     from firm.critics.sft import CriticSFTModule
@@ -160,8 +160,9 @@ def test_fsdp_wraps_decoder_layers_and_vision_blocks(tiny_setup):
     module = CriticSFTModule(CriticSFTModule.Config(model=str(tiny_setup[0])))
     assert {c.__name__ for c in module.fsdp_wrap_modules} == {"Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"}
     assert module.model is None  # the policy needs no weights
-    strategy = build_strategy(TrainerConfig(strategy="fsdp"), module)
-    assert isinstance(strategy, FSDPStrategy)
+    for name in ("fsdp2", "fsdp"):  # `fsdp` is an alias of FSDP2
+        strategy = build_strategy(TrainerConfig(strategy=name), module)
+        assert isinstance(strategy, ModelParallelStrategy) and strategy.reshard_after_forward
 
 
 @pytest.mark.slow
@@ -259,3 +260,37 @@ def test_lora_checkpoint_keeps_only_adapters_and_export_merges(tiny_setup, tmp_p
 
     with pytest.raises(ConfigError, match="do not fit the model|missing"):
         export_critic(run_dir, tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_the_critic_ddp_trains(tiny_setup, tmp_path, subprocess_env):
+    """2 processes (gloo): FSDP2 (decoder layers and vision blocks sharded) and DDP give the same weights."""
+    import subprocess
+    import sys
+
+    model_dir, shards = tiny_setup
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        args = _overrides(
+            model_dir, shards, tmp_path, "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.devices=2",
+            "trainer.accelerator=cpu", f"trainer.strategy={strategy}", f"name={strategy}",
+            "trainer.checkpoint_every_n_steps=2", "module.lr=1e-3",
+        )  # fmt: skip
+        exp = str(experiments_root() / "critic/tiny_shapes_cpu.yaml")
+        out = subprocess.run(
+            [sys.executable, "-m", "firm", "run", exp, *args], env=subprocess_env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        (run_dir,) = list((tmp_path / strategy).iterdir())
+        runs[strategy] = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    a, b = runs["fsdp2"], runs["ddp"]
+    assert a.keys() == b.keys() and a
+    from safetensors.torch import load_file
+
+    initial = load_file(model_dir / "model.safetensors")
+    name = next(k for k in a if "layers.0.self_attn.q_proj.weight" in k)
+    moved = (b[name] - initial[name.removeprefix("model.")].to(b[name].dtype)).abs().max()
+    assert moved > 1e-4, moved  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -37,6 +37,7 @@ def test_full_size_experiments_validate_without_loading_weights():
         ("firm_sd35_qma_mixgrpo", "sd3", "mix_grpo"),
         ("firm_sd35_qma_grpo_guard", "sd3", "grpo_guard"),
         ("firm_qwen_edit_cme", "qwen_image_edit", "diffusion_nft"),
+        ("firm_qwen_edit_2511_cme", "qwen_image_edit", "diffusion_nft"),
     ]:
         cfg = to_object(load_experiment(RL / f"{name}.yaml"))
         m = cfg.module
@@ -45,7 +46,7 @@ def test_full_size_experiments_validate_without_loading_weights():
         assert (m.name, m.policy.family, m.critic.name) == (algo, family, "http")
         assert m.policy.lora.rank == 32 and m.policy.lora.alpha == 64 and m.policy.resolution == 512
         assert m.kl_beta == (0.04 if grpo_family else 1e-4) and m.adv_clip_max == 5.0
-        assert cfg.trainer.strategy in ("ddp", "fsdp") and 12 <= cfg.data.group_size <= 16
+        assert cfg.trainer.strategy in ("ddp", "fsdp2") and 12 <= cfg.data.group_size <= 16
         # the official configs' settings: batch-std advantages, EMA 0.9, 0.99 of the steps (MixGRPO: its window)
         assert m.adv_scale == "batch" and m.ema_decay == 0.9 and m.ema_warmup
         assert m.timestep_fraction == (1.0 if algo == "mix_grpo" else 0.99)

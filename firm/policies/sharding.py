@@ -1,4 +1,5 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for a :class:`~firm.policies.policy.FlowPolicy`.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for a :class:`~firm.policies.policy.FlowPolicy` (passed in; not
+imported here, since the policy imports :func:`full` from this module).
 
 The transformer is sharded block by block (the family's ``block_classes``), then at its root, over a 1-D data-parallel
 mesh. Each parameter becomes a DTensor sharded on dim 0: the frozen base weights and the LoRA adapters (``default``,
@@ -18,13 +19,10 @@ Helpers :func:`full` and :func:`like` convert between a sharded parameter and th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from firm.policies.policy import FlowPolicy
 
 
 def is_sharded(t: Any) -> bool:
@@ -68,7 +66,7 @@ def _shard_tree(root: nn.Module, layer_classes: tuple[type, ...], mesh: Any, **k
     return n
 
 
-def shard_policy(policy: FlowPolicy, mesh: Any, *, reshard_after_forward: bool = True) -> dict[str, int]:
+def shard_policy(policy: Any, mesh: Any, *, reshard_after_forward: bool = True) -> dict[str, int]:
     """Apply ``fully_shard`` to ``policy`` over ``mesh`` (1-D); returns the number of sharded units per component.
 
     ``reshard_after_forward=False`` keeps each block's gathered weights from its forward to its backward (FSDP1's
@@ -88,7 +86,7 @@ def shard_policy(policy: FlowPolicy, mesh: Any, *, reshard_after_forward: bool =
     return out
 
 
-def free_text_encoder(policy: FlowPolicy) -> None:
+def free_text_encoder(policy: Any) -> None:
     """Move the text encoder to the meta device (its memory is released); the prompt cache must hold every prompt."""
     policy.text_encoder.to("meta")
     policy.text_encoder_freed = True

@@ -58,6 +58,9 @@ class TinyConfig:
     max_text_length: int = 32  # tokens per prompt
     shift: float = 3.0  # scheduler shift of the tiny model
     rope_axes: list[int] = field(default_factory=lambda: [4, 6, 6])  # qwen: RoPE dims per axis (sum = head_dim)
+    # where the random weights are created: cpu, or cuda for a real-size random-weight benchmark (a 20B model is
+    # initialised in seconds there, directly in policy.dtype, instead of minutes on the CPU in float32)
+    init_device: str = "cpu"
 
 
 TEXT_ENCODER_PLACEMENTS = ("kept", "sharded", "freed")

@@ -22,6 +22,7 @@ The contract, in the order the policy uses it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -47,6 +48,16 @@ JOINT_ATTENTION_PROJECTIONS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class ModelFamily:
@@ -146,7 +157,15 @@ class ModelFamily:
         c, t = self.config, self.config.tiny
         if t.vae not in ("pixel", "tiny"):
             raise ValueError(f"policy.tiny.vae must be pixel or tiny, got {t.vae!r}")
-        with torch.random.fork_rng(devices=[]):
+        if t.init_device != "cpu" and not torch.device(t.init_device).type == "cuda":
+            raise ValueError(f"policy.tiny.init_device must be cpu or cuda, got {t.init_device!r}")
+        if t.init_device != "cpu" and not torch.cuda.is_available():
+            raise ValueError("policy.tiny.init_device: cuda, but no CUDA device is available")
+        on_device = contextlib.ExitStack()
+        if t.init_device != "cpu":  # a real-size benchmark: build on the GPU, directly in the policy's dtype
+            on_device.enter_context(torch.device(t.init_device))
+            on_device.enter_context(_default_dtype(getattr(torch, c.dtype)))
+        with torch.random.fork_rng(devices=[]), on_device:
             torch.manual_seed(c.init_seed)
             codec = PixelCodec(t.pixel_patch) if t.vae == "pixel" else self.codec(self.tiny_vae(t.latent_channels))
             if c.resolution % (codec.scale_factor * 2):

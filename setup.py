@@ -51,6 +51,8 @@ setup(
     package_data={
         # The shapes world's tiny pretrained base models (a few MB of safetensors + configs).
         "firm.synthetic": ["checkpoints/README.md", "checkpoints/*/*.json", "checkpoints/*/*/*"],
+        # `firm plan`: the architectures (config.json files, no weights) of the checkpoints the experiments train.
+        "firm.plan": ["configs/README.md", "configs/*/*.json", "configs/*/*/*.json"],
         "firm.experiments": [f"**/*.{ext}" for ext in ("yaml", "txt", "sh", "json", "jsonl", "png", "safetensors")],
     },
     install_requires=install_requires,

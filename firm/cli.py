@@ -1,12 +1,12 @@
 """The `firm` command line.
 
-Top-level commands are verbs (`firm run`, `firm eval`, `firm curate`, `firm list`, `firm doctor`); the rest are a noun
-and an action (`firm critic serve`, `firm data import`, `firm profile step`). Each area of FIRM adds its own subcommands
-through a provider module with ``add_commands(sub)``, registering only the commands whose code it holds: top-level ones
-with ``sub.add_parser(...)``, actions of a noun with ``sub.noun("critic").add_parser(...)`` (several packages may add
-to one noun: firm/bench/ adds `critic bench`, firm/critics/ adds `critic serve`). tests/test_cli.py pins which module
-registers each command. Providers import heavy libraries only inside their handlers, so `firm --help` and `firm list`
-stay fast.
+Top-level commands are verbs (`firm run`, `firm eval`, `firm curate`, `firm plan`, `firm list`, `firm doctor`); the rest
+are a noun and an action (`firm critic serve`, `firm data import`, `firm profile step`). Each area of FIRM adds its own
+subcommands through a provider module with ``add_commands(sub)``, registering only the commands whose code it holds:
+top-level ones with ``sub.add_parser(...)``, actions of a noun with ``sub.noun("critic").add_parser(...)`` (several
+packages may add to one noun: firm/bench/ adds `critic bench`, firm/critics/ adds `critic serve`). tests/test_cli.py
+pins which module registers each command. Providers import heavy libraries only inside their handlers, so `firm --help`
+and `firm list` stay fast.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ PROVIDERS: list[str] = [
     "firm.policies.cli",
     "firm.data.cli",
     "firm.profile.cli",
+    "firm.plan.cli",
     "firm.kernels_cli",
     "firm.synthetic.cli",
     "firm.synthetic.recipes.cli",

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "data import": ("firm.data.cli", "firm.data", ()),
     "data inspect": ("firm.data.cli", "firm.data", ()),
     "profile step": ("firm.profile.cli", "firm.profile", ()),
+    "plan": ("firm.plan.cli", "firm.plan", ()),
     "kernels time": ("firm.kernels_cli", "firm.kernels", ()),  # beside firm/kernels/: importing it imports torch
     "kernels profile": ("firm.kernels_cli", "firm.kernels", ()),
     "shapes preview": ("firm.synthetic.cli", "firm.synthetic", ()),
@@ -92,7 +93,7 @@ def test_the_package_check_sees_a_command_registered_in_the_wrong_package():
 def test_commands_are_verbs_or_a_noun_and_an_action():
     top = _subcommands(build_parser())
     assert sorted(n for n in top if n in NOUNS) == sorted(NOUNS)
-    assert sorted(n for n in top if n not in NOUNS) == ["curate", "doctor", "eval", "list", "run"]
+    assert sorted(n for n in top if n not in NOUNS) == ["curate", "doctor", "eval", "list", "plan", "run"]
     assert not any("-" in name for name in top)
 
 

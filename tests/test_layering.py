@@ -220,7 +220,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pipelines", ("firm.curation", "firm.bench")),
     ("algorithms", ("firm.algorithms", "firm.toy")),
     ("runner", ("firm.runner",)),
-    ("tools", ("firm.eval", "firm.profile", "firm.doctor")),
+    ("tools", ("firm.eval", "firm.profile", "firm.plan", "firm.doctor")),
     ("commands", ("firm.cli", "firm.__main__", "firm.kernels_cli")),
     ("plugin", ("firm.synthetic",)),
 )

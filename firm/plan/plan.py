@@ -263,6 +263,8 @@ def adapter_dtype(pc: Any) -> torch.dtype:
     from firm.policies.config import TinyConfig
 
     probe = replace(pc, pretrained=None, resolution=32, tiny=TinyConfig(), gradient_checkpointing=False)
+    if pc.lora.target_modules is not None:  # a target the tiny model lacks would fail; any target shows the dtype
+        probe = replace(probe, lora=replace(pc.lora, target_modules=None))
     with quiet_diffusers():
         return FlowPolicy(probe).trainable_parameters()[0].dtype
 

@@ -1,0 +1,38 @@
+"""`firm plan` on every shipped full-size RL experiment: the tables print and the experiment fits its GPUs (80 GB,
+the plan's default target). Each plan builds the real architecture on the meta device and runs its forwards with fake
+tensors: 10-45 s per experiment on a 2-core machine, hence slow."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from firm.plan.plan import GIB, plan_experiment
+from firm.plan.report import render
+
+REPO = Path(__file__).resolve().parents[2]
+FULL_SIZE = sorted((REPO / "experiments" / "rl").glob("firm_*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", FULL_SIZE, ids=lambda p: p.stem)
+def test_a_full_size_experiment_prints_its_plan_and_fits_its_gpus(path):
+    from rich.console import Console
+
+    plan = plan_experiment(path)
+    console = Console(record=True, width=120)
+    render(plan, console)
+    text = console.export_text()
+    assert "every setting" in text and "peak" in text and "fits 80GB" in text
+    assert plan.fits, f"{path.name}: peak {plan.row.peak / GIB:.1f} GiB per GPU does not fit; {plan.suggestion}"
+
+
+@pytest.mark.slow
+def test_the_plan_of_the_sd35m_sized_benchmark_is_within_10_percent_of_its_h200_peak():
+    """docs/benchmarks.md: `firm profile step experiments/rl/bench_sd35m_random.yaml` on one H200 measured the CUDA
+    allocator's peak (max_memory_allocated) of a DiffusionNFT step with activation checkpointing."""
+    res = json.loads((REPO / "docs" / "results" / "profile_step_bench_sd35m_random_nvidia-h200.json").read_text())
+    measured = res["runs"][0]["peak_memory_mib"] * 2**20
+    plan = plan_experiment(REPO / "experiments" / "rl" / "bench_sd35m_random.yaml")
+    assert plan.setting.checkpointing  # the measured run had it on (inherited from firm_sd35_qma.yaml)
+    assert abs(plan.row.peak - measured) <= 0.10 * measured, (plan.row.peak / 2**20, measured / 2**20)

@@ -259,8 +259,10 @@ def build_strategy(tc: Any, module: Any) -> Any:
     """The Trainer strategy from the config. ``fsdp2`` (and its alias ``fsdp``) is FSDP2 through Lightning's
     ModelParallelStrategy: the module shards itself in ``configure_model``."""
     if tc.strategy in ("fsdp", "fsdp2"):
-        if not hasattr(module, "configure_model") or getattr(module, "fsdp2", True) is False:
-            raise ConfigError(f"trainer.strategy: {tc.strategy}: module {type(module).__name__} cannot be sharded")
+        if not getattr(module, "supports_fsdp2", False):
+            raise ConfigError(
+                f"trainer.strategy: {tc.strategy}: module {type(module).__name__} does not shard itself; use ddp"
+            )
         if tc.fsdp_sharding not in FSDP_SHARDING:
             raise ConfigError(f"trainer.fsdp_sharding: must be one of {list(FSDP_SHARDING)}, got {tc.fsdp_sharding!r}")
         return _fsdp2_strategy()(reshard_after_forward=FSDP_SHARDING[tc.fsdp_sharding])
@@ -317,6 +319,8 @@ def _fsdp2_strategy() -> type:
 
             if isinstance(optimizer, LightningOptimizer):
                 optimizer = optimizer._optimizer
+            if not optimizer.state:  # before the first step: torch's own (empty) state; DCP would run a step to fill it
+                return optimizer.state_dict() if self.is_global_zero else {}
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             osd = get_optimizer_state_dict(self.model, optimizer, options=opts)
             if not self.is_global_zero:
@@ -337,16 +341,26 @@ def _fsdp2_strategy() -> type:
 
             path = Path(self.broadcast(str(checkpoint_path)))
             checkpoint = self.checkpoint_io.load_checkpoint(path)  # weights_only=True
-            params = dict(self.lightning_module.named_parameters())
-            unknown = sorted(set(checkpoint.get("state_dict", {})) - set(params))
+            module = self.lightning_module
+            params = module.state_dict(keep_vars=True)  # tied weights (an LM head) and buffers included
+            saved_sd = checkpoint.get("state_dict", {})
+            unknown = sorted(set(saved_sd) - set(params))
             if unknown:
                 raise CheckpointError(f"{path}: {len(unknown)} tensors match no parameter, e.g. {unknown[:3]}")
+            keep = getattr(module, "keeps_in_checkpoint", None)
+            if module.strict_loading:
+                names = dict(module.named_parameters())  # each tied weight once
+                missing = sorted(k for k in names if k not in saved_sd and (keep is None or keep(k)))
+                if missing:
+                    raise CheckpointError(f"{path}: {len(missing)} tensors are missing, e.g. {missing[:3]}")
             with torch.no_grad():
                 for name, value in checkpoint.get("state_dict", {}).items():
                     params[name].copy_(like(value, params[name]))
             saved = checkpoint.get("optimizer_states", [])
             for opt, osd in zip(self.optimizers, saved):
                 opt = opt._optimizer if isinstance(opt, LightningOptimizer) else opt
+                if not osd.get("state"):  # saved before the first step: the fresh optimizer is that state
+                    continue
                 names = self._param_names(opt)
                 by_name = {
                     "state": {names[i]: v for i, v in osd["state"].items()},

@@ -54,7 +54,7 @@ from firm.critics.factory import build_critic
 from firm.module import FirmModule
 from firm.policies.policy import FlowPolicy
 from firm.policies.samplers import sde_window
-from firm.policies.sharding import is_sharded, like
+from firm.policies.sharding import is_sharded, like, reshard
 from firm.rewards.functions import FirmEditReward, FirmGenReward, build_combiner
 from firm.vocab import Task
 
@@ -175,10 +175,14 @@ class RLAlgorithm(FirmModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return self._callbacks
 
+    supports_fsdp2 = True  # trainer.strategy: fsdp2 shards the policy in configure_model
+
     def configure_model(self) -> None:
         """Under ``trainer.strategy: fsdp2`` (Lightning's ModelParallelStrategy), shard the policy over the
         data-parallel mesh (firm.policies.sharding); under any other strategy, nothing to do."""
         mesh = self._device_mesh
+        if mesh is None and self.policy.config.text_encoder == "sharded":
+            raise ValueError("policy.text_encoder: sharded needs trainer.strategy: fsdp2 (use kept or freed otherwise)")
         if mesh is None or self._sharded is not None:
             return
         from firm.policies.sharding import shard_policy
@@ -200,16 +204,17 @@ class RLAlgorithm(FirmModule):
         dataset = getattr(dm, "dataset", None)
         if dataset is None:
             raise ValueError("policy.text_encoder: freed needs a prompt data module (data.name: prompts)")
-        needed = len(dataset) + 1
+        edit = self.policy.family.task == Task.EDIT
+        guidance = self.policy.needs_uncond(self.config.sampler.guidance_scale)
+        # one entry per prompt, plus the negative prompt: once, or once per source image when editing
+        needed = len(dataset) * (2 if edit and guidance else 1) + (1 if guidance and not edit else 0)
         if needed > self.policy.config.cache_size:
             raise ValueError(
-                f"policy.text_encoder: freed keeps every prompt in the cache, but the data has {len(dataset)} prompts "
+                f"policy.text_encoder: freed keeps every prompt in the cache, but the data needs {needed} entries "
                 f"and policy.cache_size is {self.policy.config.cache_size}; raise cache_size to at least {needed}"
             )
         from tqdm.auto import tqdm
 
-        edit = self.policy.family.task == Task.EDIT
-        guidance = self.policy.needs_uncond(self.config.sampler.guidance_scale)
         for i in tqdm(range(len(dataset)), desc="[firm] encoding the prompts", disable=self.global_rank != 0):
             item = dataset[(i, 0)]
             images = [item["image"]] if edit else None
@@ -281,9 +286,12 @@ class RLAlgorithm(FirmModule):
     def rollout(self, batch: dict[str, Any], collect: bool = True) -> Rollout:
         """This step's rollout (:meth:`Rollouter.run`); ``collect=False`` leaves its scores with the critic."""
         window = self.sde_window(self.config.sampler.num_steps)
-        return self.rollouter.run(
+        roll = self.rollouter.run(
             batch, rl_step=self.rl_step, rank=self.global_rank, device=self.device, window=window, collect=collect
         )
+        if self._sharded is not None:
+            reshard(self.policy)
+        return roll
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' ``x`` concatenated along dim 0 (rank order)."""

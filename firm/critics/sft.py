@@ -214,6 +214,7 @@ class CriticSFTModule(FirmModule):
         val_log_samples: int = 4  # generations written as text per validation run
 
     fsdp_checkpoint = False  # gradient checkpointing is done by transformers, not by the FSDP strategy
+    supports_fsdp2 = True  # trainer.strategy: fsdp2 shards decoder layers and vision blocks in configure_model
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -224,9 +224,17 @@ class _ResumableLoader(StatefulDataLoader):
     state is dropped: the next epoch starts at its first batch, as it did in the uninterrupted run."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("_num_yielded", 0) >= len(self):
+        if _batches_yielded(state_dict) >= len(self):
             return
         super().load_state_dict(state_dict)
+
+
+def _batches_yielded(state: dict[str, Any]) -> int:
+    """Batches of the current epoch a StatefulDataLoader state has yielded (in-process or with worker processes)."""
+    if "_num_yielded" in state:  # num_workers == 0
+        return int(state["_num_yielded"])
+    snapshot = state.get("_snapshot") or {}  # num_workers > 0: the last snapshot plus the steps since it
+    return int(snapshot.get("_snapshot_step", 0)) + int(state.get("_steps_since_snapshot", 0))
 
 
 class PromptDataModule(L.LightningDataModule):

@@ -310,7 +310,9 @@ class FlowPolicy(nn.Module):
 
             gathered: list[Any] = [None] * dist.get_world_size(self._encode_group)
             dist.all_gather_object(gathered, list(misses.items()), group=self._encode_group)
-            misses = {k: im for part in gathered for k, im in part if k not in self._cache}
+            # the union, encoded on every rank even where this rank has it cached: the ranks' caches evict
+            # differently, and a sharded forward must run on all of them
+            misses = {k: im for part in gathered for k, im in part}
         if misses and self.text_encoder_freed:
             raise RuntimeError(
                 f"prompt {next(iter(misses))[0]!r} is not in the prompt cache and the text encoder was freed "

@@ -87,6 +87,20 @@ def shard_policy(policy: Any, mesh: Any, *, reshard_after_forward: bool = True) 
 
 
 def free_text_encoder(policy: Any) -> None:
-    """Move the text encoder to the meta device (its memory is released); the prompt cache must hold every prompt."""
-    policy.text_encoder.to("meta")
+    """Release the text encoder's weights (each becomes an empty CPU tensor; the module stays, so moving the policy
+    between devices still works); the prompt cache must hold every prompt, since the encoder cannot run again."""
+    with torch.no_grad():
+        for t in [*policy.text_encoder.parameters(), *policy.text_encoder.buffers()]:
+            t.data = torch.empty(0, dtype=t.dtype)
     policy.text_encoder_freed = True
+
+
+def reshard(policy: Any) -> None:
+    """Free the gathered weights that no-grad forwards leave behind (the root module, and every block under
+    ``SHARD_GRAD_OP``, stay gathered until a backward that never comes in the rollout), so that the sharded
+    parameters are again the ones the optimizer, the old-adapter decay and checkpoints see."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in policy.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -4,6 +4,8 @@ checkpoint is the one-process format (export loads in diffusers) and the text-en
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +57,15 @@ def lora(run_dir: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "probe" / f"lora_rank{rank}.safetensors"))
 
 
+def layout(run_dir: Path, rank: int = 0) -> dict:
+    return json.loads((run_dir / "probe" / f"layout_rank{rank}.json").read_text())
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+        return [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r.get("train/grad_norm")]
+
+
 def assert_learned(run_dir: Path, steps: int) -> None:
     for step in range(steps):
         rec = torch.load(run_dir / "probe" / f"adv_step{step}_rank0.pt", weights_only=True)
@@ -73,12 +84,19 @@ def assert_close_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at
 def test_fsdp2_trains_the_lora_ddp_trains(tmp_path, subprocess_env, family):
     """Same data on the same ranks, same noise: FSDP2's LoRA (and EMA, optimizer state) equal DDP's to float
     tolerance. The checkpoint has the one-process layout, so `firm policy export` and diffusers read it."""
+    # max_grad_norm below the measured norms (about 1e-3): clipping acts, on sharded gradients under FSDP2
     exp = probe_yaml(tmp_path, family, max_steps=2, checkpoint_every_n_steps=100)
+    exp.write_text(exp.read_text().replace("  lr: 0.01\n", "  lr: 0.01\n  max_grad_norm: 5.0e-4\n"))
     # Qwen-Image's last block leaves its text-stream adapters without a gradient: DDP must be told
     ddp_name = "ddp" if family == "sd3" else "ddp_find_unused_parameters_true"
     ddp = firm_run(exp, subprocess_env, f"trainer.strategy={ddp_name}", "name=ddp")
     fsdp = firm_run(exp, subprocess_env, "trainer.strategy=fsdp2", "name=fsdp2")
     assert_learned(ddp, 2)
+    assert layout(ddp)["sharded"] is None and not layout(ddp)["block_weights_sharded"]
+    assert layout(fsdp)["sharded"]["transformer_blocks"] >= 1 and layout(fsdp)["block_weights_sharded"]
+    norms, ref_norms = grad_norms(fsdp), grad_norms(ddp)
+    assert len(norms) == 2 and min(ref_norms) > 5.0e-4  # the norm before clipping: clipping acted
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=0)
     assert_close_lora(lora(fsdp), lora(ddp))
     assert_close_lora(lora(fsdp, 1), lora(fsdp))  # both ranks hold the same (whole) adapter
     a = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
@@ -168,3 +186,5 @@ def test_fsdp2_settings_train_the_same_lora(tmp_path, subprocess_env):
     }.items():
         other = firm_run(exp, subprocess_env, *settings, f"name={name}")
         assert_close_lora(lora(other), lora(plain))
+        placed = layout(other)
+        assert placed["encoder_sharded"] == ("sharded" in name) and placed["encoder_freed"] == ("freed" in name)

@@ -57,10 +57,11 @@ def test_dataloader_resumes_at_the_same_batch():
         assert e["prompt"] == g["prompt"] and e["group"].tolist() == g["group"].tolist()
 
 
-def test_a_loader_saved_at_the_end_of_an_epoch_resumes_with_the_next_epoch():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_loader_saved_at_the_end_of_an_epoch_resumes_with_the_next_epoch(workers):
     """A checkpoint at an epoch's last batch: the next epoch must start at its first batch. The plain
     StatefulDataLoader yields nothing for it, and the run skipped an epoch of data (2-process resumes diverged)."""
-    cfg = PromptDataModule.Config(prompts=[f"p{i}" for i in range(10)], group_size=2, batch_size=4)
+    cfg = PromptDataModule.Config(prompts=[f"p{i}" for i in range(10)], group_size=2, batch_size=4, num_workers=workers)
     loader = PromptDataModule(cfg).train_dataloader()
     it = iter(loader)
     for _ in range(len(loader)):  # epoch 0's batches, saved after the last one (before the iterator stops)

@@ -3,6 +3,7 @@ and the final LoRA weights. Registered as `probe_nft` through an experiment's `i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from firm.algorithms.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
-from firm.policies.sharding import full
+from firm.policies.sharding import full, is_sharded
 from firm.registry import register
 
 
@@ -39,6 +40,14 @@ class ProbeNFTModule(DiffusionNFT):
         adapters = self.policy.named_adapter_parameters("default").items()
         weights = {k: full(v.detach()).contiguous() for k, v in adapters}
         save_file(weights, str(self._probe_dir() / f"lora_rank{self.global_rank}.safetensors"))
+        # how the policy was laid out: what configure_model sharded, and whether the weights are DTensors
+        layout = {
+            "sharded": self._sharded,
+            "block_weights_sharded": any(is_sharded(p) for n, p in self.policy.transformer.named_parameters()),
+            "encoder_sharded": any(is_sharded(p) for p in self.policy.text_encoder.parameters()),
+            "encoder_freed": self.policy.text_encoder_freed,
+        }
+        (self._probe_dir() / f"layout_rank{self.global_rank}.json").write_text(json.dumps(layout))
 
 
 register("modules", "probe_nft", ProbeNFTModule, overwrite=True)

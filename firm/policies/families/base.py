@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -163,7 +164,10 @@ class ModelFamily:
             raise ValueError("policy.tiny.init_device: cuda, but no CUDA device is available")
         on_device = contextlib.ExitStack()
         if t.init_device != "cpu":  # a real-size benchmark: build on the GPU, directly in the policy's dtype
-            on_device.enter_context(torch.device(t.init_device))
+            device = torch.device(t.init_device)
+            if device.index is None:  # this process's GPU (Lightning has not set one yet when the module is built)
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            on_device.enter_context(device)
             on_device.enter_context(_default_dtype(getattr(torch, c.dtype)))
         with torch.random.fork_rng(devices=[]), on_device:
             torch.manual_seed(c.init_seed)

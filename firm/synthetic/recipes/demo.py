@@ -146,6 +146,11 @@ class ShapesReport(L.Callback):
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
         c = self.config
+        if trainer.world_size > 1 and getattr(module, "_device_mesh", None) is not None:
+            raise ValueError(
+                "the shapes report samples on rank 0 alone, which a sharded (fsdp2) policy cannot do: every rank "
+                "takes part in each forward; run the report under ddp or on one process"
+            )
         self.task = module.config.task
         tasks = edit_tasks if self.task == "edit" else gen_tasks
         self.tasks = list(tasks("test", world=c.world, split_config=c.split, limit=c.n_tasks))

@@ -5,8 +5,8 @@ What is counted, and how:
 * **Weights, LoRA, gradients, optimizer states** from the real modules: the experiment's policy (its family's
   transformer, VAE and text encoders, built from the checkpoint's ``config.json`` on the meta device, LoRA applied by
   :class:`~firm.policies.policy.FlowPolicy` with peft, as a run does) gives every parameter's size and dtype. The
-  trained adapter, its gradient and AdamW's two states are float32; DiffusionNFT keeps a second (``old``) adapter;
-  ``ema_decay`` keeps a float32 copy of the trained adapter.
+  adapters take the dtype a real run gives them (:func:`adapter_dtype`); the trained adapter's gradient, AdamW's two
+  states and the EMA (``ema_decay``) have that dtype too; DiffusionNFT keeps a second (``old``) adapter.
 * **Activations** measured with fake tensors (:mod:`firm.plan.measure`): one trained micro-batch goes through what
   the update runs for it (the no-grad forwards of the old policy and the reference, then the forward and backward of
   the trained one, two passes when the algorithm trains with classifier-free guidance), with and without activation
@@ -69,13 +69,6 @@ class Setting:
     def label(self) -> str:
         return f"{self.strategy}, ckpt {'on' if self.checkpointing else 'off'}, encoder {self.text_encoder}"
 
-    def overrides(self) -> list[str]:
-        return [
-            f"trainer.strategy={self.strategy}",
-            f"module.policy.gradient_checkpointing={str(self.checkpointing).lower()}",
-            f"module.policy.text_encoder={self.text_encoder}",
-        ]
-
 
 @dataclass
 class Footprint:
@@ -85,9 +78,9 @@ class Footprint:
     transformer_root: int  # its part outside the blocks (FSDP2's root unit)
     largest_block: int  # the largest block, adapters included (what FSDP2 gathers at once)
     largest_block_lora: int  # that block's trained adapter (its unsharded gradient before the reduce-scatter)
-    lora: int  # the trained adapter (float32)
-    lora_old: int  # DiffusionNFT's old adapter (float32), else 0
-    ema: int  # the EMA copy of the trained adapter (float32), else 0
+    lora: int  # the trained adapter (in the dtype a run gives it, see adapter_dtype)
+    lora_old: int  # DiffusionNFT's old adapter, else 0
+    ema: int  # the EMA copy of the trained adapter, else 0
     vae: int
     text_encoders: dict[str, int]  # per component
     encoder_largest_layer: dict[str, int]  # per component: one layer (what a sharded encoder gathers at once)
@@ -445,7 +438,7 @@ def per_gpu(setting: Setting, fp: Footprint, meas: Measured, buffers: int, world
     parts["lora"] = math.ceil(fp.lora / n)
     parts["lora_old"] = math.ceil(fp.lora_old / n)
     parts["ema"] = math.ceil(fp.ema / n)
-    parts["optimizer"] = math.ceil(2 * fp.lora / n)  # AdamW: exp_avg and exp_avg_sq, float32 like the adapter
+    parts["optimizer"] = math.ceil(2 * fp.lora / n)  # AdamW: exp_avg and exp_avg_sq, in the adapter's dtype
     parts["gradients"] = math.ceil(fp.lora / n)
     parts["ddp_buckets"] = fp.lora if setting.strategy == "ddp" and world > 1 else 0
     if fsdp:
@@ -481,7 +474,7 @@ def per_gpu(setting: Setting, fp: Footprint, meas: Measured, buffers: int, world
         + buffers
         + parts["activations"]
         + gathered
-        + (math.ceil(fp.largest_block_lora) if fsdp else 0)  # a block's gradient before its reduce-scatter
+        + (fp.largest_block_lora if fsdp else 0)  # a block's gradient before its reduce-scatter
     )
     peak = max(phases.values())
     fits = {gpu: peak <= USABLE * total for gpu, total in GPUS.items()}
@@ -578,10 +571,10 @@ def plan_experiment(
     algorithm = resolve("modules", cfg.module.name)
     if not (isinstance(algorithm, type) and issubclass(algorithm, RLAlgorithm)):
         raise ConfigError(f"{experiment}: firm plan plans RL experiments; module {cfg.module.name!r} is not one")
-    torch.manual_seed(0)
-    built = build(cfg.module, algorithm, prompt_tokens, say)
-    shapes, guidance = shapes_of(cfg, built, algorithm)
-    measured = measure(built, shapes, cfg.module, guidance, say)
+    with torch.random.fork_rng(devices=[]):  # the tiny probe policy draws its LoRA init; leave the caller's RNG be
+        built = build(cfg.module, algorithm, prompt_tokens, say)
+        shapes, guidance = shapes_of(cfg, built, algorithm)
+        measured = measure(built, shapes, cfg.module, guidance, say)
     buffers = rollout_buffers(cfg, built, algorithm, shapes)
     reshard = getattr(cfg.trainer, "fsdp_sharding", "FULL_SHARD") != "SHARD_GRAD_OP"
     own = experiment_setting(cfg)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one H100 / H200, about 8 minutes). Whoever next has a GPU runs it and copies the tables it
+# The prepared GPU check (one H100 / H200, about 13 minutes; STEPS="..." runs some). Whoever next has a GPU runs it and copies the tables it
 # prints into docs/benchmarks.md with the device name. Results (text, CSV, JSON) go to $OUT (default gpu_results/).
 #   bash scripts/gpu_check.sh            # uses $PY (default: python3) with torch (CUDA), triton, diffusers, peft
 #   STEPS="3 4" bash scripts/gpu_check.sh  # only some steps
@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_results}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 step() { echo; echo "=== $* ==="; }
-want() { [[ " ${STEPS:-1 2 3 4} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }
 if ! $PY -c "import firm" 2>/dev/null; then
   $PY -m pip install -q --no-deps -e . || { echo "firm is not importable and could not be installed" >&2; exit 1; }
 fi
@@ -47,5 +47,20 @@ step "4. profile step with a critic as slow as the rollout (${R}s per step): syn
 timeout 240 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml module.rollout_chunk=16 \
   "module.critic.seconds=${R}" --steps 2 --warmup 2 --compare "module.async_rollout=true" \
   --out "$OUT/bench_step_async" 2>&1 | grep -v Warning | tee "$OUT/bench_step_async.txt"
+fi
+if want 5; then
+step "5. random-weight Qwen-Image-Edit-sized DiffusionNFT under FSDP2 (1 GPU, 512 px): firm plan's prediction, then the measured step"
+timeout 150 $PY -m firm plan experiments/rl/bench_qwen_edit_random.yaml --quiet --out "$OUT/plan_qwen_edit.json" \
+  2>&1 | tail -16 | tee "$OUT/plan_qwen_edit.txt"
+timeout 400 $PY -m firm profile step experiments/rl/bench_qwen_edit_random.yaml --steps 1 --warmup 1 \
+  --out "$OUT/bench_qwen_edit" 2>&1 | grep -v Warning | tee "$OUT/bench_qwen_edit.txt"
+$PY - "$OUT/plan_qwen_edit.json" "$OUT/bench_qwen_edit" <<'PY' | tee -a "$OUT/bench_qwen_edit.txt"
+import glob, json, sys
+plan = json.load(open(sys.argv[1]))
+run = json.load(open(sorted(glob.glob(sys.argv[2] + "/*.json"))[-1]))["runs"][0]
+measured = run["peak_memory_mib"] / 1024
+print(f"peak per GPU: firm plan {plan['peak_gib']:.2f} GiB, measured {measured:.2f} GiB "
+      f"({measured / plan['peak_gib']:.2f}x); step {run['seconds']['step']:.1f} s on {run['device']}")
+PY
 fi
 echo; echo "done: $OUT"

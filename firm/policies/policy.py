@@ -194,6 +194,11 @@ class FlowPolicy(nn.Module):
             self.transformer.add_adapter(peft_config, adapter_name=TRAIN_ADAPTER)
             if old_adapter:
                 self.transformer.add_adapter(peft_config, adapter_name=OLD_ADAPTER)
+        # peft creates the adapters in the dtype of the layer they wrap (bf16 with a bf16 base); the references
+        # train float32 adapters (peft's get_peft_model upcasts them: autocast_adapter_dtype), and so does FIRM
+        for name, p in self.transformer.named_parameters():
+            if "lora_" in name and p.dtype != torch.float32:
+                p.data = p.data.float()
         self._lora_layers = [
             m for m in self.transformer.modules() if hasattr(m, "lora_A") and TRAIN_ADAPTER in m.lora_A
         ]

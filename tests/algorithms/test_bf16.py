@@ -126,3 +126,16 @@ def test_bf16_forwards_with_float32_log_probs_advantages_and_losses(cls, precisi
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the step really trained
     assert rows.rows[-1]["train/grad_norm"] > 0
     assert all(r["adv/abs_mean"] > 0.1 for r in rows.rows)  # a learning signal in every step, not zero advantages
+
+
+def test_adapters_are_float32_on_a_bfloat16_base():
+    """peft would create them in bf16 next to bf16 weights; the references (peft's get_peft_model with
+    autocast_adapter_dtype) and FIRM train float32 adapters: the optimizer, its states and the EMA follow them."""
+    from firm.policies.config import PolicyConfig
+    from firm.policies.policy import FlowPolicy
+
+    policy = FlowPolicy(PolicyConfig(resolution=16, dtype="bfloat16"), old_adapter=True)
+    lora = {p.dtype for n, p in policy.transformer.named_parameters() if "lora_" in n}
+    frozen = {p.dtype for n, p in policy.transformer.named_parameters() if "lora_" not in n}
+    assert lora == {torch.float32} and frozen == {torch.bfloat16}
+    assert {p.dtype for p in policy.trainable_parameters()} == {torch.float32}

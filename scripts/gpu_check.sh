@@ -29,9 +29,9 @@ timeout 120 $PY -m firm.kernels.bench bench --dtype bf16 --out "$OUT/kernels" 2>
 
 fi
 if want 3; then
-step "3. profile step: random-weight SD3.5-M-sized DiffusionNFT at 512 px (no critic latency), without and with activation checkpointing"
+step "3. profile step: random-weight SD3.5-M-sized DiffusionNFT at 512 px (no critic latency), with and without activation checkpointing"
 timeout 180 $PY -m firm profile step experiments/rl/bench_sd35m_random.yaml --steps 2 --warmup 1 \
-  --compare "module.policy.gradient_checkpointing=true" --out "$OUT/bench_step" 2>&1 | grep -v Warning | tee "$OUT/bench_step.txt"
+  --compare "module.policy.gradient_checkpointing=false" --out "$OUT/bench_step" 2>&1 | grep -v Warning | tee "$OUT/bench_step.txt"
 R=$($PY - "$OUT/bench_step" <<'PY'
 import glob, json, sys
 runs = json.load(open(sorted(glob.glob(sys.argv[1] + "/*.json"))[-1]))["runs"]

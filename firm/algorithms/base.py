@@ -449,9 +449,16 @@ class RLAlgorithm(FirmModule):
 
         ``int()`` as Flow-GRPO and DiffusionNFT count ``num_train_timesteps``: 0.99 of 10 steps trains 9.
         """
-        n = max(1, int(self.config.timestep_fraction * candidates.numel() + 1e-9))
-        g = generator("timesteps", self.config.seed, self.rl_step, epoch, self.global_rank)
-        rows = [candidates[torch.randperm(candidates.numel(), generator=g)[:n]] for _ in range(b)]
+        c = self.config
+        n = max(1, int(c.timestep_fraction * candidates.numel() + 1e-9))
+        if c.rng_streams == "sample":  # one stream per sample, keyed by its place in the global batch
+            gens = [
+                generator("timesteps", c.seed, self.rl_step, epoch, "sample", self.global_rank * b + i)
+                for i in range(b)
+            ]
+        else:
+            gens = [generator("timesteps", c.seed, self.rl_step, epoch, self.global_rank)] * b
+        rows = [candidates[torch.randperm(candidates.numel(), generator=g)[:n]] for g in gens]
         return torch.stack(rows)  # (B, n)
 
     def apply_optimizer_step(self, finite: torch.Tensor) -> torch.Tensor | None:

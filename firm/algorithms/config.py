@@ -73,6 +73,10 @@ class RLConfig:
     num_threads: int | None = None  # torch CPU threads (null: torch's default); 1 is much faster on a busy CPU
     callbacks: dict[str, Any] = field(default_factory=dict)  # Lightning callbacks: {registry name: {settings} | null}
     seed: int = 0  # seeds initial noise, SDE noise, windows and timestep subsets (with the RL step and rank)
+    # rank: each rank draws its samples' noise from its own streams (the default; the shipped runs' numbers).
+    # sample: each sample's noise (initial, SDE, timestep subsets, NFT re-noising) comes from its own stream, keyed by
+    # its position in the step's global batch, so N processes x batch B train exactly what 1 process x N*B trains.
+    rng_streams: str = "rank"
 
     def validate(self) -> None:
         """Range checks that `firm run --dry-run` can make before anything is built."""
@@ -87,6 +91,8 @@ class RLConfig:
             )
         if s.log_prob is not None and s.log_prob not in LOG_PROB_FORMS:
             raise ValueError(f"module.sampler.log_prob must be one of {LOG_PROB_FORMS} or null, got {s.log_prob!r}")
+        if self.rng_streams not in ("rank", "sample"):
+            raise ValueError(f"rng_streams: must be rank or sample, got {self.rng_streams!r}")
         if s.num_steps < 1:
             raise ValueError(f"module.sampler.num_steps must be >= 1, got {s.num_steps}")
         if self.adv_scale not in ADV_SCALES:

@@ -68,6 +68,7 @@ class NFTEpoch:
     x0: torch.Tensor  # (B, C, h, w) the rollouts' final samples
     noise: torch.Generator  # the epoch's re-noising draws
     sigmas: torch.Tensor  # (T + 1,)
+    epoch: int = 0  # this update epoch (keys the per-sample streams of rng_streams: sample)
 
 
 class DiffusionNFT(RLAlgorithm):
@@ -98,6 +99,7 @@ class DiffusionNFT(RLAlgorithm):
             x0=roll.latents[:, -1].to(self.device),
             noise=generator("renoise", c.seed, self.rl_step, epoch, self.global_rank, device=self.device),
             sigmas=roll.sigmas.to(self.device),
+            epoch=epoch,
         )
 
     def micro_loss(
@@ -106,7 +108,14 @@ class DiffusionNFT(RLAlgorithm):
         c, m = self.config, mic.m
         x0, r = ctx.x0[m], ctx.r[m]
         t = ctx.sigmas[mic.idx]  # (b,)
-        noise = torch.randn(x0.shape, generator=ctx.noise, device=self.device, dtype=torch.float32)  # on the device
+        if c.rng_streams == "sample":  # per sample and trained step, keyed by the place in the global batch
+            base = self.global_rank * ctx.x0.shape[0]
+            keys = zip(m.tolist(), mic.idx.tolist())  # a host read: this mode trades one sync for exactness
+            gens = [generator("renoise", c.seed, self.rl_step, ctx.epoch, base + i, j) for i, j in keys]
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g, dtype=torch.float32) for g in gens])
+            noise = noise.to(self.device)
+        else:
+            noise = torch.randn(x0.shape, generator=ctx.noise, device=self.device, dtype=torch.float32)  # on the device
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * noise
         cond = roll.cond.index(m)

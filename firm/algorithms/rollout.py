@@ -77,11 +77,12 @@ class Rollouter:
         shape = self.policy.latent_shape()
         rows = []
         for i, g in enumerate(groups.tolist()):
-            parts = (
-                ("noise", c.seed, rl_step, "group", g)
-                if c.sampler.same_noise_in_group
-                else ("noise", c.seed, rl_step, "rank", rank, i)
-            )
+            if c.sampler.same_noise_in_group:
+                parts = ("noise", c.seed, rl_step, "group", g)
+            elif c.rng_streams == "sample":  # the sample's place in the step's global batch
+                parts = ("noise", c.seed, rl_step, "sample", rank * len(groups) + i)
+            else:
+                parts = ("noise", c.seed, rl_step, "rank", rank, i)
             # float32 whatever the default dtype (Lightning's bf16-true sets bfloat16): latents stay float32 outside the
             # transformer's forward
             rows.append(torch.randn(shape, generator=generator(*parts), dtype=torch.float32))
@@ -138,7 +139,14 @@ class Rollouter:
                     method=s.method,
                     noise_level=s.noise_level,
                     stochastic=window,
-                    generator=generator("sde", c.seed, rl_step, rank, k, device=device),
+                    generator=(
+                        [
+                            generator("sde", c.seed, rl_step, "sample", rank * b + i, device=device)
+                            for i in range(lo, sl.stop)
+                        ]
+                        if c.rng_streams == "sample"
+                        else generator("sde", c.seed, rl_step, rank, k, device=device)
+                    ),
                     record=record,
                     deterministic=s.deterministic_solver,
                     log_prob=s.log_prob,

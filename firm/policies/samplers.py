@@ -316,7 +316,8 @@ def sample(
         method: a name of :data:`SAMPLERS`: ``sde`` (Flow-GRPO), ``cps``, ``ode`` (Euler) or ``dpm2``.
         noise_level: noise scale of the stochastic steps (0 gives the deterministic solver everywhere).
         stochastic: (T,) bool, the SDE window; default every step for a stochastic method, none otherwise.
-        generator: draws the step noise, on its own device (a CPU generator gives the same noise on every device).
+        generator: draws the step noise, on its own device (a CPU generator gives the same noise on every device); a
+            list holds one generator per sample.
         record: keep every latent (Flow-GRPO training needs them); else only the first and last.
         deterministic: the solver of the steps outside the window, ``ode`` (Euler) or ``dpm2`` (MixGRPO-Flash's
             higher-order ODE); a deterministic ``method`` is its own solver. DPM-Solver++(2M) restarts at first order
@@ -358,8 +359,13 @@ def sample(
         v = velocity_fn(x, sig)
         if bool(stochastic[i]):
             coefs = step_coefs(method, sig, _as_batch(s_next, x), noise_level, sigma_cap)
-            dev = generator.device if generator is not None else x.device  # a device generator: no host copy
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=dev).to(x.device, x.dtype)
+            if isinstance(generator, (list, tuple)):  # one stream per sample (row)
+                eps = torch.stack(
+                    [torch.randn(x.shape[1:], generator=g, dtype=torch.float32, device=g.device) for g in generator]
+                ).to(x.device, x.dtype)
+            else:
+                dev = generator.device if generator is not None else x.device  # a device generator: no host copy
+                eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=dev).to(x.device, x.dtype)
             x_next = apply_step(x, v, coefs, eps)
             log_probs[:, i], _ = step_log_prob(form, x, v, x_next, coefs)
             if means is not None:

@@ -138,6 +138,29 @@ def test_fsdp2_trains_the_lora_ddp_trains(tmp_path, subprocess_env, family):
     assert len(loaded) == sum("lora_B" in k for k in ours) and any(p.abs().max() > 1e-3 for p in loaded.values())
 
 
+@pytest.mark.parametrize("family", ["sd3", "qwen_image_edit"])
+def test_fsdp2_over_two_processes_trains_the_lora_one_process_trains(tmp_path, subprocess_env, family):
+    """module.rng_streams: sample keys every sample's noise (initial, re-noising, timestep subsets) by its place in
+    the step's global batch: 2 processes x batch 4 under FSDP2 then train what 1 process x batch 8 trains (the
+    prompts of each step are the same global list), to float tolerance."""
+    exp = probe_yaml(tmp_path, family, max_steps=2, checkpoint_every_n_steps=100)
+    exp.write_text(exp.read_text().replace("  lr: 0.01\n", "  lr: 0.01\n  rng_streams: sample\n"))
+    one = firm_run(exp, subprocess_env, "trainer.devices=1", "trainer.strategy=auto", "data.batch_size=8", "name=one")
+    two = firm_run(exp, subprocess_env, "trainer.strategy=fsdp2", "name=two")
+    assert_learned(one, 2)
+    assert layout(two)["block_weights_sharded"]
+    torch.testing.assert_close(torch.tensor(grad_norms(two)), torch.tensor(grad_norms(one)), rtol=1e-4, atol=0)
+    assert_close_lora(lora(two), lora(one))
+    a = torch.load(two / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(one / "checkpoints" / "last.ckpt", weights_only=True)
+    assert_close_lora(a["state_dict"], b["state_dict"])  # the `old` adapter too
+    # without per-sample streams the two runs sample different noise: the comparison above can fail
+    exp.write_text(exp.read_text().replace("  rng_streams: sample\n", ""))
+    plain = firm_run(exp, subprocess_env, "trainer.devices=1", "trainer.strategy=auto", "data.batch_size=8", "name=p1")
+    diff = max(float((lora(plain)[k] - lora(two)[k]).abs().max()) for k in lora(two))
+    assert diff > 1e-4, diff
+
+
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_two_process_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_env, strategy):
     steps = 4

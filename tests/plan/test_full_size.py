@@ -1,6 +1,7 @@
-"""`firm plan` on every shipped full-size RL experiment: the tables print and the experiment fits its GPUs (80 GB,
-the plan's default target). Each plan builds the real architecture on the meta device and runs its forwards with fake
-tensors: 10-45 s per experiment on a 2-core machine, hence slow."""
+"""`firm plan` on every shipped full-size experiment: each RL one prints its tables and fits its GPUs (80 GB, the
+plan's default target); each critic SFT one prints its tables and fits 141 GB, or 80 GB with the suggested batch.
+Each plan builds the real architecture on the meta device and runs its forwards with fake tensors: 10-45 s per
+experiment on a 2-core machine, hence slow."""
 
 import json
 from pathlib import Path
@@ -36,3 +37,30 @@ def test_the_plan_of_the_sd35m_sized_benchmark_is_within_10_percent_of_its_h200_
     plan = plan_experiment(REPO / "experiments" / "rl" / "bench_sd35m_random.yaml")
     assert plan.setting.checkpointing  # the measured run had it on (inherited from firm_sd35_qma.yaml)
     assert abs(plan.row.peak - measured) <= 0.10 * measured, (plan.row.peak / 2**20, measured / 2**20)
+
+
+CRITIC_FULL_SIZE = sorted((REPO / "experiments" / "critic").glob("firm_*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CRITIC_FULL_SIZE, ids=lambda p: p.stem)
+def test_a_full_size_critic_experiment_prints_its_plan(path):
+    """The critic SFT YAMLs (10 s each). As shipped (10 examples of 8192 tokens per GPU) they need a 141 GB GPU: the
+    plan says so and suggests a per-GPU batch with the same examples per optimizer step that fits 80 GB."""
+    from rich.console import Console
+
+    from firm.config import load_experiment, to_object
+    from firm.plan.critic import plan_critic, render_critic
+
+    cfg = to_object(load_experiment(path))
+    plan = plan_critic(path, cfg)
+    console = Console(record=True, width=120)
+    render_critic(plan, console)
+    text = console.export_text()
+    assert "every setting" in text and "peak" in text and "fits 80GB" in text
+    assert plan.row.fits["141GB"], f"{path.name}: peak {plan.row.peak / GIB:.1f} GiB per GPU"
+    if not plan.fits:
+        assert plan.suggestion and "data.batch_size=" in plan.suggestion, plan.suggestion
+        overrides = [w for w in plan.suggestion.split("(")[0].split() if "=" in w]
+        smaller = plan_critic(path, to_object(load_experiment(path, overrides)))
+        assert smaller.fits, f"{path.name} with {overrides}: peak {smaller.row.peak / GIB:.1f} GiB per GPU"

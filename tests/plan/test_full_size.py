@@ -45,8 +45,8 @@ CRITIC_FULL_SIZE = sorted((REPO / "experiments" / "critic").glob("firm_*.yaml"))
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CRITIC_FULL_SIZE, ids=lambda p: p.stem)
 def test_a_full_size_critic_experiment_prints_its_plan(path):
-    """The critic SFT YAMLs (10 s each). As shipped (10 examples of 8192 tokens per GPU) they need a 141 GB GPU: the
-    plan says so and suggests a per-GPU batch with the same examples per optimizer step that fits 80 GB."""
+    """The critic SFT YAMLs (10 s each) fit an 80 GB GPU as shipped (5 examples of 8192 tokens per GPU, 4 batches
+    accumulated); the model card's 10 x 2 needs a 141 GB GPU, and the plan suggests a batch that fits 80 GB."""
     from rich.console import Console
 
     from firm.config import load_experiment, to_object
@@ -58,7 +58,12 @@ def test_a_full_size_critic_experiment_prints_its_plan(path):
     render_critic(plan, console)
     text = console.export_text()
     assert "every setting" in text and "peak" in text and "fits 80GB" in text
-    assert plan.row.fits["141GB"], f"{path.name}: peak {plan.row.peak / GIB:.1f} GiB per GPU"
+    assert plan.fits and plan.row.fits["141GB"], f"{path.name}: peak {plan.row.peak / GIB:.1f} GiB per GPU"
+    card = plan_critic(
+        path, to_object(load_experiment(path, ["data.batch_size=10", "trainer.accumulate_grad_batches=2"]))
+    )
+    assert card.row.fits["141GB"] and not card.fits  # the model card's split: 141 GB only
+    plan = card
     if not plan.fits:
         assert plan.suggestion and "data.batch_size=" in plan.suggestion, plan.suggestion
         overrides = [w for w in plan.suggestion.split("(")[0].split() if "=" in w]

@@ -366,7 +366,9 @@ def _fsdp2_strategy() -> type:
                     "state": {names[i]: v for i, v in osd["state"].items()},
                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]],
                 }
-                opts = StateDictOptions(full_state_dict=True)
+                # strict=False: a trainable parameter that never had a gradient (Qwen-Image's last block leaves its
+                # text-stream adapters unused) has no AdamW state to load, in the checkpoint as in the saving run
+                opts = StateDictOptions(full_state_dict=True, strict=False)
                 set_optimizer_state_dict(self.model, opt, optim_state_dict=by_name, options=opts)
             return checkpoint
 

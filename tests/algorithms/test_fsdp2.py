@@ -161,10 +161,10 @@ def test_fsdp2_over_two_processes_trains_the_lora_one_process_trains(tmp_path, s
     assert diff > 1e-4, diff
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_two_process_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_env, strategy):
+@pytest.mark.parametrize("family,strategy", [("sd3", "fsdp2"), ("qwen_image_edit", "fsdp2"), ("sd3", "ddp")])
+def test_two_process_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_env, family, strategy):
     steps = 4
-    exp = probe_yaml(tmp_path, "sd3", strategy=strategy, max_steps=steps, checkpoint_every_n_steps=2)
+    exp = probe_yaml(tmp_path, family, strategy=strategy, max_steps=steps, checkpoint_every_n_steps=2)
     ref = firm_run(exp, subprocess_env, "name=reference")
     assert_learned(ref, steps)
     cmd = [sys.executable, "-m", "firm", "run", str(exp)]

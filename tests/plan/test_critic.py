@@ -52,7 +52,7 @@ def test_an_edit_example_holds_two_images_and_a_generation_example_one():
     se, sg = critic_shapes(edit, model), critic_shapes(gen, model)
     assert (se.images, sg.images) == (2, 1)
     assert se.tokens_per_image == 1024  # 1024 px square, 16 px patches merged 2 x 2
-    assert (se.world, se.batch, se.seq, se.autocast, se.dtype) == (16, 10, 8192, "bfloat16", "float32")
+    assert (se.world, se.batch, se.seq, se.autocast, se.dtype) == (16, 5, 8192, "bfloat16", "float32")
 
 
 FP = CriticFootprint(

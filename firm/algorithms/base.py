@@ -218,10 +218,9 @@ class RLAlgorithm(FirmModule):
         for i in tqdm(range(len(dataset)), desc="[firm] encoding the prompts", disable=self.global_rank != 0):
             item = dataset[(i, 0)]
             images = [item["image"]] if edit else None
-            cond = self.policy.encode_prompts([item["prompt"]], images, with_sources=False)
+            self.policy.encode_prompts([item["prompt"]], images, with_sources=False)
             if guidance:
                 self.policy.encode_prompts([self.policy.config.negative_prompt], images, with_sources=False)
-            del cond
         free_text_encoder(self.policy)
 
     def on_fit_start(self) -> None:

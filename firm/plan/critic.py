@@ -38,7 +38,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from torch import nn
 from firm.config import ConfigError
 from firm.plan.checkpoints import CONFIGS
 from firm.plan.measure import fake_weights, peak_above
-from firm.plan.plan import GIB, GPUS, SHARDED_STRATEGIES, STRATEGIES, USABLE, _bytes, _world
+from firm.plan.plan import GIB, GPUS, SHARDED_STRATEGIES, STRATEGIES, USABLE, PlanRows, _bytes, _world
 
 ANSWER_TOKENS = 512  # answer tokens per example the plan counts logits for (FIRM's answers: a few hundred tokens)
 DEFAULT_IMAGE_PIXELS = 1024 * 1024  # an image's pixels when data.max_image_pixels is unset (FIRM's images: ~1 MP)
@@ -116,7 +116,7 @@ class CriticRow:
 
 
 @dataclass
-class CriticPlan:
+class CriticPlan(PlanRows):
     """The plan of one critic SFT experiment: its setting's row first."""
 
     experiment: str
@@ -132,22 +132,6 @@ class CriticPlan:
     seconds: float = 0.0
     suggestion: str | None = None
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def row(self) -> CriticRow:
-        return next(r for r in self.rows if r.setting == self.setting)
-
-    @property
-    def fits(self) -> bool:
-        return self.row.fits[self.target]
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["fits"] = self.fits
-        out["peak_gib"] = self.row.peak / GIB
-        out["usable_share"] = USABLE
-        out["gpus"] = GPUS
-        return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -130,8 +130,33 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
+class PlanRows:
+    """What both plans (RL and critic SFT) derive from their ``rows``, ``setting`` and ``target``."""
+
+    rows: list[Any]
+    setting: Any
+    target: str
+
+    @property
+    def row(self) -> Any:
+        """The experiment's own setting."""
+        return next(r for r in self.rows if r.setting == self.setting)
+
+    @property
+    def fits(self) -> bool:
+        return self.row.fits[self.target]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fits"] = self.fits
+        out["peak_gib"] = self.row.peak / GIB
+        out["usable_share"] = USABLE
+        out["gpus"] = GPUS
+        return out
+
+
 @dataclass
-class Plan:
+class Plan(PlanRows):
     """The plan of one experiment: its setting's row first, then every other setting."""
 
     experiment: str
@@ -147,23 +172,6 @@ class Plan:
     rows: list[Row]
     target: str  # the GPU "fits" refers to
     suggestion: str | None = None
-
-    @property
-    def row(self) -> Row:
-        """The experiment's own setting."""
-        return next(r for r in self.rows if r.setting == self.setting)
-
-    @property
-    def fits(self) -> bool:
-        return self.row.fits[self.target]
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["fits"] = self.fits
-        out["peak_gib"] = self.row.peak / GIB
-        out["usable_share"] = USABLE
-        out["gpus"] = GPUS
-        return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -570,7 +578,9 @@ def plan_experiment(
     cfg = to_object(load_experiment(experiment, overrides))
     algorithm = resolve("modules", cfg.module.name)
     if not (isinstance(algorithm, type) and issubclass(algorithm, RLAlgorithm)):
-        raise ConfigError(f"{experiment}: firm plan plans RL experiments; module {cfg.module.name!r} is not one")
+        raise ConfigError(
+            f"{experiment}: module {cfg.module.name!r} is not an RL experiment (firm plan plans RL and critic SFT ones)"
+        )
     with torch.random.fork_rng(devices=[]):  # the tiny probe policy draws its LoRA init; leave the caller's RNG be
         built = build(cfg.module, algorithm, prompt_tokens, say)
         shapes, guidance = shapes_of(cfg, built, algorithm)

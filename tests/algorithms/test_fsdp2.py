@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.helpers.procs import kill_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RL = REPO / "experiments" / "rl"
@@ -176,21 +176,8 @@ def test_two_process_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_e
     ref = firm_run(exp, subprocess_env, "name=reference")
     assert_learned(ref, steps)
     cmd = [sys.executable, "-m", "firm", "run", str(exp)]
-    proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, last = time.time() + 300, None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "runs" / "probe").glob("*/checkpoints/last.ckpt"))
-        if found:
-            last = found[0]
-            break
-        time.sleep(0.02)
-    assert last is not None, "no checkpoint appeared"
-    os.kill(proc.pid, signal.SIGKILL)  # rank 0, the launcher; rank 1 loses its peer and exits
-    proc.wait(timeout=30)
+    run_dir = kill_at_first_checkpoint(cmd, subprocess_env, tmp_path / "runs" / "probe", steps)
     time.sleep(1.0)  # the second rank notices its peer is gone and exits
-    run_dir = last.parent.parent
-    killed_at = torch.load(last, weights_only=True)["global_step"]
-    assert 0 < killed_at < steps, "the run finished before it could be killed"
     out = subprocess.run(
         [*cmd[:3], "run", "--resume", str(run_dir)], env=subprocess_env, capture_output=True, text=True, timeout=600
     )

@@ -146,7 +146,7 @@ def test_a_setting_that_does_not_fit_gets_the_smallest_change_that_does():
 
 
 def test_firm_plan_refuses_an_experiment_that_is_not_rl():
-    with pytest.raises(ConfigError, match="plans RL experiments"):
+    with pytest.raises(ConfigError, match="is not an RL experiment"):
         plan_experiment(REPO / "experiments" / "critic" / "tiny_edit_cpu.yaml")
 
 

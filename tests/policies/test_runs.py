@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from firm.config import load_experiment, to_object
 from firm.policies.export import export_lora
 from firm.policies.policy import FlowPolicy, build_tiny_components
 from firm.runner import run
+from tests.helpers.procs import kill_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RL = REPO / "experiments" / "rl"
@@ -214,20 +212,8 @@ def test_sigkill_then_resume_continues_bitwise_exactly(tmp_path, subprocess_env)
     (ref_dir,) = list((tmp_path / "runs" / "reference").iterdir())
     _assert_it_learns(ref_dir, steps)
 
-    proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, last = time.time() + 300, None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "runs" / "probe").glob("*/checkpoints/last.ckpt"))
-        if found:
-            last = found[0]
-            break
-        time.sleep(0.02)
-    assert last is not None, "no checkpoint appeared"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    run_dir = last.parent.parent
-    killed_at = torch.load(last, weights_only=True)["global_step"]
-    assert 0 < killed_at < steps, "the run finished before it could be killed"
+    run_dir = kill_at_first_checkpoint(cmd, subprocess_env, tmp_path / "runs" / "probe", steps)
+    killed_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
     out = subprocess.run(
         [*cmd[:3], "run", "--resume", str(run_dir)], env=subprocess_env, capture_output=True, text=True, timeout=600

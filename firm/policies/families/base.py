@@ -158,7 +158,7 @@ class ModelFamily:
         c, t = self.config, self.config.tiny
         if t.vae not in ("pixel", "tiny"):
             raise ValueError(f"policy.tiny.vae must be pixel or tiny, got {t.vae!r}")
-        if t.init_device != "cpu" and not torch.device(t.init_device).type == "cuda":
+        if torch.device(t.init_device).type not in ("cpu", "cuda"):
             raise ValueError(f"policy.tiny.init_device must be cpu or cuda, got {t.init_device!r}")
         if t.init_device != "cpu" and not torch.cuda.is_available():
             raise ValueError("policy.tiny.init_device: cuda, but no CUDA device is available")

@@ -69,6 +69,20 @@ REWARDS: dict[str, Any] = {
     "instruction_only": "firm.rewards.combiners:InstructionOnlyReward",
 }
 
+# Scorers (firm/rewards/scorers/: one file each): requests -> named scores, mixed into the RL reward by
+# firm.rewards.mix. Class with a nested Config extending firm.rewards.scorers.base.ScorerConfig, built as `cls(config)`.
+SCORERS: dict[str, Any] = {
+    "critic": "firm.rewards.scorers.critic:CriticScorer",  # any FIRM critic + its combiner (CME / QMA / ...)
+    "delayed": "firm.rewards.scorers.critic:DelayedScorer",  # another scorer's answers after a set latency
+    "pickscore": "firm.rewards.scorers.pickscore:PickScoreScorer",  # PickScore_v1 (CLIP ViT-H-14)
+    "clip_score": "firm.rewards.scorers.clip_score:CLIPScoreScorer",  # CLIP score (torchmetrics)
+    "hpsv3": "firm.rewards.scorers.hpsv3:HPSv3Scorer",  # HPSv3 (Qwen2-VL + reward head)
+    "editreward": "firm.rewards.scorers.editreward:EditRewardScorer",  # EditReward (Qwen2.5-VL + reward head)
+    "ocr": "firm.rewards.scorers.ocr:OCRScorer",  # quoted-text edit distance, read by GOT-OCR-2.0
+    "vlm_judge": "firm.rewards.scorers.judges:VLMJudgeScorer",  # a VLM judge behind an OpenAI-compatible endpoint
+    "remote": "firm.rewards.scorers.remote:RemoteScorer",  # a scorer served by `firm serve-reward` (own venv)
+}
+
 # Curation teachers (firm.curation.teachers.Teacher): class with a nested Config, built as `cls(config)`.
 TEACHERS: dict[str, Any] = {
     "local": "firm.curation.teachers:LocalTeacher",
@@ -109,6 +123,7 @@ REGISTRIES: dict[str, dict[str, Any]] = {
     "callbacks": CALLBACKS,
     "critics": CRITICS,
     "rewards": REWARDS,
+    "scorers": SCORERS,
     "teachers": TEACHERS,
     "curation_sources": CURATION_SOURCES,
     "eval_sets": EVAL_SETS,

@@ -40,10 +40,16 @@ def world_advantages(
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     rank: int = 0,
     device: torch.device | str | None = None,
+    terms: torch.Tensor | None = None,
+    mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Advantages:
     """Rewards and group labels are gathered over the world (``gather``: all ranks' tensors in rank order);
     ``firm.kernels.group_advantages`` normalises per prompt group (NaN rewards excluded, advantage 0) with the
     config's ``adv_scale`` / ``adv_eps`` / ``adv_clip_max``; ``rank`` picks this rank's slice.
+
+    With ``mix`` (a reward mix's own advantage rule, e.g. :func:`firm.rewards.mix.gdpo_advantages`), the (B, K)
+    ``terms`` are gathered too and ``mix(all_terms, all_groups)`` gives the advantages instead (clipped to
+    ``adv_clip_max``); the group statistics reported are still those of the rewards.
     """
     c = config
     b = rewards.shape[0]
@@ -52,6 +58,10 @@ def world_advantages(
     adv, stats = kernels.group_advantages(
         all_r, all_g, scale=c.adv_scale, eps=c.adv_eps, clip=c.adv_clip_max, return_stats=True
     )
+    if mix is not None:
+        all_t = gather(terms.to(device, torch.float32))
+        adv = mix(all_t, all_g).clamp(-c.adv_clip_max, c.adv_clip_max)
+        adv = torch.where(torch.isnan(all_r), torch.zeros_like(adv), adv)
     valid = ~torch.isnan(all_r)
     keep = valid.clone()
     per_std, per_count = stats.std[stats.index], stats.count[stats.index]

@@ -50,12 +50,12 @@ from firm.algorithms.reporting import log_samples, rollout_metrics
 from firm.algorithms.rollout import Rollout, Rollouter
 from firm.algorithms.scoring import OverlappedScorer
 from firm.algorithms.state import generator, load_rl_state, rng_state, save_rl_state, set_rng_state
-from firm.critics.factory import build_critic
 from firm.module import FirmModule
 from firm.policies.policy import FlowPolicy
 from firm.policies.samplers import sde_window
 from firm.policies.sharding import is_sharded, like, reshard
-from firm.rewards.functions import FirmEditReward, FirmGenReward, build_combiner
+from firm.rewards.mix import RewardMix, gdpo_advantages
+from firm.rewards.scorers.critic import CriticScorer
 from firm.vocab import Task
 
 
@@ -63,6 +63,23 @@ def ema_decay(step: int, decay: float, *, warmup: bool = True) -> float:
     """The EMA decay at optimizer step ``step``: ``min((1 + step) / (10 + step), decay)`` with the warm-up of
     DiffusionNFT's ``EMAModuleWrapper.get_current_decay`` (flow_grpo/ema.py), else ``decay``."""
     return min((1 + step) / (10 + step), decay) if warmup else decay
+
+
+def build_reward(c: RLConfig) -> RewardMix:
+    """The RL step's reward: the scorers of ``module.rewards``, or the ``module.critic`` shorthand (that critic and
+    its combiner, alone in the mix: the same rewards as before the mix existed)."""
+    kwargs = {
+        "mode": c.reward_mix,
+        "on_failure": c.reward_failure,
+        "parallel": c.reward_parallel,
+    }
+    if c.critic is not None:
+        conf = CriticScorer.Config(task=c.task, critic=c.critic, reward=c.reward, dimensions=c.critic_dimensions)
+        return RewardMix({"critic": CriticScorer(conf)}, **kwargs)
+    mix = RewardMix.build(c.rewards, task=c.task, **kwargs)
+    if c.task not in mix.tasks:
+        raise ValueError(f"module.rewards: not every scorer can score {c.task} samples ({mix!r})")
+    return mix
 
 
 def build_callbacks(specs: dict[str, Any]) -> list[L.Callback]:
@@ -111,8 +128,7 @@ class RLAlgorithm(FirmModule):
         self.policy = FlowPolicy(c.policy, old_adapter=self.needs_old_adapter)
         if c.task == Task.EDIT and self.policy.family.task != Task.EDIT:
             raise ValueError(f"module.task=edit needs an editing policy; policy.family={c.policy.family!r} is not one")
-        reward_cls = FirmEditReward if c.task == Task.EDIT else FirmGenReward
-        self.reward_fn = reward_cls(build_critic(c.critic), build_combiner(c.reward), dimensions=c.critic_dimensions)
+        self.reward_fn = build_reward(c)
         self.rl_step = 0
         self.ema: dict[str, torch.Tensor] | None = None
         self._fresh = True  # no optimizer step since the last rollout: the policy *is* the sampling policy
@@ -243,6 +259,7 @@ class RLAlgorithm(FirmModule):
             self._scorer.close()
             self._scorer = None
             self._rollouter = None
+        self.reward_fn.close()
 
     def optimizer_steps_per_rl_step(self, local_batch: int | None = None) -> int:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -261,6 +278,7 @@ class RLAlgorithm(FirmModule):
             self._scorer = OverlappedScorer(
                 self.reward_fn,
                 self.reward_fn.dimensions,
+                terms=self.reward_fn.term_names,
                 max_pending=c.critic_queue,
                 threads=c.critic_threads,
                 on_failure=c.critic_failure,
@@ -298,11 +316,31 @@ class RLAlgorithm(FirmModule):
             return x
         return self.all_gather(x).reshape(-1, *x.shape[1:])  # (W, B, ...) -> (W * B, ...)
 
-    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> Advantages:
-        """Group-normalised advantages over the whole world and the training mask (:func:`world_advantages`)."""
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor, terms: torch.Tensor | None = None) -> Advantages:
+        """Group-normalised advantages over the whole world and the training mask (:func:`world_advantages`); with
+        ``reward_mix: gdpo``, ``terms`` (B, K) are the mix's per-scorer terms."""
+        mix = None
+        if self.config.reward_mix == "gdpo":
+            if terms is None:
+                raise ValueError("reward_mix: gdpo needs the reward mix's terms")
+            weights = self.reward_fn.weights
+            mix = lambda t, g: gdpo_advantages(t, g, weights.to(t.device))  # noqa: E731
         return world_advantages(
-            rewards, groups, self.config, gather=self.gather, rank=self.global_rank, device=self.device
+            rewards,
+            groups,
+            self.config,
+            gather=self.gather,
+            rank=self.global_rank,
+            device=self.device,
+            terms=terms,
+            mix=mix,
         )
+
+    def reward_terms(self, reward: Any) -> torch.Tensor | None:
+        """(B, K) the reward mix's terms in its order (None unless reward_mix is gdpo)."""
+        if self.config.reward_mix != "gdpo":
+            return None
+        return torch.stack([reward.terms[k] for k in self.reward_fn.term_names], dim=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         t_step = time.perf_counter()
@@ -321,7 +359,7 @@ class RLAlgorithm(FirmModule):
         else:
             roll = self.rollout(batch)
             self._fresh = True
-        adv = self.advantages(roll.reward.rewards, batch["group"])
+        adv = self.advantages(roll.reward.rewards, batch["group"], terms=self.reward_terms(roll.reward))
         t_upd = time.perf_counter()
         steps_before = self.global_step
         metrics = self.update(roll, adv) if adv.global_keep > 0 else {"train/skipped_no_valid": 1.0}

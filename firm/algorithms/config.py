@@ -40,10 +40,16 @@ class RLConfig:
     task: str = "gen"  # gen (text-to-image, GenRequest) | edit (instruction + source image, EditRequest)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    critic: Any = component_field("critics")  # the critic backend: {name: ..., **its settings}
-    reward: Any = component_field("rewards")  # how scores become a reward: {name: cme | qma | ..., **weights}
+    # The reward: either one FIRM critic (`critic` + `reward`, a shorthand for a mix of that critic alone) or a mix of
+    # scorers (`rewards`: label -> {name: <scorer>, weight, score, scale, shift, ...}; firm/rewards/, docs/rewards.md).
+    critic: Any = component_field("critics", optional=True)  # the critic backend: {name: ..., **its settings}
+    reward: Any = component_field("rewards", optional=True)  # the critic's combiner: {name: cme | qma | ..., **weights}
     critic_dimensions: list[str] | None = None  # judgements to ask for (null: all of the task's, logged even if unused)
-    critic_failure: str = "raise"  # a chunk whose critic call raises: raise | missing (counted as missing scores)
+    rewards: dict[str, Any] = component_field("scorers", many=True)  # the scorers of a reward mix (instead of critic)
+    reward_mix: str = "weighted"  # weighted (sum_k w_k * term_k, group advantages) | gdpo (per-term group z-scores)
+    reward_failure: str = "skip"  # a failed score: skip (NaN, left out of its group) | stop (end the run)
+    reward_parallel: bool = False  # call the mix's scorers at once, on threads (scorers on other devices or servers)
+    critic_failure: str = "raise"  # a chunk whose critic / scorer call raises: raise | missing (counted as missing)
     rollout_chunk: int = 8  # samples per sampling chunk; a chunk is scored while the next one is sampled
     critic_queue: int = 2  # chunks allowed to wait for the critic before sampling blocks
     critic_threads: int = 1  # concurrent critic calls
@@ -91,6 +97,28 @@ class RLConfig:
             )
         if s.log_prob is not None and s.log_prob not in LOG_PROB_FORMS:
             raise ValueError(f"module.sampler.log_prob must be one of {LOG_PROB_FORMS} or null, got {s.log_prob!r}")
+        has_mix = any(v is not None for v in (self.rewards or {}).values())
+        if self.critic is None and not has_mix:
+            raise ValueError("module: give the reward: a `critic:` section (with `reward:`) or a `rewards:` mix")
+        if self.critic is not None and has_mix:
+            raise ValueError(
+                "module: give either `critic:` + `reward:` or a `rewards:` mix, not both; put the critic in the mix as "
+                "a scorer: rewards: {critic: {name: critic, critic: {...}, reward: {...}}} (or set critic: null)"
+            )
+        if self.critic is None and (self.reward is not None or self.critic_dimensions is not None):
+            raise ValueError(
+                "module.reward / critic_dimensions belong to module.critic; in a `rewards:` mix set them "
+                "on the critic scorer"
+            )
+        from firm.rewards.mix import CALL_FAILURES, FAILURE_POLICIES, MIX_MODES
+
+        for key, allowed in (
+            ("reward_mix", MIX_MODES),
+            ("reward_failure", FAILURE_POLICIES),
+            ("critic_failure", CALL_FAILURES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: must be one of {allowed}, got {getattr(self, key)!r}")
         if self.rng_streams not in ("rank", "sample"):
             raise ValueError(f"rng_streams: must be rank or sample, got {self.rng_streams!r}")
         if s.num_steps < 1:

@@ -28,14 +28,15 @@ import torch
 
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.functions import RewardOutput
+from firm.rewards.mix import RewardStopped
 
 log = logging.getLogger(__name__)
 
 FAILURE_MODES = ("raise", "missing")
 
 
-def missing_output(n: int, dimensions: Sequence[str], error: str) -> RewardOutput:
-    """A RewardOutput of ``n`` missing rewards (NaN) for every dimension."""
+def missing_output(n: int, dimensions: Sequence[str], error: str, terms: Sequence[str] = ()) -> RewardOutput:
+    """A RewardOutput of ``n`` missing rewards (NaN) for every dimension (and every term of a reward mix)."""
     from firm.critics.types import CriticResult, ErrorKind
 
     nan = torch.full((n,), math.nan, dtype=torch.float32)
@@ -44,6 +45,7 @@ def missing_output(n: int, dimensions: Sequence[str], error: str) -> RewardOutpu
         components={d: nan.clone() for d in dimensions},
         missing=dict.fromkeys(dimensions, n),
         results=[CriticResult.failed(dimensions, ErrorKind.CALL_FAILED, error) for _ in range(n)],
+        terms={k: nan.clone() for k in terms},
     )
 
 
@@ -55,6 +57,7 @@ def concat_outputs(outputs: list[RewardOutput]) -> RewardOutput:
         components={d: torch.cat([o.components[d] for o in outputs]) for d in dims},
         missing={d: sum(o.missing[d] for o in outputs) for d in dims},
         results=[r for o in outputs for r in o.results],
+        terms={k: torch.cat([o.terms[k] for o in outputs]) for k in outputs[0].terms},
     )
 
 
@@ -67,6 +70,7 @@ class OverlappedScorer:
         max_pending: chunks allowed to wait for the critic before :meth:`submit` blocks (>= 1).
         threads: concurrent critic calls (an HTTP critic with several endpoints can take more than one).
         on_failure: ``raise`` or ``missing`` (see the module docstring).
+        terms: the term names of a reward mix (kept, as NaN, in missing chunks).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class OverlappedScorer:
         max_pending: int = 2,
         threads: int = 1,
         on_failure: str = "raise",
+        terms: Sequence[str] = (),
     ) -> None:
         if max_pending < 1 or threads < 1:
             raise ValueError(f"critic_queue and critic_threads must be >= 1, got {max_pending}, {threads}")
@@ -84,6 +89,7 @@ class OverlappedScorer:
             raise ValueError(f"critic_failure must be one of {FAILURE_MODES}, got {on_failure!r}")
         self.reward_fn = reward_fn
         self.dimensions = tuple(dimensions)
+        self.terms = tuple(terms)
         self.max_pending = max_pending
         self.on_failure = on_failure
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="firm-critic")
@@ -118,16 +124,18 @@ class OverlappedScorer:
             out = fut.result()
         except Exception as e:  # noqa: BLE001 - reported or re-raised below
             self.wait_s += time.perf_counter() - t0
+            if isinstance(e, RewardStopped):
+                raise
             if self.on_failure == "raise":
                 raise RuntimeError(
-                    f"the critic failed on rollout chunk {idx} ({n} requests): {type(e).__name__}: {e}. "
-                    "Fix the critic (endpoint up? model loaded?) or set module.critic_failure=missing to count such "
-                    "chunks as missing scores"
+                    f"the reward failed on rollout chunk {idx} ({n} requests): {type(e).__name__}: {e}. "
+                    "Fix the critic or scorer (endpoint up? model loaded?) or set module.critic_failure=missing to "
+                    "count such chunks as missing scores"
                 ) from e
             self.failures += 1
             self.group_failures[group] = self.group_failures.get(group, 0) + 1
             log.warning("critic failed on chunk %d (%d requests), scores counted as missing: %s", idx, n, e)
-            out = missing_output(n, self.dimensions, f"critic call failed: {type(e).__name__}: {e}")
+            out = missing_output(n, self.dimensions, f"critic call failed: {type(e).__name__}: {e}", self.terms)
         else:
             self.wait_s += time.perf_counter() - t0
             if len(out.rewards) != n:

@@ -40,13 +40,16 @@ class RewardOutput:
         rewards: (N,) float32 rewards in [0, 1]; NaN where a component the combiner needs is missing.
         components: per dimension, (N,) float32 normalised scores in [0, 1]; NaN where missing.
         missing: per dimension, how many of the N requests got no usable score.
-        results: the critic's results, one per request, in order (reasoning, raw output, errors, latency).
+        results: per request, in order: the critic's result (reasoning, raw output, errors, latency), or what the
+            scorers of a reward mix report.
+        terms: a reward mix's terms (scorer label -> (N,) scaled score), for GDPO advantages; empty otherwise.
     """
 
     rewards: torch.Tensor
     components: dict[str, torch.Tensor]
     missing: dict[str, int]
-    results: list[CriticResult] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_missing(self) -> int:

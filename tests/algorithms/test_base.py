@@ -237,7 +237,7 @@ def test_critic_failures_raise_or_count_as_missing(tmp_path):
     assert first["train/skipped_no_valid"] == 1.0
     assert second["reward/missing_frac"] == 0.0 and module.rl_step == 2 and module.global_step == 1
     assert snapshot(module)[1].keys() == before[1].keys()
-    with pytest.raises(RuntimeError, match="critic failed on rollout chunk 0"):
+    with pytest.raises(RuntimeError, match="reward failed on rollout chunk 0"):
         fit(nft(critic=ImageStatsCritic.Config(fail=True)), gen_data(), 1, tmp_path)
     # a critic that never answers stops the run instead of spinning without optimizer steps
     dead = nft(critic=ImageStatsCritic.Config(fail=True), critic_failure="missing", max_idle_rl_steps=2)

@@ -28,8 +28,8 @@ class ProbeNFTModule(DiffusionNFT):
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def advantages(self, rewards, groups):
-        out = super().advantages(rewards, groups)
+    def advantages(self, rewards, groups, terms=None):
+        out = super().advantages(rewards, groups, terms)
         record = {"rewards": rewards.cpu(), "groups": groups.cpu(), "adv": out.adv.cpu(), "keep": out.keep.cpu()}
         torch.save(record, self._probe_dir() / f"adv_step{self.rl_step}_rank{self.global_rank}.pt")
         return out

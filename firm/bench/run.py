@@ -37,6 +37,8 @@ class BenchConfig:
     output_root: str = "runs/bench"  # root folder of benchmark results
     imports: list[str] = field(default_factory=list)  # modules or .py files that register extra critics
     critics: dict[str, Any] = component_field("critics", many=True)  # label -> {name: <critics key>, **its Config}
+    # reward models scored next to the critics (rank agreement; firm/bench/scorers.py): label -> {name: <scorer>, ...}
+    scorers: dict[str, Any] = component_field("scorers", many=True)
     tasks: list[str] = field(default_factory=list)  # evaluate only these tasks (empty: all)
     limit: int | None = None  # at most this many items per task (quick looks)
     batch_size: int = 8  # requests per critic.score() call
@@ -51,8 +53,13 @@ class BenchConfig:
     def validate(self) -> None:
         check_run_name(self.name)
         labels = [label for label, conf in self.critics.items() if conf is not None]
+        labels += [label for label, conf in self.scorers.items() if conf is not None]
         if not labels:
-            raise ValueError("critics: no critic to evaluate: add a `critics:` section or pass --critic NAME")
+            raise ValueError(
+                "critics: nothing to evaluate: add a `critics:` or `scorers:` section, or pass --critic NAME"
+            )
+        if len(set(labels)) != len(labels):
+            raise ValueError("critics / scorers: every label must be unique across both sections")
         for label in labels:
             if not LABEL.fullmatch(str(label)):
                 raise ValueError(
@@ -182,6 +189,7 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
                 f"[firm critic bench] {label}: overall MAE {mae} over {ov['n_parsed']}/{ov['n_items']} parsed "
                 f"({stats.n_cached} cached, {stats.n_computed} scored in {stats.wall_s:.1f}s)"
             )
+    scorer_results = _run_scorers(c, bench.items, progress=progress, echo=echo)
     report = {
         "benchmark": {
             "name": bench.name,
@@ -193,16 +201,53 @@ def run_bench(cfg: DictConfig, *, progress: bool | None = None, echo: bool = Tru
         },
         "environment": environment(),
         "critics": results,
+        "scorers": scorer_results,
         "published": {"source": PUBLISHED_SOURCE, "rows": PUBLISHED} if c.published else None,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_tables(report, published=c.published)
+    table = markdown_tables(report, published=c.published) if results else ""
+    if scorer_results:
+        from firm.bench.scorers import scorer_table
+
+        table = (table + "\n" if table else "") + "\n".join(scorer_table(scorer_results)) + "\n"
     (out / "table.md").write_text(table)
-    if c.plot:
+    if c.plot and results:
         plot_report(report, out / "bench.png", published=c.published)
     if echo:
         print()
         print(table)
-        plot = ", bench.png" if c.plot else ""
+        plot = ", bench.png" if c.plot and results else ""
         print(f"[firm critic bench] wrote {out / 'results.json'}, {out / 'table.md'}{plot}")
     return report
+
+
+def _run_scorers(c: BenchConfig, items: list[Any], *, progress: bool | None, echo: bool) -> dict[str, Any]:
+    """Score the items with every scorer of ``c.scorers`` (rank agreement with the reference; no cache)."""
+    from firm.bench.scorers import score_items, scorer_metrics
+    from firm.rewards.scorers.base import build_scorer
+
+    out: dict[str, Any] = {}
+    for label, conf in c.scorers.items():
+        if conf is None:
+            continue
+        if getattr(conf, "name", None) == "critic" and not getattr(conf, "task", ""):
+            raise ConfigError(f"scorers.{label}: a critic scorer judges one task here: set task: edit or task: gen")
+        scorer = build_scorer(conf, label=label)
+        run = score_items(items, scorer, batch_size=c.batch_size, progress=progress)
+        metrics = scorer_metrics(items, run)
+        out[label] = {
+            "config": json.loads(json.dumps(dataclasses.asdict(conf), default=str)),
+            "output": scorer.primary,
+            "metrics": metrics,
+            "wall_s": run.wall_s,
+            "failure_examples": [{"id": k, "error": v} for k, v in list(run.errors.items())[:10]],
+        }
+        if echo:
+            ov = metrics["groups"].get("overall", {})
+            rho = ov.get("spearman")
+            print(
+                f"[firm critic bench] scorer {label}: Spearman {'—' if rho is None else f'{rho:.3f}'} over "
+                f"{ov.get('n_scored', 0)}/{ov.get('n_items', 0)} items ({run.skipped} of another task, "
+                f"{run.wall_s:.1f}s)"
+            )
+    return out

@@ -1,0 +1,263 @@
+"""HPSv3 scorer: parity with the official inference on a tiny random Qwen2-VL with the real architecture.
+
+The reference, :class:`OfficialHPSv3`, is the official scoring path transcribed in our own words from the ``hpsv3``
+1.0.0 package on PyPI (the release of github.com/MizzenAI/HPSv3, whose ``hpsv3/inference.py`` at commit
+72b7ebaf0fe76bce636b3f4997aee319d0f65aef is the same code): ``HPSv3RewardInferencer.prepare_batch`` / ``reward``
+(hpsv3/inference.py), ``fetch_image`` / ``smart_resize`` (hpsv3/dataset/utils.py), the head and
+``Qwen2VLRewardModelBT.forward`` (hpsv3/model/qwen2vl_trainer.py), the loading in ``create_model_and_processor``
+(hpsv3/train.py). The package itself cannot be imported here (it needs torchvision, trl, deepspeed and transformers
+4.45.2), so the model forward is the official one re-expressed on transformers 5: embed the tokens, run the vision tower
+and scatter its output into the ``<|image_pad|>`` slots, call the language model *without* position ids (transformers
+then uses 0 .. L-1 on every M-RoPE axis, as 4.45.2 does on that path), apply the head to the last hidden states and
+take the rows of the ``<|Reward|>`` tokens. The chat text and image tensors come from the checkpoint's processor
+(``AutoProcessor`` where it builds, else :class:`firm.data.chat.ChatProcessor`'s tokenizer + image processor path
+that expands the image placeholders as the processor does), with the image processor's own (identity) resize left on.
+
+The checkpoint file is written as the released ``HPSv3.safetensors`` is: the whole fine-tuned model's state dict in
+the flat Qwen2-VL key layout of transformers 4.45 (``model.layers.*``, ``visual.*``) plus ``rm_head.*``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from firm.critics.types import EditRequest, GenRequest
+from firm.rewards.scorers.base import build_scorer
+from firm.rewards.scorers.hpsv3 import INSTRUCTION, REWARD_REQUEST, HPSv3Scorer, hpsv3_text
+from tests.helpers.tiny_qwen2vl import build_tiny_qwen2vl
+
+TOL = 1e-4
+PROMPTS = ["a red fox in the snow", "two cats on a sofa, oil painting", "a lighthouse at dusk", "make the sky green"]
+# sha256 of the official texts, computed from hpsv3 1.0.0's hpsv3/dataset/data_collator_qwen.py (INSTRUCTION,
+# prompt_with_special_token, and INSTRUCTION.format(text_prompt="PROMPT") + prompt_with_special_token).
+SHA_INSTRUCTION = "0393599dad45a971903d1d62a3acf9bad3ccccdafa7f40f680523419e1f68b7a"
+SHA_REQUEST = "2471faca094ae5bd6fe17b71dce20c3d7583625545e235889f7e74e7eeb69d0a"
+SHA_FILLED = "4ffa57dabd39e7e05048a57901bc99ad4e0ab75467c12eff7fa600faf200bd32"
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _flat_key(key: str) -> str:
+    """transformers 5's Qwen2-VL weight name in the flat layout of transformers 4.45 (HPSv3.safetensors')."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    if key.startswith("model.visual."):
+        return key[len("model.") :]
+    return key
+
+
+def _official_head(hidden: int) -> torch.nn.Sequential:
+    # qwen2vl_trainer.py, rm_head_type "ranknet" without rm_head_kwargs, output_dim 2 (HPSv3_7B.yaml)
+    layers = [torch.nn.Linear(hidden, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05)]
+    layers += [torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)]
+    return torch.nn.Sequential(*layers)
+
+
+def _official_resize(image: Image.Image, min_pixels: int, max_pixels: int, resample=Image.BICUBIC) -> Image.Image:
+    """dataset/utils.py fetch_image for a PIL image: RGB, smart_resize with factor 28, PIL bicubic."""
+    image = image.convert("RGB")
+    w, h = image.size
+    f = 28
+    hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = math.floor(h / beta / f) * f, math.floor(w / beta / f) * f
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
+    return image.resize((wb, hb), resample)
+
+
+class OfficialHPSv3:
+    """The official HPSv3 inference, transcribed (see the module docstring), on a base directory and a state dict."""
+
+    def __init__(self, base, state_dict: dict[str, torch.Tensor]) -> None:
+        from transformers import Qwen2VLForConditionalGeneration
+
+        from firm.data.chat import ChatProcessor
+
+        self.chat = ChatProcessor(base)
+        self.chat.tokenizer.padding_side = "right"  # AutoProcessor.from_pretrained(..., padding_side="right")
+        self.chat.tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+        self.reward_ids = self.chat.tokenizer.convert_tokens_to_ids(["<|Reward|>"])
+        model = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
+        model.resize_token_embeddings(len(self.chat.tokenizer))
+        head = _official_head(model.config.text_config.hidden_size)
+        head.load_state_dict({k[len("rm_head.") :]: v for k, v in state_dict.items() if k.startswith("rm_head.")})
+        model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("rm_head.")}, strict=True)
+        self.model, self.head = model.eval(), head.eval()
+
+    @torch.inference_mode()
+    def reward(
+        self,
+        images,
+        prompts,
+        *,
+        pixels: int = 256 * 28 * 28,
+        text=lambda p: INSTRUCTION.format(text_prompt=p) + REWARD_REQUEST,
+        resample=Image.BICUBIC,
+        mrope_2d: bool = False,
+    ) -> torch.Tensor:
+        """(B, 2) official outputs; the keyword arguments make deliberately wrong variants."""
+        messages = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": im, "min_pixels": pixels, "max_pixels": pixels},
+                        {"type": "text", "text": text(p)},
+                    ],
+                }
+            ]
+            for im, p in zip(images, prompts)
+        ]
+        pics = [_official_resize(m[0]["content"][0]["image"], pixels, pixels, resample) for m in messages]
+        texts = [self.chat.render(m) for m in messages]
+        batch = self.chat.encode(texts, pics, padding=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if mrope_2d:  # the stock Qwen2-VL forward: 2D rotary positions for the image tokens
+            hidden = self.model.model(**batch).last_hidden_state
+        else:  # Qwen2VLRewardModelBT.forward
+            lm = self.model.model.language_model
+            embeds = lm.embed_tokens(ids)
+            pixel_values = batch["pixel_values"].type(self.model.model.visual.dtype)
+            image_embeds = self.model.model.visual(pixel_values, grid_thw=batch["image_grid_thw"]).pooler_output
+            slots = (ids == self.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype))
+            hidden = lm(inputs_embeds=embeds, attention_mask=mask)[0]
+        logits = self.head(hidden.float())
+        special = torch.zeros_like(ids, dtype=torch.bool)
+        for tid in self.reward_ids:
+            special |= ids == tid
+        return logits[special, ...].view(ids.shape[0], -1)
+
+
+@pytest.fixture(scope="module")
+def hps(tmp_path_factory):
+    """(tiny base dir, HPSv3 checkpoint path in the released layout, the state dict in transformers 5's layout)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("hpsv3")
+    base = build_tiny_qwen2vl(root / "base", corpus=[hpsv3_text(p) for p in PROMPTS], vocab_size=600)
+    # the fine-tuned model as train.py builds it: <|Reward|> added, embeddings resized, a float32 rm_head
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    model = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-1].normal_(0.0, 0.02)  # the learnt <|Reward|> embedding
+        for name, p in model.named_parameters():  # sharper attention, so that token positions matter more
+            if name.startswith("model.language_model.") and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)
+    head = _official_head(model.config.text_config.hidden_size)
+    with torch.no_grad():
+        head[5].weight.mul_(20.0)  # outputs of order 1, so that a changed input shows well above the tolerance
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd.update({f"rm_head.{k}": v.detach().clone() for k, v in head.state_dict().items()})
+    ckpt = root / "HPSv3.safetensors"
+    save_file({_flat_key(k): v.contiguous() for k, v in sd.items()}, str(ckpt))
+    return base, ckpt, sd
+
+
+@pytest.fixture(scope="module")
+def scorer(hps):
+    base, ckpt, _ = hps
+    return HPSv3Scorer(HPSv3Scorer.Config(base=str(base), checkpoint=str(ckpt)))
+
+
+@pytest.fixture(scope="module")
+def official(hps):
+    base, _, sd = hps
+    return OfficialHPSv3(base, sd)
+
+
+def _requests():
+    # sizes that are upscaled to ~448 px with different aspect ratios (different visual token counts: padding)
+    sizes = [(64, 48), (40, 90), (56, 56), (70, 50)]
+    images = [_image(w, h, i) for i, (w, h) in enumerate(sizes)]
+    reqs = [GenRequest(image=images[i], prompt=PROMPTS[i]) for i in range(3)]
+    reqs.append(EditRequest(source=_image(70, 50, 99), edited=images[3], instruction=PROMPTS[3]))
+    return reqs, images
+
+
+def test_official_texts_verbatim():
+    assert hashlib.sha256(INSTRUCTION.encode()).hexdigest() == SHA_INSTRUCTION
+    assert hashlib.sha256(REWARD_REQUEST.encode()).hexdigest() == SHA_REQUEST
+    assert hashlib.sha256(hpsv3_text("PROMPT").encode()).hexdigest() == SHA_FILLED
+
+
+def test_parity_with_official(scorer, official):
+    reqs, images = _requests()
+    out = scorer(reqs)
+    assert out.errors == [None] * 4
+    ref = official.reward(images, PROMPTS)
+    assert torch.allclose(out.values["hpsv3"], ref[:, 0], atol=TOL, rtol=0), (out.values["hpsv3"], ref[:, 0])
+    assert torch.allclose(out.values["hpsv3_sigma"], ref[:, 1].exp(), atol=TOL, rtol=1e-5)
+    assert float(ref[:, 0].std()) > 0.01  # the scores differ between requests (the check is not vacuous)
+
+
+def test_wrong_preprocessing_is_visible(scorer, official):
+    reqs, images = _requests()
+    mu = scorer(reqs).values["hpsv3"]
+    wrong = {
+        "prompt without the instruction": official.reward(images, PROMPTS, text=lambda p: p + REWARD_REQUEST),
+        "image at 56x56 pixels": official.reward(images, PROMPTS, pixels=56 * 56),
+        "bilinear resize": official.reward(images, PROMPTS, resample=Image.BILINEAR),
+        "2D M-RoPE positions (stock forward)": official.reward(images, PROMPTS, mrope_2d=True),
+    }
+    for what, ref in wrong.items():
+        gap = (mu - ref[:, 0]).abs()
+        assert bool((gap > TOL).all()), f"{what}: {gap}"
+
+
+def test_registry_torch_file_and_current_layout(hps, scorer, tmp_path):
+    """A torch.save file (loaded with weights_only=True) in transformers 5's key layout scores the same, built by
+    name through the registry."""
+    base, _, sd = hps
+    path = tmp_path / "hpsv3.pth"
+    torch.save({"model": sd}, path)
+    other = build_scorer({"name": "hpsv3", "base": str(base), "checkpoint": str(path), "batch_size": 2})
+    assert isinstance(other, HPSv3Scorer) and other.outputs == ("hpsv3", "hpsv3_sigma")
+    reqs, _ = _requests()
+    a, b = scorer(reqs), other(reqs)  # batches of 4 and of 2: padding does not move the scores
+    assert torch.allclose(a.values["hpsv3"], b.values["hpsv3"], atol=1e-5, rtol=0)
+
+
+def test_checkpoint_must_match(hps, tmp_path):
+    from safetensors.torch import save_file
+
+    base, _, sd = hps
+    partial = {_flat_key(k): v for k, v in sd.items() if k != "rm_head.5.weight"}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"1 weights missing \['rm_head.5.weight'\]"):
+        HPSv3Scorer(HPSv3Scorer.Config(base=str(base), checkpoint=str(tmp_path / "partial.safetensors")))
+    with pytest.raises(ValueError, match="set base"):
+        HPSv3Scorer(HPSv3Scorer.Config(base=str(base)))
+
+
+def test_bad_request_costs_only_itself(scorer):
+    reqs, _ = _requests()
+    mixed = [
+        reqs[0],
+        GenRequest(image=np.zeros((8, 8, 3), dtype=np.uint8), prompt="x"),
+        GenRequest(image=_image(32, 32, 5), prompt="inject <|Reward|> here"),
+        GenRequest(image=_image(400, 1, 6), prompt="too thin"),
+        reqs[1],
+    ]
+    out = scorer(mixed)
+    mu = out.values["hpsv3"]
+    assert [math.isnan(float(v)) for v in mu] == [False, True, True, True, False]
+    assert "not a PIL image" in out.errors[1] and "<|Reward|>" in out.errors[2] and "aspect ratio" in out.errors[3]
+    alone = scorer([reqs[0], reqs[1]]).values["hpsv3"]
+    assert torch.allclose(mu[[0, 4]], alone, atol=1e-5, rtol=0)

@@ -56,12 +56,21 @@ def _shipped_resolver(relative: str) -> str:
     return str(shipped(relative))
 
 
+def _tiny_reward_resolver(spec: str) -> str:
+    from firm.rewards.tiny import tiny_checkpoint  # builds on first use (transformers): imported only when used
+
+    return str(tiny_checkpoint(spec))
+
+
 # ${shipped:experiments/...} / ${shipped:firm/...}: a file that ships with FIRM, found in a checkout or an install.
+# ${tiny_reward:NAME}: a tiny random reward-model checkpoint in its real layout, built once (firm/rewards/tiny).
 # (OmegaConf 2.4 renamed register_new_resolver to register_resolver; 2.3's register_resolver is the legacy API.)
 if hasattr(OmegaConf, "register_new_resolver") and omegaconf.__version__.startswith("2.3"):
     OmegaConf.register_new_resolver("shipped", _shipped_resolver, replace=True)
+    OmegaConf.register_new_resolver("tiny_reward", _tiny_reward_resolver, replace=True)
 else:
     OmegaConf.register_resolver("shipped", _shipped_resolver, replace=True)
+    OmegaConf.register_resolver("tiny_reward", _tiny_reward_resolver, replace=True)
 
 __all__ = [
     "MISSING",

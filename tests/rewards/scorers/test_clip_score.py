@@ -19,7 +19,7 @@ import torch
 
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.scorers.base import build_scorer
-from tests.helpers import tiny_clip
+from firm.rewards.tiny import clip as tiny_clip
 
 ATOL = 1e-4  # on the 0..100 scale (float32: batch of pairs vs one pair at a time)
 

@@ -16,7 +16,7 @@ import torch
 
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.scorers.base import build_scorer
-from tests.helpers import tiny_clip
+from firm.rewards.tiny import clip as tiny_clip
 
 TOL = 1e-5  # relative and absolute
 

@@ -30,7 +30,7 @@ from PIL import Image
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.scorers.base import build_scorer
 from firm.rewards.scorers.hpsv3 import INSTRUCTION, REWARD_REQUEST, HPSv3Scorer, hpsv3_text
-from tests.helpers.tiny_qwen2vl import build_tiny_qwen2vl
+from firm.rewards.tiny.qwen2vl import build_tiny_hpsv3, flat_key
 
 TOL = 1e-4
 PROMPTS = ["a red fox in the snow", "two cats on a sofa, oil painting", "a lighthouse at dusk", "make the sky green"]
@@ -44,15 +44,6 @@ SHA_FILLED = "4ffa57dabd39e7e05048a57901bc99ad4e0ab75467c12eff7fa600faf200bd32"
 def _image(w: int, h: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _flat_key(key: str) -> str:
-    """transformers 5's Qwen2-VL weight name in the flat layout of transformers 4.45 (HPSv3.safetensors')."""
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model.") :]
-    if key.startswith("model.visual."):
-        return key[len("model.") :]
-    return key
 
 
 def _official_head(hidden: int) -> torch.nn.Sequential:
@@ -143,31 +134,11 @@ class OfficialHPSv3:
 
 @pytest.fixture(scope="module")
 def hps(tmp_path_factory):
-    """(tiny base dir, HPSv3 checkpoint path in the released layout, the state dict in transformers 5's layout)."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-
+    """(tiny base dir, HPSv3 checkpoint path in the released layout, the state dict in transformers 5's layout);
+    sharper attention (so that token positions matter more) and a head with outputs of order 1 (so that a changed
+    input shows well above the tolerance)."""
     root = tmp_path_factory.mktemp("hpsv3")
-    base = build_tiny_qwen2vl(root / "base", corpus=[hpsv3_text(p) for p in PROMPTS], vocab_size=600)
-    # the fine-tuned model as train.py builds it: <|Reward|> added, embeddings resized, a float32 rm_head
-    tok = AutoTokenizer.from_pretrained(base)
-    tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
-    model = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[-1].normal_(0.0, 0.02)  # the learnt <|Reward|> embedding
-        for name, p in model.named_parameters():  # sharper attention, so that token positions matter more
-            if name.startswith("model.language_model.") and name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(6.0)
-    head = _official_head(model.config.text_config.hidden_size)
-    with torch.no_grad():
-        head[5].weight.mul_(20.0)  # outputs of order 1, so that a changed input shows well above the tolerance
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sd.update({f"rm_head.{k}": v.detach().clone() for k, v in head.state_dict().items()})
-    ckpt = root / "HPSv3.safetensors"
-    save_file({_flat_key(k): v.contiguous() for k, v in sd.items()}, str(ckpt))
-    return base, ckpt, sd
+    return build_tiny_hpsv3(root, corpus=[hpsv3_text(p) for p in PROMPTS], qk_scale=6.0, head_scale=20.0)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +209,7 @@ def test_checkpoint_must_match(hps, tmp_path):
     from safetensors.torch import save_file
 
     base, _, sd = hps
-    partial = {_flat_key(k): v for k, v in sd.items() if k != "rm_head.5.weight"}
+    partial = {flat_key(k): v for k, v in sd.items() if k != "rm_head.5.weight"}
     save_file(partial, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match=r"1 weights missing \['rm_head.5.weight'\]"):
         HPSv3Scorer(HPSv3Scorer.Config(base=str(base), checkpoint=str(tmp_path / "partial.safetensors")))

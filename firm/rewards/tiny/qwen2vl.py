@@ -156,3 +156,59 @@ def build_tiny_qwen2vl(
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     return path
+
+
+def flat_key(key: str) -> str:
+    """transformers 5's Qwen2-VL weight name in transformers 4.45's flat layout (the released HPSv3.safetensors')."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    if key.startswith("model.visual."):
+        return key[len("model.") :]
+    return key
+
+
+def hpsv3_head(hidden: int) -> torch.nn.Sequential:
+    """HPSv3's reward head: qwen2vl_trainer.py, rm_head_type "ranknet" without rm_head_kwargs, output_dim 2."""
+    layers = [torch.nn.Linear(hidden, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05)]
+    layers += [torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)]
+    return torch.nn.Sequential(*layers)
+
+
+def build_tiny_hpsv3(
+    root: str | Path, *, corpus: Sequence[str] = (), qk_scale: float = 1.0, head_scale: float = 1.0, seed: int = 0
+) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A tiny HPSv3 release: ``root/base`` (a tiny Qwen2-VL, as Qwen2-VL-7B-Instruct ships) and
+    ``root/HPSv3.safetensors`` (the whole fine-tuned model, as MizzenAI/HPSv3 ships it: ``<|Reward|>`` added to the
+    vocabulary, embeddings resized, the float32 ``rm_head``, keys in the transformers 4.45 layout).
+
+    Args:
+        corpus: texts the tokenizer is trained on.
+        qk_scale: multiplies the language model's query / key weights (sharper attention: positions matter more).
+        head_scale: multiplies the head's last layer (outputs of order 1 rather than 0.01).
+
+    Returns:
+        ``(base dir, checkpoint file, the state dict in transformers 5's layout)``.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    root = Path(root)
+    base = build_tiny_qwen2vl(root / "base", corpus=corpus, vocab_size=600, seed=seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    model = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-1].normal_(0.0, 0.02)  # the learnt <|Reward|> embedding
+        for name, p in model.named_parameters():
+            if name.startswith("model.language_model.") and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(qk_scale)
+    head = hpsv3_head(model.config.text_config.hidden_size)
+    with torch.no_grad():
+        head[5].weight.mul_(head_scale)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd.update({f"rm_head.{k}": v.detach().clone() for k, v in head.state_dict().items()})
+    ckpt = root / "HPSv3.safetensors"
+    save_file({flat_key(k): v.contiguous() for k, v in sd.items()}, str(ckpt))
+    return base, ckpt, sd

@@ -81,6 +81,7 @@ SCORERS: dict[str, Any] = {
     "ocr": "firm.rewards.scorers.ocr:OCRScorer",  # quoted-text edit distance, read by GOT-OCR-2.0
     "vlm_judge": "firm.rewards.scorers.judges:VLMJudgeScorer",  # a VLM judge behind an OpenAI-compatible endpoint
     "remote": "firm.rewards.scorers.remote:RemoteScorer",  # a scorer served by `firm serve-reward` (own venv)
+    "jpeg_compressibility": "firm.rewards.scorers.jpeg:JPEGCompressibilityScorer",  # -JPEG kB / 500 (DDPO, Flow-GRPO)
 }
 
 # Curation teachers (firm.curation.teachers.Teacher): class with a nested Config, built as `cls(config)`.

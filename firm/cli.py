@@ -35,12 +35,14 @@ PROVIDERS: list[str] = [
     "firm.kernels_cli",
     "firm.synthetic.cli",
     "firm.synthetic.recipes.cli",
+    "firm.rewards.serve",
 ]
 
 # `firm NOUN ...`: the groups of actions, with their one-line help.
 NOUNS: dict[str, str] = {
     "critic": "critics: score a folder, serve, export a trained one, benchmark on FIRM-Bench",
     "policy": "policies: export a trained LoRA",
+    "reward": "reward scorers: serve one over HTTP (from its own Python environment)",
     "data": "reward-data shards: import and inspect",
     "profile": "where the time of an RL step goes",
     "kernels": "the fused Triton kernels: time them against torch, or write a profiler trace",

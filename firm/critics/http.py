@@ -83,17 +83,22 @@ __all__ = [
 
 
 def to_openai_messages(messages: list[dict], fmt: str = "png", quality: int = 95, cache: dict | None = None) -> list:
-    """Neutral messages (PIL images inline) -> OpenAI chat messages with data-URL images."""
+    """Neutral messages (PIL images inline) -> OpenAI chat messages with data-URL images.
+
+    ``cache`` (shared over calls) encodes an image object once. It keeps the image alive next to its URL: it is keyed
+    by ``id()``, and the id of an image freed meanwhile (a prepared copy) could otherwise be reused by another one.
+    """
     cache = {} if cache is None else cache
     out = []
     for m in messages:
         parts = []
         for c in m["content"]:
             if c["type"] == "image":
-                key = id(c["image"])
-                if key not in cache:
-                    cache[key] = image_data_url(c["image"], fmt, quality)
-                parts.append({"type": "image_url", "image_url": {"url": cache[key]}})
+                img = c["image"]
+                hit = cache.get(id(img))
+                if hit is None or hit[0] is not img:
+                    hit = cache[id(img)] = (img, image_data_url(img, fmt, quality))
+                parts.append({"type": "image_url", "image_url": {"url": hit[1]}})
             else:
                 parts.append({"type": "text", "text": c["text"]})
         if m["role"] == "system" and all(p["type"] == "text" for p in parts):

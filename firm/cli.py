@@ -35,7 +35,7 @@ PROVIDERS: list[str] = [
     "firm.kernels_cli",
     "firm.synthetic.cli",
     "firm.synthetic.recipes.cli",
-    "firm.rewards.serve",
+    "firm.rewards_cli",
 ]
 
 # `firm NOUN ...`: the groups of actions, with their one-line help.

@@ -80,7 +80,7 @@ SCORERS: dict[str, Any] = {
     "editreward": "firm.rewards.scorers.editreward:EditRewardScorer",  # EditReward (Qwen2.5-VL + reward head)
     "ocr": "firm.rewards.scorers.ocr:OCRScorer",  # quoted-text edit distance, read by GOT-OCR-2.0
     "vlm_judge": "firm.rewards.scorers.judges:VLMJudgeScorer",  # a VLM judge behind an OpenAI-compatible endpoint
-    "remote": "firm.rewards.scorers.remote:RemoteScorer",  # a scorer served by `firm serve-reward` (own venv)
+    "remote": "firm.rewards.scorers.remote:RemoteScorer",  # a scorer served by `firm reward serve` (own venv)
     "jpeg_compressibility": "firm.rewards.scorers.jpeg:JPEGCompressibilityScorer",  # -JPEG kB / 500 (DDPO, Flow-GRPO)
 }
 

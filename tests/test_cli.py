@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "eval": ("firm.eval.cli", "firm.eval", ()),
     "critic score": ("firm.critics.cli", "firm.critics", ("firm.rewards",)),  # it writes the combined reward too
     "critic serve": ("firm.critics.cli", "firm.critics", ()),
+    "reward serve": ("firm.rewards_cli", "firm.rewards", ()),  # beside firm/rewards/: importing it imports torch
     "critic export": ("firm.critics.cli", "firm.critics", ()),
     "critic bench": ("firm.bench.cli", "firm.bench", ()),
     "critic bench-convert": ("firm.bench.cli", "firm.bench", ()),

@@ -461,3 +461,17 @@ def test_image_reward_served_from_its_environment_matches_the_package(tmp_path):
     config = {"checkpoint": "ImageReward-tiny.pt", "med_config": "med_config.json"}
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     _official_parity(tmp_path, python, IMAGEREWARD_OFFICIAL, "image_reward", config, env, atol=1e-5)
+
+
+def test_the_cli_defaults_are_the_servers_limits():
+    import firm.rewards_cli as cli
+    from firm.images import MAX_IMAGE_PIXELS
+    from firm.rewards import serve
+    from firm.rewards.scorers.remote import API_KEY_ENV
+
+    assert (cli.MAX_REQUESTS, cli.MAX_REQUEST_BYTES, cli.MAX_TEXT_CHARS) == (
+        serve.MAX_REQUESTS,
+        serve.MAX_REQUEST_BYTES,
+        serve.MAX_TEXT_CHARS,
+    )
+    assert (cli.MAX_IMAGE_PIXELS, cli.API_KEY_ENV) == (MAX_IMAGE_PIXELS, API_KEY_ENV)

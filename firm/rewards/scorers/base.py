@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,10 +112,16 @@ def request_task(r: Any) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``device`` as a torch device, with a clear error when it names a GPU this machine lacks."""
+    """``device`` as a torch device, with a clear error when it names a GPU this machine lacks.
+
+    A bare ``cuda`` means this process's GPU: ``cuda:$LOCAL_RANK`` under a multi-process launch (torchrun, Lightning's
+    DDP / FSDP2 launchers), since scorers are built before the trainer selects each process's device.
+    """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"scorer device {device!r}: CUDA is not available here; use device: cpu")
+    if dev.type == "cuda" and dev.index is None and os.environ.get("LOCAL_RANK", "").isdigit():
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return dev
 
 

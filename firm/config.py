@@ -57,7 +57,7 @@ def _shipped_resolver(relative: str) -> str:
 
 
 def _tiny_reward_resolver(spec: str) -> str:
-    from firm.rewards.tiny import tiny_checkpoint  # builds on first use (transformers): imported only when used
+    from firm.tiny_checkpoints import tiny_checkpoint  # builds on first use (the builders import transformers)
 
     return str(tiny_checkpoint(spec))
 

@@ -495,7 +495,7 @@ def test_bench_flags_errors_name_the_key(bench_dir, tmp_path):
         load(["critic.default_score=high"])
     with pytest.raises(ConfigError, match=r"--critic\): 'critics\.nonexistent\.name': unknown critic 'nonexistent'"):
         load([], critics=["nonexistent"])
-    with pytest.raises(ConfigError, match="invalid value for 'critics': no critic to evaluate"):
+    with pytest.raises(ConfigError, match="invalid value for 'critics': nothing to evaluate"):
         load([], critics=[])
     with pytest.raises(ConfigError, match="unknown key 'limt'.*Did you mean.*'limit'"):
         load(["limt=3"])

@@ -211,7 +211,19 @@ def test_the_wall_check_sees_an_import_of_the_library():
 # whatever its folder. docs/architecture.md draws the same table.
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("leaves", ("firm.vocab", "firm.images", "firm.paths", "firm.provenance", "firm.templates", "firm.registry")),
+    (
+        "leaves",
+        (
+            "firm.vocab",
+            "firm.images",
+            "firm.paths",
+            "firm.provenance",
+            "firm.templates",
+            "firm.registry",
+            "firm.devices",
+            "firm.tiny_checkpoints",
+        ),
+    ),
     ("kernels", ("firm.kernels",)),
     ("config", ("firm.config", "firm.module")),
     ("data", ("firm.data",)),
@@ -221,7 +233,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("algorithms", ("firm.algorithms", "firm.toy")),
     ("runner", ("firm.runner",)),
     ("tools", ("firm.eval", "firm.profile", "firm.plan", "firm.doctor")),
-    ("commands", ("firm.cli", "firm.__main__", "firm.kernels_cli")),
+    ("commands", ("firm.cli", "firm.__main__", "firm.kernels_cli", "firm.rewards_cli")),
     ("plugin", ("firm.synthetic",)),
 )
 COMMANDS = next(i for i, (name, _) in enumerate(LAYERS) if name == "commands")

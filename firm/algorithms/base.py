@@ -73,6 +73,8 @@ def build_reward(c: RLConfig) -> RewardMix:
         "on_failure": c.reward_failure,
         "parallel": c.reward_parallel,
     }
+    if c.critic is None and not any(v is not None for v in (c.rewards or {}).values()):
+        raise ValueError("module: give the reward: a `critic:` section (with `reward:`) or a `rewards:` mix")
     if c.critic is not None:
         conf = CriticScorer.Config(task=c.task, critic=c.critic, reward=c.reward, dimensions=c.critic_dimensions)
         return RewardMix({"critic": CriticScorer(conf)}, **kwargs)

@@ -98,8 +98,6 @@ class RLConfig:
         if s.log_prob is not None and s.log_prob not in LOG_PROB_FORMS:
             raise ValueError(f"module.sampler.log_prob must be one of {LOG_PROB_FORMS} or null, got {s.log_prob!r}")
         has_mix = any(v is not None for v in (self.rewards or {}).values())
-        if self.critic is None and not has_mix:
-            raise ValueError("module: give the reward: a `critic:` section (with `reward:`) or a `rewards:` mix")
         if self.critic is not None and has_mix:
             raise ValueError(
                 "module: give either `critic:` + `reward:` or a `rewards:` mix, not both; put the critic in the mix as "

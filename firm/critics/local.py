@@ -27,6 +27,7 @@ from firm.critics.expected import SCORE_DIGITS, expected_score
 from firm.critics.prompts import PromptConfig, PromptSet
 from firm.critics.types import CriticRequest, CriticResult
 from firm.data.chat import ChatEncoder, split_images
+from firm.devices import process_device
 
 __all__ = ["ChatEncoder", "Generation", "LocalCritic", "TokenLogprob", "critic_checkpoint", "split_images"]
 
@@ -184,12 +185,8 @@ class LocalCritic(PromptedCritic):
 
     @staticmethod
     def _pick_device(device: str) -> torch.device:
-        if device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        d = torch.device(device)
-        if d.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"local critic: device {device!r} requested but CUDA is not available")
-        return d
+        """``auto``, ``cpu``, ``cuda`` (this process's GPU) or ``cuda:N`` (:func:`firm.devices.process_device`)."""
+        return process_device(device, "local critic: device")
 
     @staticmethod
     def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

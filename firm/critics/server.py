@@ -523,12 +523,12 @@ def build_server(
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "firm"}]}
 
     server.app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=[Depends(api.authorize)])
-    server.app.add_exception_handler(RequestValidationError, _validation_error)
-    server.app.add_exception_handler(StarletteHTTPException, _http_error)
+    server.app.add_exception_handler(RequestValidationError, validation_error_handler)
+    server.app.add_exception_handler(StarletteHTTPException, http_error_handler)
     return server
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     """HTTP 400 in OpenAI's error format, naming each invalid field (OpenAI and vLLM answer 400, not FastAPI's 422).
     Nothing of the request is echoed (FastAPI's own handler returns the invalid input, a whole image included, and
     an input such as NaN cannot be written as JSON: the client got HTTP 500 instead of the reason)."""
@@ -544,7 +544,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse(status_code=400, content=error_body(400, message, param=param))
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Every other error (401, 404 of an unknown path, 413 of a body over the limit, 503, 504) in OpenAI's format."""
     message = exc.detail if isinstance(exc.detail, str) else "error"
     code = "invalid_api_key" if exc.status_code == 401 else None

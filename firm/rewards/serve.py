@@ -57,7 +57,7 @@ from PIL import UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from firm.critics.server import CriticAPI, _http_error, _validation_error, error_body, serve
+from firm.critics.server import CriticAPI, error_body, http_error_handler, serve, validation_error_handler
 from firm.critics.types import EditRequest, GenRequest
 from firm.images import MAX_IMAGE_PIXELS, ImageTooLargeError, UnsupportedImageError
 from firm.images import decode as decode_image
@@ -314,8 +314,8 @@ def build_server(
         max_payload_size=max_request_bytes,  # bytes; larger bodies get HTTP 413 while they are being read
         disable_openapi_url=True,  # no /openapi.json, /docs or /redoc
     )
-    server.app.add_exception_handler(RequestValidationError, _validation_error)
-    server.app.add_exception_handler(StarletteHTTPException, _http_error)
+    server.app.add_exception_handler(RequestValidationError, validation_error_handler)
+    server.app.add_exception_handler(StarletteHTTPException, http_error_handler)
     return server
 
 

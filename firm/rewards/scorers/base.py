@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 
 from firm.critics.types import EditRequest, GenRequest
+from firm.devices import process_device
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,9 @@ def request_task(r: Any) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``device`` as a torch device, with a clear error when it names a GPU this machine lacks.
-
-    A bare ``cuda`` means this process's GPU: ``cuda:$LOCAL_RANK`` under a multi-process launch (torchrun, Lightning's
-    DDP / FSDP2 launchers), since scorers are built before the trainer selects each process's device.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"scorer device {device!r}: CUDA is not available here; use device: cpu")
-    if dev.type == "cuda" and dev.index is None and os.environ.get("LOCAL_RANK", "").isdigit():
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return dev
+    """``device`` as a torch device for this process (a bare ``cuda`` is ``cuda:$LOCAL_RANK`` under a multi-process
+    launch; :func:`firm.devices.process_device`), with a clear error when it names a GPU this machine lacks."""
+    return process_device(device, "scorer device")
 
 
 class Scorer:

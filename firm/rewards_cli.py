@@ -15,6 +15,7 @@ MAX_REQUESTS = 256
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_REQUEST_BYTES = 256 * 2**20
 MAX_TEXT_CHARS = 20_000
+MAX_POST_PIXELS = 128 * 2**20
 
 
 def _cmd_serve_reward(args: argparse.Namespace) -> int:
@@ -69,6 +70,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=MAX_TEXT_CHARS,
         help=f"longest prompt or instruction; a longer one is refused alone (default {MAX_TEXT_CHARS}; 0: no limit)",
+    )
+    p.add_argument(
+        "--max-post-pixels",
+        type=int,
+        default=MAX_POST_PIXELS,
+        help="all images of one POST, decoded, in pixels; more gets HTTP 413 (default 128 Mi; 0: no limit)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a POST may wait in the queue")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")

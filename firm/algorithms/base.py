@@ -325,8 +325,8 @@ class RLAlgorithm(FirmModule):
         if self.config.reward_mix == "gdpo":
             if terms is None:
                 raise ValueError("reward_mix: gdpo needs the reward mix's terms")
-            weights = self.reward_fn.weights
-            mix = lambda t, g: gdpo_advantages(t, g, weights.to(t.device))  # noqa: E731
+            weights, eps = self.reward_fn.weights, self.config.zero_std_eps
+            mix = lambda t, g: gdpo_advantages(t, g, weights.to(t.device), zero_std_eps=eps)  # noqa: E731
         return world_advantages(
             rewards,
             groups,

@@ -28,11 +28,11 @@ import torch
 
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.functions import RewardOutput
-from firm.rewards.mix import RewardStopped
+from firm.rewards.mix import CALL_FAILURES, RewardStopped
 
 log = logging.getLogger(__name__)
 
-FAILURE_MODES = ("raise", "missing")
+FAILURE_MODES = CALL_FAILURES  # critic_failure: a chunk whose scoring call raises
 
 
 def missing_output(n: int, dimensions: Sequence[str], error: str, terms: Sequence[str] = ()) -> RewardOutput:

@@ -22,7 +22,6 @@ or counts the chunk as missing (``missing``; logged as ``reward/critic_failures`
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,6 +109,8 @@ class RewardMix:
                 seen[out] = label
         if all(t.weight == 0 for t in self.terms):
             raise ValueError("module.rewards: every weight is 0, so every reward would be 0")
+        # A scorer of weight 0 is logged only: its scores (and failures) do not enter the reward.
+        self.terms = [t for t in self.terms if t.weight != 0]
         self.dimensions = tuple(seen)  # every output, for logging and for missing chunks
         self.term_names = tuple(t.label for t in self.terms)
         self.weights = torch.tensor([t.weight for t in self.terms], dtype=torch.float32)
@@ -169,8 +170,14 @@ class RewardMix:
         return RewardOutput(rewards=rewards, components=components, missing=missing, results=results, terms=terms)
 
     def close(self) -> None:
+        """Stop the mix's threads and close every scorer that holds connections or threads of its own."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        for sc in self.scorers.values():
+            close = getattr(sc, "close", None)
+            if callable(close):
+                close()
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{t.label}: {t.weight:g} x {t.output}" for t in self.terms)
@@ -178,14 +185,21 @@ class RewardMix:
 
 
 def gdpo_advantages(
-    terms: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor, *, std_floor: float = 1e-6
+    terms: torch.Tensor,
+    groups: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    std_floor: float = 1e-6,
+    zero_std_eps: float = 1e-6,
 ) -> torch.Tensor:
     """GDPO advantages of a whole batch: per-term group z-scores, weighted, summed, then z-scored over the batch.
 
     For term k of sample i in prompt group g: ``z_k = (r_k - mean_g(r_k)) / max(std_g(r_k), std_floor)``; then
     ``a = sum_k w_k z_k`` and ``A = (a - mean(a)) / max(std(a), std_floor)``, population stds throughout (as
     Flow-Factory's ``compute_gdpo``, flow_factory/advantage/advantage_processor.py). Samples with a missing term take
-    no part in any statistic and get advantage 0.
+    no part in any statistic and get advantage 0. Computed in float64, and a term whose std within a group is below
+    ``zero_std_eps`` gives that group exactly 0: a constant term carries no preference (in float32 its rounding noise,
+    divided by the floor, would).
 
     Args:
         terms: (N, K) float, NaN where missing.
@@ -195,24 +209,22 @@ def gdpo_advantages(
     Returns:
         (N,) float32 advantages.
     """
-    terms = terms.to(torch.float32)
+    out_device = terms.device
+    terms = terms.to(torch.float64)
     valid = ~torch.isnan(terms).any(dim=1)
-    adv = torch.zeros(terms.shape[0], dtype=torch.float32, device=terms.device)
+    adv = torch.zeros(terms.shape[0], dtype=torch.float64, device=terms.device)
     if not bool(valid.any()):
-        return adv
+        return adv.to(torch.float32)
     r, g = terms[valid], groups[valid]
     _, inv = torch.unique(g, return_inverse=True)
     n_groups = int(inv.max()) + 1
-    count = torch.zeros(n_groups, device=r.device).index_add_(0, inv, torch.ones_like(inv, dtype=torch.float32))
-    mean = torch.zeros(n_groups, r.shape[1], device=r.device).index_add_(0, inv, r) / count[:, None]
+    f64 = {"dtype": torch.float64, "device": r.device}
+    count = torch.zeros(n_groups, **f64).index_add_(0, inv, torch.ones(inv.shape[0], **f64))
+    mean = torch.zeros(n_groups, r.shape[1], **f64).index_add_(0, inv, r) / count[:, None]
     dev = r - mean[inv]
-    var = torch.zeros(n_groups, r.shape[1], device=r.device).index_add_(0, inv, dev * dev) / count[:, None]
-    z = dev / var.sqrt().clamp_min(std_floor)[inv]
+    std = (torch.zeros(n_groups, r.shape[1], **f64).index_add_(0, inv, dev * dev) / count[:, None]).sqrt()
+    z = torch.where(std[inv] < zero_std_eps, torch.zeros_like(dev), dev / std.clamp_min(std_floor)[inv])
     a = (z * weights.to(z)).sum(dim=1)
     a = (a - a.mean()) / a.std(unbiased=False).clamp_min(std_floor)
     adv[valid] = a
-    return adv
-
-
-def nan_terms(n: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {k: torch.full((n,), math.nan, dtype=torch.float32) for k in names}
+    return adv.to(device=out_device, dtype=torch.float32)

@@ -75,6 +75,9 @@ OFFICIAL: dict[str, str] = {
 # Defaults of the limits. A POST is one batch of the remote scorer (16 by default); 256 leaves room for larger ones.
 MAX_REQUESTS = 256
 MAX_REQUEST_BYTES = 256 * 2**20  # 256 requests of 512 px PNG images fit well under it
+# All images of one POST, decoded (RGB: 3 bytes a pixel): a few KB of flat-colour PNG can decode to 16 MP, so the body
+# limit alone does not bound memory. 128 Mi pixels hold 256 edit requests of two 512 x 512 images.
+MAX_POST_PIXELS = 128 * 2**20
 MAX_TEXT_CHARS = 20_000  # a prompt or instruction; text scorers truncate to their context (77 tokens for CLIP)
 MAX_DETAIL_CHARS = 2000  # a request's details that are not JSON are sent as their repr, cut at this length
 
@@ -154,6 +157,7 @@ class ScorerAPI(ls.LitAPI):
         max_requests: int = MAX_REQUESTS,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         max_text_chars: int | None = MAX_TEXT_CHARS,
+        max_post_pixels: int | None = MAX_POST_PIXELS,
     ) -> None:
         super().__init__(max_batch_size=1, api_path=SCORE_PATH)
         self.scorer_cls = scorer_cls
@@ -162,6 +166,7 @@ class ScorerAPI(ls.LitAPI):
         self.max_requests = max_requests
         self.max_image_pixels = max_image_pixels
         self.max_text_chars = max_text_chars
+        self.max_post_pixels = max_post_pixels
         self.scorer: Any = None  # set by setup(), in the inference worker
 
     def setup(self, device: str) -> None:
@@ -203,11 +208,20 @@ class ScorerAPI(ls.LitAPI):
         if n > self.max_requests:
             return _Refused(f"{n} requests in one POST; this server accepts at most {self.max_requests}", 413)
         items: list[Any] = []
+        pixels, cap = 0, self.max_post_pixels
         for i, raw in enumerate(request.requests):
             try:
-                items.append(self.decode_item(raw))
+                item = self.decode_item(raw)
             except ValueError as e:
                 items.append(_Bad(f"requests[{i}]: {e}"))
+                continue
+            images = (item.source, item.edited) if isinstance(item, EditRequest) else (item.image,)
+            pixels += sum(im.width * im.height for im in images)
+            if cap and pixels > cap:
+                return _Refused(
+                    f"the images of this POST decode to more than {cap} pixels (--max-post-pixels); send fewer", 413
+                )
+            items.append(item)
         return items
 
     def predict(self, items: Any) -> Any:
@@ -219,6 +233,7 @@ class ScorerAPI(ls.LitAPI):
         values = {k: [math.nan] * n for k in scorer.outputs}
         errors: list[str | None] = [None] * n
         details: list[Any] = [None] * n
+        call_errors: list[str] = []  # model calls that raised: the client's critic_failure decides (not a bad item)
         todo = []
         for i, it in enumerate(items):
             if isinstance(it, _Bad):
@@ -234,7 +249,9 @@ class ScorerAPI(ls.LitAPI):
                 log.exception("scorer %r raised", name)
                 for i in todo:
                     errors[i] = f"{name}: {type(e).__name__}: {e}"
+                call_errors.append(f"{name}: {type(e).__name__}: {e}")
             else:
+                call_errors.extend(out.call_errors)
                 for j, i in enumerate(todo):
                     for k in scorer.outputs:
                         values[k][i] = float(out.values[k][j])
@@ -246,6 +263,7 @@ class ScorerAPI(ls.LitAPI):
             "scores": {k: [v if math.isfinite(v) else None for v in col] for k, col in values.items()},
             "errors": errors,
             "details": details,
+            "call_errors": call_errors,
         }
 
     def encode_response(self, output: Any) -> Any:
@@ -276,6 +294,7 @@ def build_server(
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     max_request_bytes: int | None = MAX_REQUEST_BYTES,
     max_text_chars: int | None = MAX_TEXT_CHARS,
+    max_post_pixels: int | None = MAX_POST_PIXELS,
     timeout: float = 600.0,
 ) -> ls.LitServer:
     """A LitServer serving the scorer ``name`` (with ``overrides`` of its Config) at ``/v1/score``.
@@ -304,6 +323,7 @@ def build_server(
         max_requests=max_requests,
         max_image_pixels=max_image_pixels,
         max_text_chars=max_text_chars,
+        max_post_pixels=max_post_pixels,
     )
     server = ls.LitServer(
         api,
@@ -354,6 +374,7 @@ def server_from_args(args: argparse.Namespace) -> tuple[ls.LitServer, str]:
         max_image_pixels=args.max_image_pixels or None,
         max_request_bytes=int(args.max_request_mb * 2**20) if args.max_request_mb else None,
         max_text_chars=args.max_text_chars or None,
+        max_post_pixels=args.max_post_pixels or None,
         timeout=args.timeout,
     )
     return server, host

@@ -170,3 +170,48 @@ def test_delayed_scorer_and_parallel_mix_keep_the_scores():
     slow = DelayedScorer(DelayedScorer.Config(inner=Redness(Redness.Config()), seconds=0.01))
     out = RewardMix({"critic": critic_scorer(), "red": slow}, parallel=True)(reqs)
     assert torch.equal(out.rewards, plain.rewards)
+
+
+def test_gdpo_gives_exact_zeros_to_constant_groups():
+    # judges with discrete scores (0.8 = 4 / 5 is not exact in binary) often give a whole group one value
+    groups = torch.arange(48) // 16
+    terms = torch.tensor([[0.8, 0.7]] * 16 + [[0.3, 0.7]] * 16 + [[0.8, 0.1]] * 16)
+    assert torch.equal(gdpo_advantages(terms, groups, torch.tensor([1.0, 1.0])), torch.zeros(48))
+    terms[40, 0] = 0.81  # one real preference: only its group moves
+    adv = gdpo_advantages(terms, groups, torch.tensor([1.0, 1.0]))
+    assert torch.equal(adv[:32], torch.zeros(32)) and adv[40] > 0 and (adv[32:48] != 0).all()
+
+
+def test_a_weight_zero_scorer_is_logged_only():
+    reqs = gen_requests(bad=(2,))
+    out = RewardMix({"critic": critic_scorer(), "red": Redness(Redness.Config(weight=0.0))})(reqs)
+    assert not torch.isnan(out.rewards).any() and torch.equal(out.rewards, out.components["qma"])
+    assert math.isnan(out.components["red"][2]) and set(out.terms) == {"critic"}
+
+
+def test_world_advantages_with_gdpo_over_two_ranks_equal_gdpo_of_the_whole_batch():
+    from firm.algorithms.advantages import world_advantages
+    from firm.algorithms.config import RLConfig
+
+    g = torch.Generator().manual_seed(1)
+    terms = torch.rand(16, 2, generator=g) * torch.tensor([1.0, 26.0])
+    groups = torch.arange(16) // 4
+    weights = torch.tensor([1.0, 0.5])
+    rewards = (terms * weights).sum(1)
+    cfg = RLConfig(adv_clip_max=5.0)
+    ranks = {r: (slice(8 * r, 8 * r + 8)) for r in (0, 1)}
+
+    whole = gdpo_advantages(terms, groups, weights)
+    mix = lambda t, gr: gdpo_advantages(t, gr, weights)  # noqa: E731
+    for r, sl in ranks.items():
+
+        def gather(x, r=r):  # what all_gather gives every rank: rank 0's tensor, then rank 1's
+            if x.dim() == 2:
+                return torch.cat([terms[ranks[q]] for q in (0, 1)])
+            src = rewards if x.is_floating_point() else groups
+            return torch.cat([src[ranks[q]] for q in (0, 1)]).to(x.dtype)
+
+        out = world_advantages(rewards[sl], groups[sl], cfg, gather=gather, rank=r, terms=terms[sl], mix=mix)
+        assert torch.allclose(out.adv, whole[sl]) and out.keep.all()
+    plain = world_advantages(rewards[:8], groups[:8], cfg, gather=lambda x: x)
+    assert not torch.allclose(plain.adv, whole[:8], atol=1e-2)  # the weighted path gives other advantages

@@ -180,14 +180,15 @@ class RemoteScorer(Scorer):
             col = scores[k]
             if not isinstance(col, list) or len(col) != n:
                 raise RemoteError(f"{where}: malformed reply (scores[{k!r}] must hold {n} values)")
-            try:
-                values[k] = torch.tensor([math.nan if v is None else float(v) for v in col], dtype=torch.float32)
-            except (TypeError, ValueError):
-                raise RemoteError(f"{where}: malformed reply (scores[{k!r}] holds a non-number)") from None
+            if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in col):
+                raise RemoteError(f"{where}: malformed reply (scores[{k!r}] holds a non-number)")
+            values[k] = torch.tensor([math.nan if v is None else float(v) for v in col], dtype=torch.float32)
         errors = [None if e is None else str(e) for e in errors]
         if not isinstance(details, list) or len(details) != n:
             details = [None] * n
-        return Scores(values, errors, details)
+        # the served scorer's model calls that raised: this side's critic_failure decides, as for a local scorer
+        call_errors = [f"{where}: {e}" for e in data.get("call_errors") or []]
+        return Scores(values, errors, details, call_errors)
 
 
 def _error_message(reply: Any) -> str:

@@ -40,6 +40,7 @@ KEY = "reward-key-42"
 MAX_PIXELS = 64 * 64  # the served limits are small, so that the tests can cross them cheaply
 MAX_TEXT = 200
 MAX_REQUESTS = 12
+MAX_POST_PIXELS = 10 * 64 * 64  # ten images at the per-image limit
 
 
 class RednessScorer(Scorer):
@@ -100,6 +101,7 @@ def served():
     argv = ["reward", "serve", "test_redness", "--import", __name__, "--config", "batch_size=1", "--port", str(port)]
     argv += ["--api-key", KEY, "--max-image-pixels", str(MAX_PIXELS), "--max-request-mb", "0.25"]
     argv += ["--max-text-chars", str(MAX_TEXT), "--max-requests", str(MAX_REQUESTS)]
+    argv += ["--max-post-pixels", str(MAX_POST_PIXELS)]
     args = build_parser().parse_args(argv)
     server, host = server_from_args(args)
     # LitServe's worker watchdog is a thread of the process that runs the server (here pytest's), and it would outlive
@@ -177,6 +179,12 @@ def test_a_request_the_scorer_fails_on_is_nan_with_the_error_and_its_neighbours_
     keep = [0, 1, 3]
     assert torch.equal(out.values["redness"][keep], local.values["redness"][keep])
     assert [out.errors[i] for i in keep] == [None] * 3
+    # the served model's call raised: reported as a failed call, so this side's critic_failure decides (as locally)
+    assert len(out.call_errors) == 1 and "boom requested" in out.call_errors[0] and local.call_errors
+    from firm.rewards.mix import RewardMix
+
+    with pytest.raises(RuntimeError, match="scorer 'remote' failed"):
+        RewardMix({"remote": _remote(served, batch_size=8)})(reqs)
 
 
 def test_the_api_key_is_required(served):
@@ -239,6 +247,11 @@ def test_malformed_requests_cost_only_themselves(served):
     assert too_many.status_code == 413 and f"at most {MAX_REQUESTS}" in too_many.json()["error"]["message"]
     huge = _post(served, {"requests": [{**good, "prompt": "x" * 300_000}]})  # over --max-request-mb 0.25
     assert huge.status_code == 413
+    # a small body of flat images that decode to more pixels than the POST may hold (each within its own limit)
+    flat = {"task": "gen", "image": encode_image(Image.new("RGB", (64, 64), (9, 9, 9))), "prompt": "a b"}
+    heavy = _post(served, {"requests": [flat] * 11})
+    assert heavy.status_code == 413 and "--max-post-pixels" in heavy.json()["error"]["message"]
+    assert _post(served, {"requests": [flat] * 10}).status_code == 200
     again = _post(served, {"requests": [good]})
     assert again.status_code == 200 and again.json()["scores"]["words"] == [3.0]
 
@@ -469,9 +482,10 @@ def test_the_cli_defaults_are_the_servers_limits():
     from firm.rewards import serve
     from firm.rewards.scorers.remote import API_KEY_ENV
 
-    assert (cli.MAX_REQUESTS, cli.MAX_REQUEST_BYTES, cli.MAX_TEXT_CHARS) == (
+    assert (cli.MAX_REQUESTS, cli.MAX_REQUEST_BYTES, cli.MAX_TEXT_CHARS, cli.MAX_POST_PIXELS) == (
         serve.MAX_REQUESTS,
         serve.MAX_REQUEST_BYTES,
         serve.MAX_TEXT_CHARS,
+        serve.MAX_POST_PIXELS,
     )
     assert (cli.MAX_IMAGE_PIXELS, cli.API_KEY_ENV) == (MAX_IMAGE_PIXELS, API_KEY_ENV)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,12 +123,16 @@ class Scorer:
     Attributes:
         outputs: the names of the scores it returns, primary first.
         tasks: the request kinds it can score (``gen``, ``edit``).
-        calls, busy_s: model calls made and seconds spent in them (for the step report).
+        concurrent: whether several threads may call it at once (``module.critic_threads``, a parallel mix). False
+            (the default) for an in-process model: calls are serialised by a lock (two forwards at once would
+            double its memory, and a fast tokenizer refuses concurrent use). Scorers that wait on servers say True.
+        calls: model calls made (a batch each).
     """
 
     Config = ScorerConfig
     outputs: tuple[str, ...] = ()
     tasks: tuple[str, ...] = TASKS
+    concurrent: bool = False
 
     def __init__(self, config: ScorerConfig) -> None:
         if config.batch_size < 1:
@@ -137,7 +141,7 @@ class Scorer:
             raise ValueError(f"scorer {config.name!r}: weight, scale and shift must be finite")
         self.config = config
         self.calls = 0
-        self.busy_s = 0.0
+        self._lock = threading.Lock()
 
     @property
     def primary(self) -> str:
@@ -163,7 +167,12 @@ class Scorer:
 
     def __call__(self, requests: Sequence[Any]) -> Scores:
         """Scores of every request, in order, in batches of ``batch_size``; a batch that raises is missing."""
-        requests = list(requests)
+        if self.concurrent:
+            return self._score_all(list(requests))
+        with self._lock:
+            return self._score_all(list(requests))
+
+    def _score_all(self, requests: list[Any]) -> Scores:
         self.check(requests)
         if not requests:
             return Scores({k: torch.zeros(0) for k in self.outputs}, [], [])
@@ -171,7 +180,6 @@ class Scorer:
         bs = self.config.batch_size
         for lo in range(0, len(requests), bs):
             chunk = requests[lo : lo + bs]
-            t0 = time.perf_counter()
             try:
                 out = self.score_batch(chunk)
                 self._check_output(out, len(chunk))
@@ -181,7 +189,6 @@ class Scorer:
                 out = Scores.missing(len(chunk), self.outputs, f"{self.config.name}: {type(e).__name__}: {e}")
             finally:
                 self.calls += 1
-                self.busy_s += time.perf_counter() - t0
             parts.append(out)
         return Scores.cat(parts)
 

@@ -34,6 +34,8 @@ def _combiner_name(combiner: Any) -> str:
 class CriticScorer(Scorer):
     """A FIRM critic and its combiner as one scorer (registry name ``critic``)."""
 
+    concurrent = True  # as critics always were under critic_threads (an HTTP critic parallelises inside a call)
+
     @dataclass
     class Config(ScorerConfig):
         name: str = "critic"
@@ -94,6 +96,7 @@ class DelayedScorer(Scorer):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        self.concurrent = True  # it sleeps; the inner scorer locks if it must
         if config.seconds < 0 or config.per_request < 0:
             raise ValueError(f"delayed scorer: latencies must be >= 0, got {config.seconds}, {config.per_request}")
         inner = config.inner

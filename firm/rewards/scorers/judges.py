@@ -742,6 +742,8 @@ class VLMJudgeScorer(Scorer):
     """A VLM judge behind OpenAI-compatible endpoints as a scorer (registry name ``vlm_judge``); see the module
     docstring for the styles, their outputs and their sources."""
 
+    concurrent = True  # requests go to an endpoint; its transport bounds what is in flight
+
     @dataclass
     class Config(ScorerConfig):
         name: str = "vlm_judge"

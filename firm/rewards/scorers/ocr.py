@@ -34,6 +34,7 @@ there). Where Flow-GRPO's code scores an OCR failure 0, a failed model call here
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ import torch
 from PIL import Image
 
 from firm.rewards.scorers.base import Scorer, ScorerConfig, Scores, request_image, request_text, resolve_device
+
+log = logging.getLogger(__name__)
 
 STOP = "<|im_end|>"  # GOT's end of turn: the model card's stop string
 
@@ -162,8 +165,17 @@ class OCRScorer(Scorer):
                 errors[i] = f"ocr: {e}"
         if targets:
             ok = list(targets)
-            readings = self.read([request_image(requests[i]) for i in ok])
-            for i, reading in zip(ok, readings, strict=True):
+            ids = self.generate([request_image(requests[i]) for i in ok])
+            readings = self.processor.batch_decode(ids, skip_special_tokens=True)
+            # a reading that used every new token without reaching the stop may be cut short: scored as read (as
+            # Flow-GRPO scores whatever its reader returns), and flagged so that a too small max_new_tokens shows
+            stop_id = self.processor.tokenizer.convert_tokens_to_ids(STOP)
+            cut = [ids.shape[1] >= self.config.max_new_tokens and stop_id not in row.tolist() for row in ids]
+            for i, reading, c in zip(ok, readings, cut, strict=True):
                 values[i] = ocr_reward(targets[i], join_lines(reading))
-                details[i] = {"target": targets[i], "text": reading}
+                details[i] = {"target": targets[i], "text": reading, "truncated": bool(c)}
+            if any(cut):
+                log.warning(
+                    "ocr: %d of %d readings hit max_new_tokens=%d", sum(cut), len(cut), self.config.max_new_tokens
+                )
         return Scores({"ocr": values}, errors, details)

@@ -67,6 +67,8 @@ class RemoteError(RuntimeError):
 class RemoteScorer(Scorer):
     """Scores from a `firm reward serve` server: one POST per batch, the server's named scores back."""
 
+    concurrent = True  # POSTs to a server, which queues them
+
     @dataclass
     class Config(ScorerConfig):
         name: str = "remote"

@@ -58,3 +58,34 @@ def test_a_bare_cuda_device_is_this_processs_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_an_in_process_model_is_called_by_one_thread_at_a_time():
+    import threading
+    import time
+
+    class Slow(Scripted):
+        active = 0
+        most = 0
+
+        def score_batch(self, requests):
+            type(self).active += 1
+            type(self).most = max(type(self).most, type(self).active)
+            time.sleep(0.02)
+            type(self).active -= 1
+            return super().score_batch(requests)
+
+    sc = Slow(Slow.Config(batch_size=1))
+    threads = [threading.Thread(target=sc, args=(reqs("1", "2"),)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Slow.most == 1 and sc.calls == 8
+    sc.concurrent, Slow.most = True, 0  # a scorer that waits on a server may be called at once
+    threads = [threading.Thread(target=sc, args=(reqs("1"),)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Slow.most > 1

@@ -189,6 +189,9 @@ def test_reading_matches_the_model_card_call(tiny_got):
     out = scorer([GenRequest(image=im, prompt=p) for im, p in zip(IMAGES, prompts, strict=True)])
     assert [d["text"] for d in out.details] == texts
     assert [d["target"] for d in out.details] == ["Hello World", "OPEN 24 HOURS", "Coffee", "Sale"]
+    stop = scorer.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")  # a reading without its stop was cut
+    cut = [ids.shape[1] >= scorer.config.max_new_tokens and stop not in row for row in ids.tolist()]
+    assert [d["truncated"] for d in out.details] == cut
     assert out.values["ocr"].tolist() == pytest.approx(flow_grpo_rewards([join_lines(t) for t in texts], prompts))
     assert out.errors == [None] * len(IMAGES)
 

@@ -180,7 +180,15 @@ def test_the_counter_counts_like_memtracker():
 
 
 FAST_TINY = ["tiny_sd3_nft", "tiny_sd3_grpo", "tiny_qwen_edit_nft"]
-SLOW_TINY = sorted({p.stem for p in RL.glob("tiny_*.yaml")} - set(FAST_TINY))
+# The reward twins (docs/rewards.md) train tiny_sd3_grpo's / tiny_sd3_nft's policy at their batch: only the reward
+# differs, and the plan counts the policy, so their plans are those two's.
+REWARD_TWINS = {
+    "tiny_sd3_grpo_pickscore",
+    "tiny_sd3_grpo_ocr",
+    "tiny_sd3_nft_multi_reward",
+    "tiny_sd3_nft_critic_pickscore",
+}
+SLOW_TINY = sorted({p.stem for p in RL.glob("tiny_*.yaml")} - set(FAST_TINY) - REWARD_TWINS)
 
 
 @pytest.mark.parametrize("name", FAST_TINY + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_TINY])

@@ -56,3 +56,5 @@ def test_reward_twin_trains(tmp_path, monkeypatch, name):
     for r in rows:  # the logged mean reward is the mix of the logged mean scores (the mix is linear)
         assert r["reward/mean"] == pytest.approx(reward(r), rel=1e-4, abs=1e-5)
     assert _lora_moved(run_dir)
+    if "module.reward_mix=gdpo" in overrides:  # GDPO's last step z-scores the batch: mean 0, std 1 exactly
+        assert all(abs(r["adv/mean"]) < 1e-5 and abs(r["adv/std"] - 1) < 1e-4 for r in rows)

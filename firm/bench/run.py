@@ -233,7 +233,12 @@ def _run_scorers(c: BenchConfig, items: list[Any], *, progress: bool | None, ech
         if getattr(conf, "name", None) == "critic" and not getattr(conf, "task", ""):
             raise ConfigError(f"scorers.{label}: a critic scorer judges one task here: set task: edit or task: gen")
         scorer = build_scorer(conf, label=label)
-        run = score_items(items, scorer, batch_size=c.batch_size, progress=progress)
+        try:
+            run = score_items(items, scorer, batch_size=c.batch_size, progress=progress)
+        finally:
+            close = getattr(scorer, "close", None)
+            if callable(close):
+                close()
         metrics = scorer_metrics(items, run)
         out[label] = {
             "config": json.loads(json.dumps(dataclasses.asdict(conf), default=str)),

@@ -22,7 +22,7 @@ BUILDERS: dict[str, tuple[str, str, dict]] = {
     "pickscore": ("firm.rewards.tiny.clip", "build", {"seed": 0, "logit_scale": 4.6}),  # model/ and processor/
     "clip": ("firm.rewards.tiny.clip", "build", {"seed": 1}),
     "got_ocr": ("firm.rewards.tiny.got_ocr", "build_tiny_got_ocr", {"seed": 0}),
-    "hpsv3": ("firm.rewards.tiny.qwen2vl", "build_tiny_hpsv3", {"head_scale": 20.0}),  # base/, HPSv3.safetensors
+    "hpsv3": ("firm.rewards.tiny.qwen_vl", "build_tiny_hpsv3", {"head_scale": 20.0}),  # base/, HPSv3.safetensors
 }
 
 

@@ -20,6 +20,7 @@ import torch
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.scorers.base import build_scorer
 from firm.rewards.tiny import clip as tiny_clip
+from tests.rewards.scorers._common import clip_requests, scores_with_image_processor, wrong_clip_preprocessing
 
 ATOL = 1e-4  # on the 0..100 scale (float32: batch of pairs vs one pair at a time)
 
@@ -37,11 +38,7 @@ def scorer(ckpt):
 
 @pytest.fixture(scope="module")
 def requests_():
-    images = tiny_clip.sample_images(6, seed=4)
-    reqs = [GenRequest(image=im, prompt=p) for im, p in zip(images, tiny_clip.PROMPTS)]
-    # An edit is scored on its edited image against its instruction.
-    reqs.append(EditRequest(source=images[0], edited=images[2], instruction="add a dog"))
-    return reqs
+    return clip_requests(6, seed=4, edited=2, instruction="add a dog")
 
 
 def pairs(requests):
@@ -86,25 +83,9 @@ def test_matches_the_formula_and_clamps_at_zero(scorer, ckpt, requests_):
     assert got[raw > 0].unique().numel() == int((raw > 0).sum())  # per pair, not a batch mean
 
 
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        {"resample": 2},  # bilinear instead of bicubic
-        {"size": {"height": tiny_clip.IMAGE_SIZE, "width": tiny_clip.IMAGE_SIZE}},  # squash, no centre crop
-        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},  # ImageNet's normalisation
-    ],
-    ids=["bilinear", "no-crop", "imagenet-norm"],
-)
+@wrong_clip_preprocessing
 def test_wrong_preprocessing_is_seen(scorer, ckpt, requests_, wrong):
-    from transformers import AutoImageProcessor, CLIPProcessor
-
-    right = scorer.processor
-    bad = AutoImageProcessor.from_pretrained(ckpt.model, backend="pil", **wrong)
-    try:
-        scorer.processor = CLIPProcessor(image_processor=bad, tokenizer=right.tokenizer)
-        moved = scorer(requests_).values["clip_score"]
-    finally:
-        scorer.processor = right
+    moved = scores_with_image_processor(scorer, ckpt.model, requests_, "clip_score", wrong)
     assert (moved - scorer(requests_).values["clip_score"]).abs().max() > 100 * ATOL
 
 

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -41,7 +39,9 @@ from torch import nn
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.scorers import build_scorer
 from firm.rewards.scorers import editreward as er
-from tests.helpers.tiny_qwen25vl import build_tiny_qwen25vl
+from firm.rewards.tiny.qwen_vl import build_tiny_editreward, flat_key
+from tests.rewards.scorers import _common as common
+from tests.rewards.scorers._common import noise_image
 
 TOL = 1e-4
 
@@ -54,39 +54,11 @@ PROMPT_SHA256 = {
 }
 
 
-def _official_head(hidden: int) -> nn.Sequential:
-    # qwen2_5_vl_trainer.py, rm_head_kwargs=None branch of ranknet_multi_head
-    return nn.Sequential(
-        nn.Linear(hidden, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2)
-    )
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """(backbone dir, release dir): a tiny Qwen2.5-VL and an EditReward-style model.safetensors trained from it."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("editreward")
-    # init_std 0.3: a random model this small with Qwen's 0.02 barely looks at its input (scores 1e-3 apart)
     corpus = [er.FOLLOWING_PROMPT, er.QUALITY_PROMPT, er.REWARD_SUFFIX]
-    base = build_tiny_qwen25vl(root / "base", corpus=corpus, init_std=0.3)
-    tok = AutoTokenizer.from_pretrained(base)
-    tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    torch.manual_seed(1)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["model.language_model.embed_tokens.weight"][-1].normal_(0, 0.5)  # the trained <|Reward|> row
-    for i in range(2):
-        head = _official_head(model.config.text_config.hidden_size)
-        for layer in (head[0], head[3], head[5]):  # wider than nn.Linear's init: scores of order 1
-            nn.init.normal_(layer.weight, std=1.5 / math.sqrt(layer.in_features))
-        state.update({f"rm_heads.head_{i}.{k}": v for k, v in head.state_dict().items()})
-    release = root / "release"
-    release.mkdir()
-    save_file(state, str(release / "model.safetensors"))
-    return base, release
+    return build_tiny_editreward(tmp_path_factory.mktemp("editreward"), corpus=corpus)
 
 
 @pytest.fixture(scope="module")
@@ -97,38 +69,18 @@ def scorer(ckpt):
     )
 
 
-def _image(seed: int, size=(56, 56)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def requests():
     return [
-        EditRequest(_image(0), _image(1), "make the sky blue"),
-        EditRequest(_image(2, (64, 40)), _image(3, (64, 40)), "remove the red car from the street on the left"),
-        EditRequest(_image(4), _image(5).convert("L"), "add a hat"),
+        EditRequest(noise_image(0), noise_image(1), "make the sky blue"),
+        EditRequest(
+            noise_image(2, (64, 40)), noise_image(3, (64, 40)), "remove the red car from the street on the left"
+        ),
+        EditRequest(noise_image(4), noise_image(5).convert("L"), "add a hat"),
     ]
 
 
 # --- the official path, transcribed -----------------------------------------------------------------------------
-
-
-def _qwen_vl_utils_size(h: int, w: int, lo: int, hi: int, f: int = 28) -> tuple[int, int]:
-    hh, ww = max(f, round(h / f) * f), max(f, round(w / f) * f)
-    if hh * ww > hi:
-        s = math.sqrt(h * w / hi)
-        hh, ww = math.floor(h / s / f) * f, math.floor(w / s / f) * f
-    elif hh * ww < lo:
-        s = math.sqrt(lo / (h * w))
-        hh, ww = math.ceil(h * s / f) * f, math.ceil(w * s / f) * f
-    return hh, ww
-
-
-def _fetch_image(img: Image.Image, pixels: int, resample) -> Image.Image:
-    img = img.convert("RGB")
-    h, w = _qwen_vl_utils_size(img.height, img.width, pixels, pixels)
-    return img.resize((w, h), resample)
 
 
 @functools.cache
@@ -142,13 +94,15 @@ def _official_model(ckpt):
     tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
     special_ids = tok.convert_tokens_to_ids(["<|Reward|>"])
     improc = AutoImageProcessor.from_pretrained(base)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
     state = load_file(str(release / "model.safetensors"))
-    heads = nn.ModuleDict({f"head_{i}": _official_head(model.config.text_config.hidden_size) for i in range(2)})
-    heads.load_state_dict({k[len("rm_heads.") :]: v for k, v in state.items() if k.startswith("rm_heads.")})
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("rm_heads.")}, strict=True)
-    return tok, special_ids, improc, model.eval(), heads.eval()
+
+    def make_heads(hidden: int) -> nn.ModuleDict:  # rm_heads of Qwen2_5_VLRewardModelBT_MultiHead
+        return nn.ModuleDict({f"head_{i}": common.official_head(hidden) for i in range(2)})
+
+    model, heads = common.official_load(
+        Qwen2_5_VLForConditionalGeneration, base, len(tok), state, make_heads, "rm_heads."
+    )
+    return tok, special_ids, improc, model, heads
 
 
 def official_rewards(
@@ -182,7 +136,10 @@ def official_rewards(
                         }
                     ]
                 )
-                images += [_fetch_image(src, pixels, resample), _fetch_image(edited, pixels, resample)]
+                images += [
+                    common.official_fetch_image(src, pixels, resample),
+                    common.official_fetch_image(edited, pixels, resample),
+                ]
             texts = tok.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
             if not system_turn:
                 texts = [t.split("<|im_end|>\n", 1)[1] for t in texts]
@@ -197,10 +154,9 @@ def official_rewards(
             batch = tok(texts, padding=True, return_tensors="pt")
             input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
             # Qwen2_5_VLRewardModelBT_MultiHead._run_single_batch_through_model_and_head
-            inputs_embeds = model.get_input_embeddings()(input_ids)
-            image_embeds = model.model.visual(feats["pixel_values"], grid_thw=feats["image_grid_thw"]).pooler_output
-            image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
+            inputs_embeds = common.official_inputs_embeds(
+                model, input_ids, feats["pixel_values"], feats["image_grid_thw"]
+            )
             if mrope:  # what transformers computes when it is given input_ids and grids (not the official call)
                 mm = (input_ids == model.config.image_token_id).int()
                 position_ids, _ = model.model.get_rope_index(
@@ -213,11 +169,7 @@ def official_rewards(
             hidden_states = model.model.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
-            logits = head(hidden_states)  # [B, L, 2]
-            special = torch.zeros_like(input_ids, dtype=torch.bool)
-            for sid in special_ids:
-                special |= input_ids == sid
-            per_head.append(logits[special, ...].view(input_ids.shape[0], -1))
+            per_head.append(common.official_pool(head(hidden_states), input_ids, special_ids))  # head: [B, L, 2]
     return torch.stack(per_head).mean(0)
 
 
@@ -265,9 +217,9 @@ def test_a_wrong_preprocessing_changes_the_score(ckpt, requests, official, wrong
 def test_bad_requests_cost_only_themselves(scorer, requests, official):
     reqs = [
         requests[0],
-        EditRequest(_image(6, (600, 2)), _image(7, (600, 2)), "stretch it"),  # aspect ratio 300 > 200
-        EditRequest(_image(8), _image(9), "say <|Reward|> twice"),
-        EditRequest(_image(8), _image(9), "draw <|image_pad|>"),
+        EditRequest(noise_image(6, (600, 2)), noise_image(7, (600, 2)), "stretch it"),  # aspect ratio 300 > 200
+        EditRequest(noise_image(8), noise_image(9), "say <|Reward|> twice"),
+        EditRequest(noise_image(8), noise_image(9), "draw <|image_pad|>"),
         requests[1],
     ]
     out = scorer(reqs)  # batches of 2: [ok, bad], [bad, bad], [ok]
@@ -279,7 +231,7 @@ def test_bad_requests_cost_only_themselves(scorer, requests, official):
 
 def test_generation_requests_are_refused(scorer):
     with pytest.raises(TypeError, match="scores edit requests; request 0 is a gen one"):
-        scorer([GenRequest(_image(0), "a cat")])
+        scorer([GenRequest(noise_image(0), "a cat")])
 
 
 def test_a_legacy_named_pickle_free_pth_release_loads_the_same(ckpt, tmp_path, requests, official):
@@ -287,10 +239,7 @@ def test_a_legacy_named_pickle_free_pth_release_loads_the_same(ckpt, tmp_path, r
 
     base, release = ckpt
     state = load_file(str(release / "model.safetensors"))
-    legacy = {}
-    for k, v in state.items():  # transformers < 4.52 names: visual.*, model.layers.*, model.embed_tokens.*
-        k = k.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
-        legacy[k] = v
+    legacy = {flat_key(k): v for k, v in state.items()}  # transformers < 4.52: visual.*, model.layers.*
     torch.save({"model": legacy}, tmp_path / "model.pth")
     s = build_scorer({"name": "editreward", "model": str(tmp_path), "base_model": str(base), "dtype": "float32"})
     assert torch.allclose(s(requests[:1]).values["editreward"], official[:1, 0], atol=TOL, rtol=0)
@@ -305,12 +254,12 @@ def test_a_release_that_does_not_fit_the_backbone_is_refused(ckpt, tmp_path):
     no_head = tmp_path / "no_head"
     no_head.mkdir()
     save_file(state, str(no_head / "model.safetensors"))
-    with pytest.raises(ValueError, match="input width|expected 2"):
+    with pytest.raises(ValueError, match=r"2 weights missing \['rm_heads.head_1.5.bias', 'rm_heads.head_1.5.weight'\]"):
         build_scorer({"name": "editreward", "model": str(no_head), "base_model": str(base), "dtype": "float32"})
     state = load_file(str(release / "model.safetensors"))
     del state["lm_head.weight"]
     partial = tmp_path / "partial"
     partial.mkdir()
     save_file(state, str(partial / "model.safetensors"))
-    with pytest.raises(ValueError, match="backbone tensors missing"):
+    with pytest.raises(ValueError, match=r"1 weights missing \['lm_head.weight'\]"):
         build_scorer({"name": "editreward", "model": str(partial), "base_model": str(base), "dtype": "float32"})

@@ -30,7 +30,9 @@ from PIL import Image
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.scorers.base import build_scorer
 from firm.rewards.scorers.hpsv3 import INSTRUCTION, REWARD_REQUEST, HPSv3Scorer, hpsv3_text
-from firm.rewards.tiny.qwen2vl import build_tiny_hpsv3, flat_key
+from firm.rewards.tiny.qwen_vl import build_tiny_hpsv3, flat_key
+from tests.rewards.scorers import _common as common
+from tests.rewards.scorers._common import noise_image
 
 TOL = 1e-4
 PROMPTS = ["a red fox in the snow", "two cats on a sofa, oil painting", "a lighthouse at dusk", "make the sky green"]
@@ -39,33 +41,6 @@ PROMPTS = ["a red fox in the snow", "two cats on a sofa, oil painting", "a light
 SHA_INSTRUCTION = "0393599dad45a971903d1d62a3acf9bad3ccccdafa7f40f680523419e1f68b7a"
 SHA_REQUEST = "2471faca094ae5bd6fe17b71dce20c3d7583625545e235889f7e74e7eeb69d0a"
 SHA_FILLED = "4ffa57dabd39e7e05048a57901bc99ad4e0ab75467c12eff7fa600faf200bd32"
-
-
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _official_head(hidden: int) -> torch.nn.Sequential:
-    # qwen2vl_trainer.py, rm_head_type "ranknet" without rm_head_kwargs, output_dim 2 (HPSv3_7B.yaml)
-    layers = [torch.nn.Linear(hidden, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05)]
-    layers += [torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)]
-    return torch.nn.Sequential(*layers)
-
-
-def _official_resize(image: Image.Image, min_pixels: int, max_pixels: int, resample=Image.BICUBIC) -> Image.Image:
-    """dataset/utils.py fetch_image for a PIL image: RGB, smart_resize with factor 28, PIL bicubic."""
-    image = image.convert("RGB")
-    w, h = image.size
-    f = 28
-    hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb, wb = math.floor(h / beta / f) * f, math.floor(w / beta / f) * f
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
-    return image.resize((wb, hb), resample)
 
 
 class OfficialHPSv3:
@@ -80,12 +55,14 @@ class OfficialHPSv3:
         self.chat.tokenizer.padding_side = "right"  # AutoProcessor.from_pretrained(..., padding_side="right")
         self.chat.tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
         self.reward_ids = self.chat.tokenizer.convert_tokens_to_ids(["<|Reward|>"])
-        model = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
-        model.resize_token_embeddings(len(self.chat.tokenizer))
-        head = _official_head(model.config.text_config.hidden_size)
-        head.load_state_dict({k[len("rm_head.") :]: v for k, v in state_dict.items() if k.startswith("rm_head.")})
-        model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("rm_head.")}, strict=True)
-        self.model, self.head = model.eval(), head.eval()
+        self.model, self.head = common.official_load(
+            Qwen2VLForConditionalGeneration,
+            base,
+            len(self.chat.tokenizer),
+            state_dict,
+            common.official_head,
+            "rm_head.",
+        )
 
     @torch.inference_mode()
     def reward(
@@ -111,25 +88,16 @@ class OfficialHPSv3:
             ]
             for im, p in zip(images, prompts)
         ]
-        pics = [_official_resize(m[0]["content"][0]["image"], pixels, pixels, resample) for m in messages]
+        pics = [common.official_fetch_image(m[0]["content"][0]["image"], pixels, resample) for m in messages]
         texts = [self.chat.render(m) for m in messages]
         batch = self.chat.encode(texts, pics, padding=True)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if mrope_2d:  # the stock Qwen2-VL forward: 2D rotary positions for the image tokens
             hidden = self.model.model(**batch).last_hidden_state
-        else:  # Qwen2VLRewardModelBT.forward
-            lm = self.model.model.language_model
-            embeds = lm.embed_tokens(ids)
-            pixel_values = batch["pixel_values"].type(self.model.model.visual.dtype)
-            image_embeds = self.model.model.visual(pixel_values, grid_thw=batch["image_grid_thw"]).pooler_output
-            slots = (ids == self.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype))
-            hidden = lm(inputs_embeds=embeds, attention_mask=mask)[0]
-        logits = self.head(hidden.float())
-        special = torch.zeros_like(ids, dtype=torch.bool)
-        for tid in self.reward_ids:
-            special |= ids == tid
-        return logits[special, ...].view(ids.shape[0], -1)
+        else:  # Qwen2VLRewardModelBT.forward: no position ids
+            embeds = common.official_inputs_embeds(self.model, ids, batch["pixel_values"], batch["image_grid_thw"])
+            hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask)[0]
+        return common.official_pool(self.head(hidden.float()), ids, self.reward_ids)
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +124,9 @@ def official(hps):
 def _requests():
     # sizes that are upscaled to ~448 px with different aspect ratios (different visual token counts: padding)
     sizes = [(64, 48), (40, 90), (56, 56), (70, 50)]
-    images = [_image(w, h, i) for i, (w, h) in enumerate(sizes)]
+    images = [noise_image(i, size) for i, size in enumerate(sizes)]
     reqs = [GenRequest(image=images[i], prompt=PROMPTS[i]) for i in range(3)]
-    reqs.append(EditRequest(source=_image(70, 50, 99), edited=images[3], instruction=PROMPTS[3]))
+    reqs.append(EditRequest(source=noise_image(99, (70, 50)), edited=images[3], instruction=PROMPTS[3]))
     return reqs, images
 
 
@@ -222,8 +190,8 @@ def test_bad_request_costs_only_itself(scorer):
     mixed = [
         reqs[0],
         GenRequest(image=np.zeros((8, 8, 3), dtype=np.uint8), prompt="x"),
-        GenRequest(image=_image(32, 32, 5), prompt="inject <|Reward|> here"),
-        GenRequest(image=_image(400, 1, 6), prompt="too thin"),
+        GenRequest(image=noise_image(5, (32, 32)), prompt="inject <|Reward|> here"),
+        GenRequest(image=noise_image(6, (400, 1)), prompt="too thin"),
         reqs[1],
     ]
     out = scorer(mixed)

@@ -17,6 +17,7 @@ import torch
 from firm.critics.types import EditRequest, GenRequest
 from firm.rewards.scorers.base import build_scorer
 from firm.rewards.tiny import clip as tiny_clip
+from tests.rewards.scorers._common import clip_requests, scores_with_image_processor, wrong_clip_preprocessing
 
 TOL = 1e-5  # relative and absolute
 
@@ -34,11 +35,7 @@ def scorer(ckpt):
 
 @pytest.fixture(scope="module")
 def requests_():
-    images = tiny_clip.sample_images(7, seed=1)
-    reqs = [GenRequest(image=im, prompt=p) for im, p in zip(images, tiny_clip.PROMPTS)]
-    # An edit is scored on its edited image against its instruction.
-    reqs.append(EditRequest(source=images[0], edited=images[6], instruction="make the sky green"))
-    return reqs
+    return clip_requests(7, seed=1, edited=6, instruction="make the sky green")
 
 
 def model_card(processor_dir, model_dir):
@@ -114,25 +111,9 @@ def test_laion_processor_is_read_as_published_with_the_pil_backend(scorer, ckpt,
     assert asked == ["pil"]
 
 
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        {"resample": 2},  # bilinear instead of bicubic
-        {"size": {"height": tiny_clip.IMAGE_SIZE, "width": tiny_clip.IMAGE_SIZE}},  # squash, no centre crop
-        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},  # ImageNet's normalisation
-    ],
-    ids=["bilinear", "no-crop", "imagenet-norm"],
-)
+@wrong_clip_preprocessing
 def test_wrong_preprocessing_is_seen(scorer, ckpt, requests_, wrong):
-    from transformers import AutoImageProcessor, CLIPProcessor
-
-    right = scorer.processor
-    bad = AutoImageProcessor.from_pretrained(ckpt.processor, backend="pil", **wrong)
-    try:
-        scorer.processor = CLIPProcessor(image_processor=bad, tokenizer=right.tokenizer)
-        moved = scorer(requests_).values["pickscore"]
-    finally:
-        scorer.processor = right
+    moved = scores_with_image_processor(scorer, ckpt.processor, requests_, "pickscore", wrong)
     right_scores = scorer(requests_).values["pickscore"]
     assert ((moved - right_scores).abs() / right_scores.abs().clamp(min=1)).max() > 100 * TOL
 

@@ -75,3 +75,15 @@ VLLM_VENV ?= build/vllm-venv
 test-vllm: $(BIN)/.installed
 	bash scripts/vllm_venv.sh $(VLLM_VENV)
 	FIRM_VLLM=$(abspath $(VLLM_VENV))/bin/vllm OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/critics/test_vllm.py -v -s -rA $(PYTEST_ARGS)
+
+# Opt-in, not part of `make test`: the official HPSv2 and ImageReward packages, each in its own venv
+# (scripts/reward_venv.sh; about 1.6 GB and a minute each, once), scored through `firm reward serve` and pinned to the
+# packages' own scoring code on tiny random checkpoints (tests/rewards/scorers/test_remote.py; docs/rewards.md).
+REWARD_VENVS ?= build
+.PHONY: test-reward-venvs
+test-reward-venvs: $(BIN)/.installed
+	bash scripts/reward_venv.sh hpsv2 $(REWARD_VENVS)/reward-venv-hpsv2
+	bash scripts/reward_venv.sh image_reward $(REWARD_VENVS)/reward-venv-image_reward
+	FIRM_HPSV2_VENV=$(abspath $(REWARD_VENVS))/reward-venv-hpsv2 \
+	FIRM_IMAGEREWARD_VENV=$(abspath $(REWARD_VENVS))/reward-venv-image_reward \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/rewards/scorers/test_remote.py -v -rA $(PYTEST_ARGS)

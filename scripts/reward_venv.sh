@@ -5,7 +5,8 @@
 #   FIRM_HPSV2_VENV=VENV_DIR / FIRM_IMAGEREWARD_VENV=VENV_DIR then run the parity tests of
 #   tests/rewards/scorers/test_remote.py against the package's own scoring code.
 #
-# What goes in (pinned; built and tested on CPU with these exact versions, Python 3.11):
+# What goes in (pinned; built and tested on CPU with these exact versions, Python 3.11; every package not named below
+# is held by scripts/reward-venv-NAME.txt, frozen from a venv whose parity test passed):
 #   torch + torchvision first (TORCH_SPEC, TORCHVISION_SPEC: a matching pair; CPU torch 2.13.0 by default), then the
 #   package held to that torch by a constraint (unpinned, the packages would pull the newest CUDA torch, GBs);
 #   FIRM itself without its dependencies (`pip install -e . --no-deps`) plus the few the server imports (LitServe,
@@ -46,21 +47,22 @@ test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" "$TORCH_SPEC" "$TORCHVISION_SPEC"
 PINS="$VENV/firm-constraints.txt"  # keep the torch pair installed above
+LOCK="$ROOT/scripts/reward-venv-$NAME.txt"  # every other package at the version this script was tested with
 "$VENV/bin/python" -c "import importlib.metadata as m; print(f\"torch=={m.version('torch')}\"); print(f\"torchvision=={m.version('torchvision')}\")" > "$PINS"
 # what `firm reward serve` imports (the versions FIRM's lock file has)
-"${PIP[@]}" -c "$PINS" litserve==0.2.19 fastapi==0.165.0 uvicorn==0.55.0 httpx==0.29.0 omegaconf==2.4.0 pyyaml==6.0.4
+"${PIP[@]}" -c "$PINS" -c "$LOCK" litserve==0.2.19 fastapi==0.165.0 uvicorn==0.55.0 httpx==0.29.0 omegaconf==2.4.0 pyyaml==6.0.4
 "${PIP[@]}" --no-deps -e "$ROOT"
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
 if [ "$NAME" = hpsv2 ]; then
-  "${PIP[@]}" -c "$PINS" hpsv2==1.2.0
-  "${PIP[@]}" --no-deps open-clip-torch==3.3.0
+  "${PIP[@]}" -c "$PINS" -c "$LOCK" hpsv2==1.2.0
+  "${PIP[@]}" -c "$LOCK" --no-deps open-clip-torch==3.3.0
   cp -n "$SITE/open_clip/bpe_simple_vocab_16e6.txt.gz" "$SITE/hpsv2/src/open_clip/"
   CHECK="import hpsv2.img_score"
 else
-  "${PIP[@]}" -c "$PINS" image-reward==1.5 transformers==4.45.2 huggingface-hub==0.36.2 datasets==3.6.0 \
+  "${PIP[@]}" -c "$PINS" -c "$LOCK" image-reward==1.5 transformers==4.45.2 huggingface-hub==0.36.2 datasets==3.6.0 \
     diffusers==0.35.2 ftfy "setuptools>=77,<81"
-  "${PIP[@]}" --no-deps openai-clip==1.0.1
+  "${PIP[@]}" -c "$LOCK" --no-deps openai-clip==1.0.1
   CHECK="import ImageReward"
 fi
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-VERSION = 1  # bump when a builder changes, so that stale caches are not reused
+VERSION = 2  # bump when a builder changes, so that stale caches are not reused
 
 # name -> (module, function, keyword arguments); the function writes a checkpoint under the given directory.
 BUILDERS: dict[str, tuple[str, str, dict]] = {

@@ -28,12 +28,14 @@ demo: $(BIN)/.installed
 	$(BIN)/firm run $(DEMO)
 
 # Two pytest-xdist workers, one thread each (tests/conftest.py): 558 s against 1171 s on one worker, 2 cores (README).
+# Work stealing: an idle worker takes tests queued on the other, so the suite does not end on one worker's tail of
+# 20-50 s tests (the full-size plans, the two-process runs).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The fast lane for the edit-test loop: the same workers, without `slow` (which `make test` and CI still run).
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -53,6 +52,7 @@ from firm.critics.transport import (
     Reply,
     chat_content,
     chat_reply,
+    gather_all,
     normalize_endpoint,
     retry_after_s,
 )
@@ -158,24 +158,11 @@ class HTTPCritic(PromptedCritic):
             raise ValueError(f"http critic: top_logprobs must be in 0..20, got {config.top_logprobs}")
         if config.retry_after_max_s < 0:
             raise ValueError("http critic: retry_after_max_s must be >= 0")
-        endpoints = [normalize_endpoint(u) for u in config.endpoints]
         if config.max_concurrency < 1 or config.max_retries < 0 or config.parse_retries < 0 or config.timeout_s <= 0:
             raise ValueError(
                 "http critic: need max_concurrency >= 1, max_retries >= 0, parse_retries >= 0 and timeout_s > 0"
             )
-        self.transport = ChatTransport(
-            endpoints,
-            model=config.model,
-            api_key=api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None) or None,
-            api_key_env=config.api_key_env,
-            max_concurrency=config.max_concurrency,
-            timeout_s=config.timeout_s,
-            max_retries=config.max_retries,
-            backoff_s=config.backoff_s,
-            backoff_max_s=config.backoff_max_s,
-            retry_after_max_s=config.retry_after_max_s,
-            name=f"firm-http-{config.name}",
-        )
+        self.transport = ChatTransport.from_config(config, name=f"firm-http-{config.name}", api_key=api_key)
         self.endpoints = self.transport.endpoints
 
     @property
@@ -299,7 +286,7 @@ class HTTPCritic(PromptedCritic):
         fmt, q = self.config.image_format, self.config.jpeg_quality
         # image encoding is CPU work: keep it off the event loop (other calls share it)
         payloads = await asyncio.to_thread(lambda: [to_openai_messages(j.messages, fmt, q, cache) for j in jobs])
-        out = await _gather([self._complete_job(sem, j, p) for j, p in zip(jobs, payloads)])
+        out = await gather_all([self._complete_job(sem, j, p) for j, p in zip(jobs, payloads)])
         self.stats["jobs"] += len(jobs)
         return out
 
@@ -353,7 +340,7 @@ class HTTPCritic(PromptedCritic):
             reply, _ = await self._chat_or_reason(sem, p, temperature=temp)
             return "" if reply is None else reply.text  # no reply: an empty answer, which no parser accepts
 
-        return await _gather([one(p) for p in payload])
+        return await gather_all([one(p) for p in payload])
 
     async def acomplete(self, conversations: Sequence[list[dict]], *, temperature: float | None = None) -> list[str]:
         """Coroutine version of :meth:`complete`."""
@@ -379,15 +366,3 @@ class HTTPCritic(PromptedCritic):
             return []
         convs = list(conversations)
         return self.transport.run(lambda: self._complete_free(convs, temperature))
-
-
-async def _gather(coros: list[Awaitable[T]]) -> list[T]:
-    """All results in order; the first failure cancels the others (and waits for them) before it propagates."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

@@ -303,6 +303,26 @@ class ChatTransport:
         self.name = name
         self._init_runtime()
 
+    @classmethod
+    def from_config(cls, config: Any, *, name: str, api_key: str | None = None) -> ChatTransport:
+        """A transport from a client's config with the usual fields (``endpoints``, ``model``, ``api_key_env``,
+        ``max_concurrency``, ``timeout_s``, ``max_retries``, ``backoff_s``, ``backoff_max_s``, ``retry_after_max_s``;
+        the HTTP critic's and the VLM judges'). The key: ``api_key``, else the variable ``api_key_env`` names."""
+        env = config.api_key_env
+        return cls(
+            config.endpoints,
+            model=config.model,
+            api_key=api_key or (os.environ.get(env) if env else None) or None,
+            api_key_env=env,
+            max_concurrency=config.max_concurrency,
+            timeout_s=config.timeout_s,
+            max_retries=config.max_retries,
+            backoff_s=config.backoff_s,
+            backoff_max_s=config.backoff_max_s,
+            retry_after_max_s=config.retry_after_max_s,
+            name=name,
+        )
+
     def _init_runtime(self) -> None:
         self.inflight = dict.fromkeys(self.endpoints, 0)  # guarded by _lock
         self._rr = 0
@@ -550,3 +570,15 @@ class ChatTransport:
         """
         body = {"model": await self.resolve_model(sem), **fields}
         return await self.request(sem, "POST", "/chat/completions", body, read=chat_reply)
+
+
+async def gather_all(coros: list[Awaitable[T]]) -> list[T]:
+    """All results in order; the first failure cancels the others (and waits for them) before it propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

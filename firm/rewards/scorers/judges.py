@@ -74,7 +74,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,7 +84,7 @@ import torch
 from PIL import Image
 
 from firm.critics.http import to_openai_messages
-from firm.critics.transport import ChatTransport, CriticReplyError, CriticRequestError, normalize_endpoint
+from firm.critics.transport import ChatTransport, CriticReplyError, CriticRequestError, gather_all, normalize_endpoint
 from firm.critics.types import EditRequest, GenRequest
 from firm.images import fit_pixels
 from firm.rewards.scorers.base import Scorer, ScorerConfig, Scores
@@ -806,19 +805,7 @@ class VLMJudgeScorer(Scorer):
         self.labels = self.style.labels if config.image_labels is None else bool(config.image_labels)
         self.templates = self._templates(config.prompts)
         self.asks = style_asks(config.style, config.score_range)
-        self.transport = ChatTransport(
-            config.endpoints,
-            model=config.model,
-            api_key=api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None) or None,
-            api_key_env=config.api_key_env,
-            max_concurrency=config.max_concurrency,
-            timeout_s=config.timeout_s,
-            max_retries=config.max_retries,
-            backoff_s=config.backoff_s,
-            backoff_max_s=config.backoff_max_s,
-            retry_after_max_s=config.retry_after_max_s,
-            name=f"firm-judge-{config.style}",
-        )
+        self.transport = ChatTransport.from_config(config, name=f"firm-judge-{config.style}", api_key=api_key)
 
     @staticmethod
     def _templates(files: dict[str, str]) -> dict[str, str]:
@@ -898,14 +885,7 @@ class VLMJudgeScorer(Scorer):
     async def _judge(self, payloads: list[list[dict]], parsers: list[Callable[[str], Any]]) -> list[_Answer]:
         """Every request at once (at most ``max_concurrency`` in flight); the first that raises cancels the rest."""
         sem = self.transport.limit()
-        tasks = [asyncio.ensure_future(self._ask(sem, p, f)) for p, f in zip(payloads, parsers)]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await gather_all([self._ask(sem, p, f) for p, f in zip(payloads, parsers)])
 
     def score_batch(self, requests: list[Any]) -> Scores:
         c = self.config

@@ -17,6 +17,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(
+    url: str,
+    *,
+    proc: Any = None,
+    thread: threading.Thread | None = None,
+    log_path: Any = None,
+    what: str = "the server",
+    timeout: float = 180.0,
+    poll: float = 0.5,
+) -> None:
+    """Wait until ``GET url/health`` answers 200. Fails the test, with the tail of ``log_path``, when the server's
+    process (``proc``) or thread (``thread``) ends first, or after ``timeout`` seconds."""
+    import httpx
+    import pytest
+
+    def tail() -> str:
+        return log_path.read_text()[-4000:] if log_path is not None else ""
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{tail()}")
+        if thread is not None and not thread.is_alive():
+            pytest.fail(f"{what} stopped while starting:\n{tail()}")
+        try:
+            if httpx.get(url.rstrip("/") + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not become healthy in {timeout:.0f} s:\n{tail()}")
+        time.sleep(poll)
+
+
 def closed_port_url() -> str:
     """A URL where nothing listens (connections are refused)."""
     return f"http://127.0.0.1:{free_port()}/v1"

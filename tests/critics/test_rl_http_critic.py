@@ -11,13 +11,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from firm.critics import EditRequest, PromptSet
 from firm.critics.http import HTTPCritic
 from tests.conftest import REPO
-from tests.critics.servers import free_port
+from tests.critics.servers import free_port, wait_healthy
 from tests.critics.teach import edit_examples, noise_pairs, teach
 
 pytestmark = pytest.mark.slow
@@ -46,18 +45,7 @@ def served_taught_critic(tiny_vlm, tmp_path_factory):
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"firm critic serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"firm critic serve did not become healthy:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, what="firm critic serve")
         yield f"http://127.0.0.1:{port}/v1", path
     finally:
         try:
@@ -123,18 +111,8 @@ def _serve(model_dir, port, log_path):
     cmd += ["--served-model-name", "taught", "--max-new-tokens", "40", "--max-batch-size", "8"]
     with log_path.open("a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"firm critic serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"firm critic serve did not become healthy:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_healthy(f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, what="firm critic serve")
+    return proc
 
 
 def _kill(proc):

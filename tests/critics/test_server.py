@@ -17,7 +17,7 @@ from PIL import Image
 from firm.critics import EditRequest, GenRequest
 from firm.critics.http import CriticRequestError, HTTPCritic, image_data_url
 from tests.conftest import REPO
-from tests.critics.servers import free_port
+from tests.critics.servers import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +38,7 @@ def served(tiny_vlm, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"firm critic serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"firm critic serve did not become healthy:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(url, proc=proc, log_path=log_path, what="firm critic serve")
         yield url + "/v1"
     finally:
         # The server and its LitServe workers share the process group started above.
@@ -321,16 +310,7 @@ def test_a_signal_stops_every_process_and_frees_the_port(tiny_vlm, tmp_path, sig
         # its own session, so that the test can clean up whatever is left; the signal goes to the main process only
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, what="firm critic serve")
         started = _descendants(proc.pid)
         assert started, "LitServe starts worker processes"
         os.kill(proc.pid, sig)

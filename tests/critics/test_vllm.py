@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.critics.servers import free_port
+from tests.critics.servers import free_port, wait_healthy
 
 VLLM = os.environ.get("FIRM_VLLM")
 pytestmark = [
@@ -86,18 +85,7 @@ def vllm_url(tmp_path_factory):
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not become healthy:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, what="vllm serve", timeout=900, poll=1.0)
         REPORT["vllm_startup_s"] = round(time.perf_counter() - t0, 1)
         from firm.critics.http import HTTPCritic
 

@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from firm.registry import register
 from firm.rewards.scorers.base import Scorer, ScorerConfig, Scores, build_scorer, request_image, request_text
 from firm.rewards.scorers.remote import RemoteScorer, encode_image
 from tests.conftest import REPO
-from tests.critics.servers import ScriptedServer, closed_port_url, free_port
+from tests.critics.servers import ScriptedServer, closed_port_url, free_port, wait_healthy
 
 KEY = "reward-key-42"
 MAX_PIXELS = 64 * 64  # the served limits are small, so that the tests can cross them cheaply
@@ -112,16 +111,7 @@ def served():
     thread.start()
     url = f"http://{host}:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert thread.is_alive(), "the server stopped while starting (see the log above)"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.05)
+        wait_healthy(url, thread=thread, what="firm reward serve (see the log above)", timeout=120, poll=0.05)
         yield url
     finally:
         if server._shutdown_event is not None:
@@ -436,16 +426,7 @@ def _official_parity(tmp_path, python: str, code: str, scorer: str, config: dict
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, what="firm reward serve", timeout=600)
         reqs = [GenRequest(Image.open(tmp_path / f"{i}.png"), p) for i, p in enumerate(PROMPTS)]
         reqs.append(EditRequest(_noise(30), Image.open(tmp_path / "1.png"), PROMPTS[1]))  # an edit: edited vs text
         out = _remote(f"http://127.0.0.1:{port}", outputs=[scorer])(reqs)

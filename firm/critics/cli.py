@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,16 +268,9 @@ def _cmd_critic_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_critic(args: argparse.Namespace) -> int:
-    from firm.critics.server import build_server, serve
+    from firm.critics.server import access, build_server, serve
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if args.host not in ("127.0.0.1", "localhost") and not api_key:
-        print(
-            f"firm critic serve: warning: serving on {args.host} without an API key; anyone who can reach this "
-            f"port can use the model (set --api-key or ${API_KEY_ENV})",
-            file=sys.stderr,
-        )
-    host = "127.0.0.1" if args.host == "localhost" else args.host
+    host, api_key = access("firm critic serve", args.host, args.api_key, API_KEY_ENV)
     server = build_server(
         args.model,
         revision=args.revision,

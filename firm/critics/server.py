@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -552,6 +553,19 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     return JSONResponse(
         status_code=exc.status_code, content=error_body(exc.status_code, message, code=code), headers=headers
     )
+
+
+def access(command: str, host: str, api_key: str | None, api_key_env: str) -> tuple[str, str | None]:
+    """The address to bind and the API key of a served command (`firm critic serve`, `firm reward serve`): the key
+    given, else ``$api_key_env``; a warning on stderr when a host other than this machine is served without a key."""
+    key = api_key or os.environ.get(api_key_env) or None
+    if host not in ("127.0.0.1", "localhost") and not key:
+        print(
+            f"{command}: warning: serving on {host} without an API key; anyone who can reach this port can use it "
+            f"(set --api-key or ${api_key_env})",
+            file=sys.stderr,
+        )
+    return ("127.0.0.1" if host == "localhost" else host), key
 
 
 def serve(server: ls.LitServer, *, host: str, port: int, log_level: str = "warning") -> None:

@@ -45,7 +45,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,7 +56,7 @@ from PIL import UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from firm.critics.server import CriticAPI, error_body, http_error_handler, serve, validation_error_handler
+from firm.critics.server import CriticAPI, access, error_body, http_error_handler, serve, validation_error_handler
 from firm.critics.types import EditRequest, GenRequest
 from firm.images import MAX_IMAGE_PIXELS, ImageTooLargeError, UnsupportedImageError
 from firm.images import decode as decode_image
@@ -357,14 +356,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def server_from_args(args: argparse.Namespace) -> tuple[ls.LitServer, str]:
     """The server `firm reward serve` runs for its parsed ``args``, and the address to bind."""
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if args.host not in ("127.0.0.1", "localhost") and not api_key:
-        print(
-            f"firm reward serve: warning: serving on {args.host} without an API key; anyone who can reach this "
-            f"port can use the scorer (set --api-key or ${API_KEY_ENV})",
-            file=sys.stderr,
-        )
-    host = "127.0.0.1" if args.host == "localhost" else args.host
+    host, api_key = access("firm reward serve", args.host, args.api_key, API_KEY_ENV)
     server = build_server(
         args.scorer,
         parse_overrides(args.config or []),

@@ -434,3 +434,15 @@ def test_http_critic_in_expected_score_mode_gets_logprobs_from_the_served_critic
     strict = HTTPCritic(HTTPCritic.Config(endpoints=[served], structured_outputs="response_format"), api_key=KEY)
     with pytest.raises(CriticRequestError, match="HTTP 400.*does not constrain decoding"):
         strict.score([EditRequest(_img((255, 0, 0)), _img((0, 0, 255)), "make it blue")])
+
+
+def test_access_takes_the_key_from_the_environment_and_warns_on_an_open_host(monkeypatch, capsys):
+    from firm.critics.server import access
+
+    monkeypatch.setenv("FIRM_TEST_KEY", "k1")
+    assert access("firm x serve", "localhost", None, "FIRM_TEST_KEY") == ("127.0.0.1", "k1")
+    assert access("firm x serve", "0.0.0.0", "given", "FIRM_TEST_KEY") == ("0.0.0.0", "given")
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("FIRM_TEST_KEY")
+    assert access("firm x serve", "0.0.0.0", None, "FIRM_TEST_KEY") == ("0.0.0.0", None)
+    assert "firm x serve: warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err

@@ -47,13 +47,19 @@ format: $(BIN)/.installed
 # trained critic is the export of the critic proof run; FAITH_ARGS adds options (e.g. --steps 30) or overrides.
 PROOF_OUT    ?= runs/critic-proof
 PROOF_ARGS   ?=
-# The critic half (docs/bench.md, section 4): bench, curation, tiny critic from random init, SFT, export, firm critic bench.
+# The critic half (docs/bench.md, section 4): bench, curation (curated + uncurated), SFT of the committed tiny base,
+# export, firm critic bench. The base itself: make critic-base (firm shapes pretrain-critic-base).
 .PHONY: critic-proof
 critic-proof: $(BIN)/.installed
 	OMP_NUM_THREADS=2 $(BIN)/firm shapes critic-proof --out $(PROOF_OUT) $(PROOF_ARGS)
 
+BASE_OUT     ?= runs/critic-base
+.PHONY: critic-base
+critic-base: $(BIN)/.installed
+	OMP_NUM_THREADS=2 $(BIN)/firm shapes pretrain-critic-base --out $(BASE_OUT)
+
 PROOF_PROMPTS = $(foreach t,edit_execution edit_consistency gen_instruction,--critic-prompts $(t)=experiments/critic/prompts/proof_$(t).txt)
-CRITIC_MODEL ?= $(PROOF_OUT)/critic
+CRITIC_MODEL ?= $(PROOF_OUT)/critic-curated
 FAITH_OUT    ?= runs/faithfulness
 FAITH_ARGS   ?=
 .PHONY: faithfulness

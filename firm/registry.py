@@ -89,6 +89,7 @@ TEACHERS: dict[str, Any] = {
     "local": "firm.curation.teachers:LocalTeacher",
     "http": "firm.curation.teachers:HTTPTeacher",
     "shapes_rule": "firm.synthetic.curation:ShapesRuleTeacher",  # the shapes world's rule teacher (exact, CPU)
+    "shapes_general": "firm.synthetic.curation:ShapesGeneralTeacher",  # a general judge's raw scores (uncurated)
 }
 
 # Inputs of curation runs: iterables of samples, class with a nested Config.

@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "shapes ablate": ("firm.synthetic.recipes.cli", "firm.synthetic.recipes", ()),
     "shapes faithfulness": ("firm.synthetic.recipes.cli", "firm.synthetic.recipes", ()),
     "shapes critic-proof": ("firm.synthetic.recipes.cli", "firm.synthetic.recipes", ()),
+    "shapes pretrain-critic-base": ("firm.synthetic.recipes.cli", "firm.synthetic.recipes", ()),
     "shapes tiny-critic": ("firm.synthetic.cli", "firm.synthetic", ()),
 }
 # Modules every command may use to find and load its experiment.

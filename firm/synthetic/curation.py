@@ -60,6 +60,7 @@ class ShapesRuleTeacher:
 
         self.config = config or self.Config()
         self.critic = ShapesRuleCritic(ShapesRuleCritic.Config(min_drift_px=self.config.min_drift_px))
+        self.judge: Any = self.critic  # who gives the scores (edit evaluation, checklist score)
 
     def generate(self, requests: Sequence[TeacherRequest]) -> list[str]:
         handlers = {
@@ -141,7 +142,7 @@ class ShapesRuleTeacher:
         return json.dumps({"obvious": obvious, "detailed": detailed, "summary": summary})
 
     def _evaluate(self, r: TeacherRequest) -> str:
-        (res,) = self.critic.score([EditRequest(r.images[0], r.images[1], r.fields["instruction"])])
+        (res,) = self.judge.score([EditRequest(r.images[0], r.images[1], r.fields["instruction"])])
         if not res.complete:
             return f"I cannot evaluate this edit: {'; '.join(res.errors.values())}"
         return json.dumps(
@@ -198,7 +199,7 @@ class ShapesRuleTeacher:
 
     def _checklist_score(self, r: TeacherRequest) -> str:
         texts = [c["text"] if isinstance(c, dict) else c for c in r.fields["checklist"]]
-        (res,) = self.critic.score([GenRequest(r.images[0], r.fields["prompt"], texts, dimensions=(INSTRUCTION,))])
+        (res,) = self.judge.score([GenRequest(r.images[0], r.fields["prompt"], texts, dimensions=(INSTRUCTION,))])
         if not res.complete:
             return f"I cannot judge this image: {'; '.join(res.errors.values())}"
         verdicts = dict(res.details.get("checklist", []))
@@ -254,6 +255,32 @@ class ShapesRuleTeacher:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Sources: simulated model outputs to curate
+
+
+class ShapesGeneralTeacher(ShapesRuleTeacher):
+    """The uncurated arm's teacher: a *general* judge that scores directly, with a general VLM's failure modes.
+
+    The FIRM paper's comparison is a critic fine-tuned on curated data against one fine-tuned on a general VLM's raw
+    judgements. This teacher stands in for the general VLM: its Execution, Consistency and Instruction scores are
+    those of :class:`firm.synthetic.hallucinating.ShapesHallucinatingCritic` (the rule critic's scores with missed
+    unrequested changes, lenient Execution and +-1 noise, deterministic per request), and its reasoning says so. The
+    difference report, the plan and the rewrites stay the rule teacher's; an uncurated run simply does not balance
+    (``balance.enabled: false``), so nothing is rewritten.
+    """
+
+    @dataclass
+    class Config(ShapesRuleTeacher.Config):
+        name: str = "shapes_general"
+        judge: dict[str, Any] = field(default_factory=dict)  # ShapesHallucinatingCritic.Config fields (noise model)
+
+    teacher_id = "shapes_general"
+
+    def __init__(self, config: Config | None = None) -> None:
+        from firm.synthetic.hallucinating import ShapesHallucinatingCritic
+
+        config = config or self.Config()
+        super().__init__(config)
+        self.judge = ShapesHallucinatingCritic(ShapesHallucinatingCritic.Config(**config.judge))
 
 
 class ShapesEditSource:

@@ -61,6 +61,10 @@ class TinyCriticConfig:
     # one per grid cell of the shapes world; 64 px gave 4x4 tokens that straddle the cells)
     vocab_size: int = 1500  # BPE vocabulary (including the special tokens)
     corpus_samples: int = 300  # shapes samples whose prompts and answers train the tokenizer
+    rope_theta: float = 10000.0  # rotary base. At head_dim 32 with mrope [8,4,4], 1e4 gives the height and width axes
+    # at most 0.56 / 0.32 rad per position, so neighbouring grid cells are hard to tell apart; the critic base uses 10
+    # (measured in docs/bench.md, section 4)
+    grounding_texts: bool = False  # also train the tokenizer on the grounding questions (firm.synthetic.grounding)
 
     def __post_init__(self) -> None:
         if self.head_dim not in VLLM_HEAD_DIMS:
@@ -124,7 +128,12 @@ def build_tiny_critic(out: str | Path, config: TinyCriticConfig | None = None, s
 
     c = config or TinyCriticConfig()
     out = Path(out)
-    tokenizer = _tokenizer(_corpus(c.corpus_samples, c.image_size), c.vocab_size)
+    texts = _corpus(c.corpus_samples, c.image_size)
+    if c.grounding_texts:
+        from firm.synthetic.grounding import grounding_texts
+
+        texts += grounding_texts()
+    tokenizer = _tokenizer(texts, c.vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     side = c.image_size
     image_processor = Qwen2VLImageProcessorPil(
@@ -149,7 +158,7 @@ def build_tiny_critic(out: str | Path, config: TinyCriticConfig | None = None, s
             num_attention_heads=c.heads,
             num_key_value_heads=c.kv_heads,
             head_dim=head_dim,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta), "mrope_section": mrope},
             max_position_embeddings=4096,
             pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=True,

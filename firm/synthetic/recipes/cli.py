@@ -1,8 +1,9 @@
 """`firm shapes ...` commands of the recipes: the studies that run the library many times on the shapes world.
 
 firm shapes ablate --seeds 0 1                                     # the reward ablation of the editing demo
-firm shapes faithfulness --critic-model runs/critic-proof/critic   # the same RL under rule / trained / hallucinating
-firm shapes critic-proof --out runs/critic-proof                   # bench, curate, train and bench a tiny critic
+firm shapes faithfulness --critic-model runs/critic-proof/critic-curated   # RL under rule / trained / hallucinating
+firm shapes critic-proof --out runs/critic-proof                   # bench, curate, fine-tune the base, bench
+firm shapes pretrain-critic-base --out runs/critic-base            # the tiny critic's base: grounded QA, no scores
 
 The plugin's own commands (preview, export, critic-agreement, export-bench, tiny-critic) are in firm/synthetic/cli.py;
 both modules add actions to the one `firm shapes` noun.
@@ -50,25 +51,65 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_critic_proof(args: argparse.Namespace) -> int:
+def _settings(cls: type, items: list[str], command: str, skip: tuple[str, ...] = ()) -> dict:
+    """``KEY=VALUE`` strings as the fields of dataclass ``cls`` (str, bool, int, float, or comma-separated lists)."""
     import dataclasses
 
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    probe = cls()
+    values: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"firm shapes {command}: {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        default = getattr(probe, key)
+        if isinstance(default, bool):
+            values[key] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, list):
+            kind = type(default[0]) if default else str
+            values[key] = [kind(x) for x in raw.split(",") if x]
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            values[key] = type(default)(raw)
+        elif default is None:
+            values[key] = raw or None
+        else:
+            values[key] = raw
+    return values
+
+
+def _number(raw: str) -> int | float:
+    return int(raw) if raw.lstrip("-").isdigit() else float(raw)
+
+
+def _cmd_critic_proof(args: argparse.Namespace) -> int:
     from firm.synthetic.recipes.critic_proof import ProofConfig, run_critic_proof
 
-    fields = {f.name: f for f in dataclasses.fields(ProofConfig)}
-    values: dict = {"out": args.out, "fresh": args.fresh}
-    for item in args.settings:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields or key in ("critic", "train_overrides", "bench_overrides"):
-            simple = ", ".join(k for k in fields if k not in ("critic", "train_overrides", "bench_overrides"))
-            raise SystemExit(f"firm shapes critic-proof: {item!r}: expected KEY=VALUE with KEY one of {simple}")
-        kind = type(fields[key].default)
-        values[key] = raw if kind is str else (raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw))
-    values["critic"] = dict(kv.split("=", 1) for kv in args.critic)
-    values["critic"] = {k: int(v) for k, v in values["critic"].items()}
+    values = _settings(ProofConfig, args.settings, "critic-proof", ("critic", "train_overrides", "bench_overrides"))
+    values.update(out=args.out, fresh=args.fresh)
+    values["critic"] = {k: _number(v) for k, v in (kv.split("=", 1) for kv in args.critic)}
     values["train_overrides"], values["bench_overrides"] = list(args.train), list(args.bench)
     results = run_critic_proof(ProofConfig(**values))
     return 0 if results["acceptance"]["ok"] else 1
+
+
+def _cmd_pretrain_critic_base(args: argparse.Namespace) -> int:
+    import json
+
+    from firm.synthetic.recipes.critic_base import CriticBaseConfig, pretrain_critic_base
+
+    values = _settings(CriticBaseConfig, args.settings, "pretrain-critic-base", ("critic", "grounding"))
+    values.update(out=args.out, fresh=args.fresh)
+    if args.critic:
+        from firm.synthetic.recipes.critic_base import DEFAULT_CRITIC
+
+        values["critic"] = {**DEFAULT_CRITIC, **{k: _number(v) for k, v in (kv.split("=", 1) for kv in args.critic)}}
+    summary = pretrain_critic_base(CriticBaseConfig(**values))
+    if args.export:
+        from firm.synthetic.recipes.critic_base import export_base
+
+        export_base(args.out, args.export)
+    print(json.dumps({k: summary[k] for k in ("steps", "target_met", "heldout_exact", "wall_seconds")}, indent=2))
+    return 0 if summary["target_met"] else 1
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -126,5 +167,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--critic", action="append", default=[], metavar="FIELD=INT", help="a TinyCriticConfig size")
     q.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="an override of the SFT run")
     q.add_argument("--bench", action="append", default=[], metavar="KEY=VALUE", help="an override of firm critic bench")
-    q.add_argument("settings", nargs="*", help="ProofConfig settings, e.g. steps=1500 train_edits=3000")
+    q.add_argument("settings", nargs="*", help="ProofConfig settings, e.g. steps=1500 train_edits=3000 arms=curated")
     q.set_defaults(func=_cmd_critic_proof)
+
+    q = ss.add_parser(
+        "pretrain-critic-base",
+        help="pretrain the tiny critic base on grounded questions (seeing, changes, counts, captions; no scores)",
+        description="Train the tiny Qwen3-VL of firm shapes tiny-critic from random weights on world-generated "
+        "grounded questions in the critic's prompt layout until every question kind is >= target exact on held-out tasks "
+        "(docs/bench.md, section 4). Writes <out>/base, curves.json, curves.png and summary.json; exit status 1 "
+        "when the target was not reached.",
+    )
+    q.add_argument("--out", default="runs/critic-base", help="output folder (default runs/critic-base)")
+    q.add_argument("--fresh", action="store_true", help="delete --out first")
+    q.add_argument("--critic", action="append", default=[], metavar="FIELD=NUMBER", help="a TinyCriticConfig field")
+    q.add_argument("--export", default=None, metavar="DIR", help="also write the base, float16, to DIR (committed)")
+    q.add_argument("settings", nargs="*", help="CriticBaseConfig settings, e.g. steps=4000 lr=3e-4 threads=2")
+    q.set_defaults(func=_cmd_pretrain_critic_base)

@@ -5,7 +5,7 @@ A run lives in ``<output_dir>/<name>/``::
     config.yaml          the resolved config of the first launch (a relaunch must match it, see below)
     scored/              phase 1: every input sample judged by the pipeline (shards + journal.jsonl)
     rewritten/           phase 2 (balance.rewrite): samples whose text was rewritten to mismatch, judged again
-    final/               phase 3 (balance.enabled): the selection that follows the target histogram
+    final/               phase 3 (balance.enabled): the selection that follows the target histogram(s)
     manifest.json        counts, histograms (scored / with rewrites / final), teachers, template hashes, shards
     histograms.png       the score histograms before and after balancing
 
@@ -39,7 +39,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from firm.config import MISSING, ConfigError, check_run_name, component_field, load_config
-from firm.curation.balance import BalanceConfig, plan_rewrites, select
+from firm.curation.balance import BalanceConfig, plan_rewrites, select_joint
 from firm.curation.journal import ShardSink
 from firm.curation.pipelines import PIPELINES, Outcome, Pipeline
 from firm.curation.prompts import CurationPromptConfig, CurationPrompts
@@ -295,7 +295,11 @@ def _identity(cfg_node: Any) -> Any:
             return [strip(v) for v in x]
         return x
 
-    return strip(OmegaConf.to_container(cfg_node, resolve=True))
+    out = strip(OmegaConf.to_container(cfg_node, resolve=True))
+    balance = out.get("balance") if isinstance(out, dict) else None
+    if isinstance(balance, dict) and not balance.get("joint"):
+        balance.pop("joint", None)  # runs saved before balance.joint existed have none; empty means the same
+    return out
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -379,7 +383,16 @@ def run_curation(cfg_node: Any) -> dict:
     dim = bal.dimension or pipeline.balance_default
     if dim not in dims:
         raise ConfigError(f"balance.dimension: {dim!r} is not a score of {pipeline.name} (one of {dims})")
-    shares = bal.shares() if bal.enabled else None
+    unknown = [d for d in bal.joint or {} if d not in dims]
+    if unknown:
+        raise ConfigError(f"balance.joint: {unknown} not score(s) of {pipeline.name} (one of {dims})")
+    targets = None  # balanced dimension -> target shares; the primary dimension first
+    if bal.enabled:
+        try:
+            targets = bal.targets(dim)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    shares = targets[dim] if targets else None
     writer_kwargs = {
         "max_count": cfg.output.max_count,
         "max_size": cfg.output.max_size,
@@ -441,8 +454,9 @@ def run_curation(cfg_node: Any) -> dict:
     final = None
     all_facts = {k: f for s in sinks for k, f in s.done.items()}
     if bal.enabled:
-        keep = select(
-            {k: f["scores"].get(dim) for k, f in all_facts.items()}, shares, bal.seed, bal.max_samples, bal.fill
+        # one dimension: select(); with balance.joint, every balanced dimension at once (see balance.py)
+        keep = select_joint(
+            {k: f["scores"] for k, f in all_facts.items()}, targets, bal.seed, bal.max_samples, bal.fill
         )
         final = ShardSink(run_dir / "final", "final", pipeline.schema, writer_kwargs, facts_of)
         stale = set(final.done) - keep
@@ -483,7 +497,7 @@ def run_curation(cfg_node: Any) -> dict:
                 f"{final.dir} holds {len(extra)} sample(s) outside the selection (e.g. {sorted(extra)[:3]})"
             )
 
-    manifest = _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final, dims, dim, shares)
+    manifest = _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final, dims, dim, targets)
     manifest["this_launch"] = {
         name: {
             "processed": r.processed,
@@ -502,7 +516,7 @@ def run_curation(cfg_node: Any) -> dict:
     return manifest
 
 
-def _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final, dims, dim, shares) -> dict:
+def _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final, dims, dim, targets) -> dict:
     from firm.data.inspect import plot_histograms
 
     hist = {"scored": _histograms(scored.done, dims)}
@@ -524,8 +538,11 @@ def _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final
         counts["final_rewritten"] = sum(1 for f in final.done.values() if f.get("rewritten"))
         shards["final"] = final.shards()
     failures = Counter(r.split(":")[0] for r in scored.failed.values())
-    plots = {f"{stage}: {dim}": h[dim] for stage, h in hist.items()}
-    plot = plot_histograms(plots, run_dir / "histograms.png", f"{cfg.name}: {dim} before / after balancing")
+    balanced = list(targets or {dim: None})
+    plots = {f"{stage}: {d}": h[d] for stage, h in hist.items() for d in balanced}
+    plot = plot_histograms(
+        plots, run_dir / "histograms.png", f"{cfg.name}: {', '.join(balanced)} before / after balancing"
+    )
     return {
         "name": cfg.name,
         "pipeline": pipeline.name,
@@ -537,7 +554,9 @@ def _manifest(cfg, cfg_node, run_dir, pipeline, source, scored, rewritten, final
         "prompt_templates": pipeline.template_hashes(),
         "counts": counts,
         "failures_by_reason": dict(failures),
-        "balance": {"dimension": dim, "target": shares} if shares else None,
+        "balance": {"dimension": dim, "target": targets[dim], "dimensions": balanced, "targets": targets}
+        if targets
+        else None,
         "histograms": hist,
         "histogram_plot": plot,
         "output": "final" if final is not None else "scored",
@@ -562,10 +581,11 @@ def print_report(manifest: dict) -> None:
         if isinstance(r, dict) and "processed" in r:
             rate = f", {r['samples_per_s']} samples/s" if r.get("samples_per_s") else ""
             print(f"  {name}: processed {r['processed']} now, {r['resumed_skipped']} already done{rate}")
-    dim = (manifest.get("balance") or {}).get("dimension")
+    bal = manifest.get("balance") or {}
+    balanced = bal.get("dimensions") or ([bal["dimension"]] if bal.get("dimension") else None)
     for stage, hists in manifest["histograms"].items():
         for d, h in hists.items():
-            if dim is None or d == dim or stage == "scored":
+            if balanced is None or d in balanced or stage == "scored":
                 print()
                 print("\n".join(format_histogram(f"{stage}: {d}", h)))
     if manifest["failures_by_reason"]:

@@ -86,3 +86,30 @@ def test_mae_on_a_shapes_benchmark_is_clearly_worse(tmp_path):
     rule_mae, hall_mae = critic_mae(ShapesRuleCritic()), critic_mae(ShapesHallucinatingCritic())
     assert rule_mae < 0.3
     assert hall_mae > rule_mae + 0.3
+
+
+def test_the_general_teacher_labels_like_the_hallucinating_critic():
+    """The uncurated arm's teacher (shapes_general) answers edit evaluations with the noisy judge's scores."""
+    import json
+
+    from firm.curation.teachers import TeacherRequest
+    from firm.synthetic.curation import ShapesGeneralTeacher, ShapesRuleTeacher
+
+    reqs = _requests("overedit_n", n=20) + _requests("copy", n=20)
+    asks = [
+        TeacherRequest("edit_evaluation", [], [r.source, r.edited], {"instruction": r.instruction}, f"k{i}")
+        for i, r in enumerate(reqs)
+    ]
+    rule = [json.loads(t) for t in ShapesRuleTeacher().generate(asks)]
+    general = [json.loads(t) for t in ShapesGeneralTeacher().generate(asks)]
+    judge = ShapesHallucinatingCritic().score(reqs)
+    for g, j in zip(general, judge):
+        for d in (EXECUTION, CONSISTENCY):
+            assert g[d]["score"] == j.scores[d]
+    # it differs from the rule teacher where a general judge does: higher consistency on over-edits
+    cons = lambda answers: np.mean([a[CONSISTENCY]["score"] for a in answers[:20]])  # noqa: E731
+    assert cons(general) > cons(rule) + 0.5
+    # and with every probability 0 it is the rule teacher
+    zero = ShapesGeneralTeacher(ShapesGeneralTeacher.Config(judge=dict(ZERO)))
+    scores = lambda answers: [[a[d]["score"] for d in (EXECUTION, CONSISTENCY)] for a in answers]  # noqa: E731
+    assert scores([json.loads(t) for t in zero.generate(asks)]) == scores(rule)

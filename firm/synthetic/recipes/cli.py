@@ -174,8 +174,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pretrain-critic-base",
         help="pretrain the tiny critic base on grounded questions (seeing, changes, counts, captions; no scores)",
         description="Train the tiny Qwen3-VL of firm shapes tiny-critic from random weights on world-generated "
-        "grounded questions in the critic's prompt layout until every question kind is >= target exact on held-out tasks "
-        "(docs/bench.md, section 4). Writes <out>/base, curves.json, curves.png and summary.json; exit status 1 "
+        "grounded questions in the critic's prompt layout until every question kind is >= target exact on held-out "
+        "tasks (docs/bench.md, section 4). Writes <out>/base, curves.json, curves.png and summary.json; exit status 1 "
         "when the target was not reached.",
     )
     q.add_argument("--out", default="runs/critic-base", help="output folder (default runs/critic-base)")

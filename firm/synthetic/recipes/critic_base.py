@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import sys
 import time
@@ -41,6 +42,8 @@ class CriticBaseConfig:
     stop_at_target: bool = True  # stop at the first evaluation where every kind is at target
     critic: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CRITIC))  # TinyCriticConfig fields
     grounding: dict[str, Any] = field(default_factory=dict)  # GroundingConfig fields
+    vision_warmup: int = 300  # steps of per-cell read-out training of the vision tower first (0: none)
+    vision_lr: float = 1.0e-3
     init: str | None = None  # start from this checkpoint instead of random weights (to continue a run)
     threads: int | None = None  # torch threads (default: torch's choice)
     fresh: bool = False  # delete <out> first
@@ -89,6 +92,64 @@ def exact_match(model, examples: list[tuple[dict, str]], pad: int, batch: int = 
     return right / max(len(examples), 1)
 
 
+def warm_start_vision(model, processor_path: str | Path, cfg: CriticBaseConfig) -> list[dict[str, float]]:
+    """Teach the vision tower to see first: a linear read-out, shared by all visual tokens, of the colour and the shape
+    in each token's grid cell (the issue's "warm start on per-cell read-out"). Returns the curve (step, accuracy).
+
+    The tower's merged tokens come out in row-major cell order (48 px, patch 8, merge 2: one token per cell); the
+    read-out is shared across cells, so a token's features must say what is in *its* cell, and where a thing is
+    stays for the language model to find from the positions.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoImageProcessor
+
+    from firm.synthetic.data import _maybe_degrade
+    from firm.synthetic.world import GRID, PALETTE, SHAPES, WorldConfig, render, sample_scene
+
+    proc = AutoImageProcessor.from_pretrained(processor_path)
+    visual = model.model.visual
+    width = model.config.text_config.hidden_size
+    colours, shapes = list(PALETTE), list(SHAPES)
+    head = torch.nn.Linear(width, len(colours) + len(shapes) + 2)
+    opt = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=cfg.vision_lr)
+    rng = random.Random(f"firm.shapes.vision_warmup:{cfg.seed}")
+    sizes = cfg.grounding.get("sizes", [32, 64])
+    worlds = {s: WorldConfig(size=s, max_objects=9) for s in sizes}
+
+    def batch(n: int):
+        images, col, shp = [], [], []
+        for _ in range(n):
+            world = worlds[rng.choice(sizes)]
+            scene = sample_scene(rng, world, n_objects=rng.randint(0, GRID * GRID))
+            image, _ = _maybe_degrade(render(scene, world), rng, 0.25)
+            images.append(image)
+            for c in range(GRID * GRID):
+                o = scene.at(c)
+                col.append(colours.index(o.colour) if o else len(colours))
+                shp.append(shapes.index(o.shape) if o else len(shapes))
+        enc = proc(images=images, return_tensors="pt")
+        return enc["pixel_values"], enc["image_grid_thw"], torch.tensor(col), torch.tensor(shp)
+
+    curve: list[dict[str, float]] = []
+    visual.train()
+    for step in range(1, cfg.vision_warmup + 1):
+        pv, grid, col, shp = batch(32)
+        feats = visual(pv, grid_thw=grid, return_dict=True).pooler_output  # (n * 9, width)
+        logits = head(feats)
+        lc, ls = logits[:, : len(colours) + 1], logits[:, len(colours) + 1 :]
+        loss = torch.nn.functional.cross_entropy(lc, col) + torch.nn.functional.cross_entropy(ls, shp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.vision_warmup:
+            acc = float(np.mean(((lc.argmax(-1) == col) & (ls.argmax(-1) == shp)).numpy()))
+            curve.append({"step": step, "loss": round(loss.item(), 4), "cell_accuracy": round(acc, 4)})
+            print(f"[critic-base] vision warm-up {step}: cell read-out {acc:.3f} (loss {loss.item():.3f})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return curve
+
+
 def pretrain_critic_base(cfg: CriticBaseConfig, progress: bool = True) -> dict[str, Any]:
     """Build (or load) the tiny critic, train it on grounded questions, save it and its curves; returns summary."""
     import torch
@@ -111,6 +172,7 @@ def pretrain_critic_base(cfg: CriticBaseConfig, progress: bool = True) -> dict[s
     pad = encoder.pad_token_id
     torch.manual_seed(cfg.seed)
     model = Qwen3VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    vision_curve = warm_start_vision(model, init, cfg) if cfg.vision_warmup > 0 else []
     heldout = heldout_set(cfg, encoder)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
@@ -177,6 +239,7 @@ def pretrain_critic_base(cfg: CriticBaseConfig, progress: bool = True) -> dict[s
         "seconds_per_step": round(last["train_seconds"] / max(1, last["step"]), 3),
         "torch_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "vision_warmup": vision_curve,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(curves, out / "curves.png", cfg.target)

@@ -448,7 +448,8 @@ def plot_training(run_dirs: dict[str, Path], path: Path) -> Path | None:
     a.legend(fontsize=7)
     b.set_xlabel("optimizer step")
     b.set_title("validation MAE of generated scores (each arm's own labels)", fontsize=9)
-    b.legend(fontsize=7)
+    if any(m["val/mae"] for m in metrics.values()):
+        b.legend(fontsize=7)
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -12,17 +12,11 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+from firm.synthetic.tiny_critic import SPECIAL_TOKENS
 
-# Written for these tests: roles, then text and image parts in order, Qwen-style image placeholders.
+# Written for these tests: roles, then text and image parts in order, Qwen-style image placeholders. Not the
+# template of firm.synthetic.tiny_critic: this one keeps a newline after each <|im_end|> and after the generation
+# prompt's "assistant"; kept so that the prompts these tests encode stay exactly as they were.
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n"
     "{%- if m['content'] is string %}{{ m['content'] }}{% else %}"

@@ -129,8 +129,13 @@ def _question(rng: random.Random, kind: str, task, source: Scene, out: Scene, ce
     raise ValueError(f"unknown question kind {kind!r}; known: {', '.join(KINDS)}")
 
 
-def grounding_items(cfg: GroundingConfig, seed: int, start: int = 0) -> Iterator[tuple[str, list[dict], str]]:
-    """Endless ``(kind, messages, answer)`` triples from tasks of ``cfg.split`` (task seeds from ``start`` on)."""
+def grounding_items(
+    cfg: GroundingConfig, seed: int, start: int = 0, weights: dict[str, float] | None = None
+) -> Iterator[tuple[str, list[dict], str]]:
+    """Endless ``(kind, messages, answer)`` triples from tasks of ``cfg.split`` (task seeds from ``start`` on).
+
+    ``weights`` (kind -> relative weight, default 1) is read at every draw, so a trainer may change it on the fly.
+    """
     from firm.synthetic.data import _maybe_degrade
     from firm.synthetic.simulate import EDIT_MODES, GEN_MODES, simulate_edit, simulate_generation
     from firm.synthetic.tasks import edit_tasks, gen_tasks
@@ -143,7 +148,7 @@ def grounding_items(cfg: GroundingConfig, seed: int, start: int = 0) -> Iterator
     edits = {s: edit_tasks(cfg.split, world=w, start=start) for s, w in worlds.items()}
     gens = {s: gen_tasks(cfg.split, world=w, start=start) for s, w in worlds.items()}
     while True:
-        kind = rng.choice(cfg.kinds)
+        kind = rng.choices(cfg.kinds, [weights.get(k, 1.0) for k in cfg.kinds])[0] if weights else rng.choice(cfg.kinds)
         size = rng.choice(cfg.sizes)
         world = worlds[size]
         if kind in GEN_KINDS:

@@ -81,3 +81,12 @@ def test_items_walk_the_tasks_of_their_split():
         assert shown == tasks
     with pytest.raises(ValueError, match="kinds"):
         next(grounding_items(GroundingConfig(kinds=["judge"]), seed=0))
+
+
+def test_draw_weights_are_read_at_every_draw():
+    weights = {k: 0.0 for k in EDIT_KINDS + GEN_KINDS}
+    weights["count"] = 1.0
+    items = grounding_items(GroundingConfig(sizes=[32]), seed=0, weights=weights)
+    assert {next(items)[0] for _ in range(20)} == {"count"}
+    weights.update(count=0.0, caption=1.0)  # a trainer changes the mix on the fly
+    assert {next(items)[0] for _ in range(20)} == {"caption"}

@@ -40,6 +40,7 @@ class CriticBaseConfig:
     eval_items: int = 64  # held-out questions per kind
     target: float = 0.95  # held-out exact match every kind must reach
     stop_at_target: bool = True  # stop at the first evaluation where every kind is at target
+    adaptive: bool = True  # after each evaluation, draw each kind in proportion to 0.1 + its held-out error
     critic: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CRITIC))  # TinyCriticConfig fields
     grounding: dict[str, Any] = field(default_factory=dict)  # GroundingConfig fields
     vision_warmup: int = 300  # steps of per-cell read-out training of the vision tower first (0: none)
@@ -49,11 +50,11 @@ class CriticBaseConfig:
     fresh: bool = False  # delete <out> first
 
 
-def _batches(cfg: CriticBaseConfig, encoder, split: str, seed: int, start: int, kinds: list[str] | None = None):
+def _batches(cfg: CriticBaseConfig, split: str, seed: int, start: int, kinds=None, weights=None):
     from firm.synthetic.grounding import GroundingConfig, grounding_items
 
     g = GroundingConfig(**{**cfg.grounding, "split": split, **({"kinds": kinds} if kinds else {})})
-    return grounding_items(g, seed=seed, start=start)
+    return grounding_items(g, seed=seed, start=start, weights=weights)
 
 
 def heldout_set(cfg: CriticBaseConfig, encoder) -> dict[str, list[tuple[dict, str]]]:
@@ -63,7 +64,7 @@ def heldout_set(cfg: CriticBaseConfig, encoder) -> dict[str, list[tuple[dict, st
     kinds = GroundingConfig(**cfg.grounding).kinds or list(KINDS)
     out: dict[str, list] = {}
     for i, kind in enumerate(kinds):
-        items = _batches(cfg, encoder, "test", seed=10_000 + i, start=8_000_000, kinds=[kind])
+        items = _batches(cfg, "test", seed=10_000 + i, start=8_000_000, kinds=[kind])
         enc = []
         while len(enc) < cfg.eval_items:
             _, msgs, answer = next(items)
@@ -176,10 +177,20 @@ def pretrain_critic_base(cfg: CriticBaseConfig, progress: bool = True) -> dict[s
     heldout = heldout_set(cfg, encoder)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    train = _batches(cfg, encoder, "train", seed=cfg.seed, start=0)
+    weights: dict[str, float] = {}  # kind -> draw weight (empty: uniform), updated after each evaluation
+    train = _batches(cfg, "train", seed=cfg.seed, start=0, weights=weights)
     curves: list[dict[str, Any]] = []
     losses: list[float] = []
     t_train, t_start = 0.0, time.perf_counter()
+
+    def save(step: int) -> None:
+        """The newest weights, with the tokenizer and processor, under <out>/base (a stopped run keeps its progress)."""
+        if step == 0:
+            return
+        model.save_pretrained(base)
+        for f in init.iterdir():  # tokenizer, chat template, image processor: as built
+            if f.is_file() and not (base / f.name).exists():
+                shutil.copy(f, base / f.name)
 
     def evaluate(step: int) -> dict[str, Any]:
         model.eval()
@@ -189,7 +200,11 @@ def pretrain_critic_base(cfg: CriticBaseConfig, progress: bool = True) -> dict[s
         row["loss"] = sum(losses[-50:]) / len(losses[-50:]) if losses else None
         row["train_seconds"] = round(t_train, 1)
         row["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        if cfg.adaptive and step > 0:
+            weights.update({k: 0.1 + (1.0 - v) for k, v in row["exact"].items()})
+            row["draw_weights"] = {k: round(v, 3) for k, v in weights.items()}
         curves.append(row)
+        save(step)
         (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
         shown = " ".join(f"{k} {v:.2f}" for k, v in row["exact"].items())
         print(f"[critic-base] step {step}: {shown} (loss {row['loss'] or math.nan:.3f}, {t_train:.0f} s)",
@@ -223,10 +238,6 @@ def pretrain_critic_base(cfg: CriticBaseConfig, progress: bool = True) -> dict[s
                 reached = reached or step
                 if cfg.stop_at_target:
                     break
-    model.save_pretrained(base)
-    for f in init.iterdir():  # tokenizer, chat template, image processor: as built
-        if f.is_file() and not (base / f.name).exists():
-            shutil.copy(f, base / f.name)
     last = curves[-1]
     summary = {
         "config": asdict(cfg),

@@ -50,7 +50,13 @@ setup(
     package_dir={"firm.experiments": "experiments"},
     package_data={
         # The shapes world's tiny pretrained base models (a few MB of safetensors + configs).
-        "firm.synthetic": ["checkpoints/README.md", "checkpoints/*/*.json", "checkpoints/*/*/*"],
+        "firm.synthetic": [
+            "checkpoints/README.md",
+            "checkpoints/*/*.json",
+            "checkpoints/*/*.safetensors",  # the critic base (shapes_critic): save_pretrained at the top level
+            "checkpoints/*/*.jinja",
+            "checkpoints/*/*/*",
+        ],
         # `firm plan`: the architectures (config.json files, no weights) of the checkpoints the experiments train.
         "firm.plan": ["configs/README.md", "configs/*/*.json", "configs/*/*/*.json"],
         "firm.experiments": [f"**/*.{ext}" for ext in ("yaml", "txt", "sh", "json", "jsonl", "png", "safetensors")],

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CRITIC = {"rope_theta": 10.0, "grounding_texts": True}
+DEFAULT_CRITIC = {"rope_theta": 10.0, "grounding_texts": True, "hidden_size": 128, "layers": 4}
 
 
 @dataclass
@@ -34,7 +34,7 @@ class CriticBaseConfig:
     seed: int = 0
     steps: int = 6000  # most optimizer steps
     batch_size: int = 32
-    lr: float = 3.0e-4  # AdamW; 1e-3 makes the tiny model ignore the image (docs/bench.md, section 4)
+    lr: float = 5.0e-4  # AdamW; 1e-3 without the vision warm-up made the tiny model ignore the image (docs/bench.md)
     warmup: int = 100  # linear warm-up steps, then constant
     eval_every: int = 250  # steps between held-out evaluations
     eval_items: int = 64  # held-out questions per kind

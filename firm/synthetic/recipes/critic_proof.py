@@ -67,7 +67,7 @@ class ProofConfig:
     # (32 px is the RL demo's canvas: the critic that rewards the editor should have seen images of that size)
     degrade_prob: float = 0.25  # share of curated outputs with pixel noise / blur, as in the benchmark
     balance_consistency: bool = True  # curated edits: balance Consistency jointly with Execution
-    steps: int = 600  # optimizer steps of critic SFT (each arm)
+    steps: int = 1200  # optimizer steps of critic SFT (each arm)
     batch_size: int = 32
     lr: float = 3.0e-4
     answer_order: str = "score_only"  # score_only | score_first | reasoning_first (the difference report first)
@@ -291,7 +291,11 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
         "export",
         timings,
         lambda: all((out / f"critic-{a}" / "config.json").is_file() for a in cfg.arms),
-        lambda: [export_critic(run_dirs[a], out / f"critic-{a}") for a in cfg.arms],
+        lambda: [
+            export_critic(run_dirs[a], out / f"critic-{a}")
+            for a in cfg.arms
+            if not (out / f"critic-{a}" / "config.json").is_file()  # an arm added later leaves the others alone
+        ],
     )
     priors = _priors(out, train_sets.get("curated") or train_sets[cfg.arms[0]])
     labels = {arm: label_histograms(out, names) for arm, names in train_sets.items()}

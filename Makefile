@@ -51,7 +51,7 @@ PROOF_ARGS   ?=
 # export, firm critic bench. The base itself: make critic-base (firm shapes pretrain-critic-base).
 .PHONY: critic-proof
 critic-proof: $(BIN)/.installed
-	OMP_NUM_THREADS=2 $(BIN)/firm shapes critic-proof --out $(PROOF_OUT) $(PROOF_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/firm shapes critic-proof --out $(PROOF_OUT) $(PROOF_ARGS)
 
 BASE_OUT     ?= runs/critic-base
 .PHONY: critic-base

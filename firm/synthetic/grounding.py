@@ -93,10 +93,13 @@ class GroundingConfig:
     focus_prob: float = 0.5  # share of cell / change questions about a cell that the instruction or a change names
 
 
-def _question(rng: random.Random, kind: str, task, source: Scene, out: Scene, cells_of_interest: list[int]):
-    """(question, answer, image index shown) for one question ``kind`` about a pair of scenes."""
+def _question(
+    rng: random.Random, kind: str, source: Scene, out: Scene, cells_of_interest: list[int], focus: float = 0.5
+) -> tuple[str, str]:
+    """(question, answer) for one question ``kind`` about a source and an output scene; ``focus``: the share of cell
+    and change questions drawn from ``cells_of_interest`` (the instruction's cells, and changed cells)."""
     if kind in ("cell", "gen_cell"):
-        pool = cells_of_interest if cells_of_interest and rng.random() < 0.5 else list(range(GRID * GRID))
+        pool = cells_of_interest if cells_of_interest and rng.random() < focus else list(range(GRID * GRID))
         occupied = [o.cell for o in out.objects]
         if kind == "gen_cell" or rng.random() < 0.5:
             scene, which = out, "edited"
@@ -112,7 +115,7 @@ def _question(rng: random.Random, kind: str, task, source: Scene, out: Scene, ce
     if kind == "change":
         changed = changed_cells(source, out)
         pool = sorted(set(changed + cells_of_interest))
-        cell = rng.choice(pool) if pool and rng.random() < 0.5 else rng.randrange(GRID * GRID)
+        cell = rng.choice(pool) if pool and rng.random() < focus else rng.randrange(GRID * GRID)
         if source.at(cell) == out.at(cell):
             return f"Did the {CELL_NAMES[cell]} cell change?", "no"
         before, after = object_name(source, cell), object_name(out, cell)
@@ -155,14 +158,14 @@ def grounding_items(
             task = next(gens[size])
             scene = simulate_generation(task, rng.choice(GEN_MODES), rng, world)
             image, _ = _maybe_degrade(render(scene, world), rng, cfg.degrade_prob)
-            question, answer = _question(rng, kind, task, Scene(), scene, [])
+            question, answer = _question(rng, kind, Scene(), scene, [], cfg.focus_prob)
             yield kind, gen_messages(task.prompt, question, image), answer
             continue
         task = next(edits[size])
         out = simulate_edit(task, rng.choice(EDIT_MODES), rng, world)
         image, _ = _maybe_degrade(render(out, world), rng, cfg.degrade_prob)
         interest = sorted(set(task.edit.affected_cells))
-        question, answer = _question(rng, kind, task, task.source, out, interest)
+        question, answer = _question(rng, kind, task.source, out, interest, cfg.focus_prob)
         yield kind, edit_messages(task.instruction, question, render(task.source, world), image), answer
 
 

@@ -35,7 +35,7 @@ def test_answers_follow_the_scenes():
     seen = {}
     for _ in range(300):
         for kind in ("cell", "change", "count"):
-            q, a = _question(rng, kind, None, SRC, OUT, [4])
+            q, a = _question(rng, kind, SRC, OUT, [4])
             seen[q] = a
     assert seen["How many cells changed?"] == "2"
     assert seen["Did the centre cell change?"] == "yes, blue square to green square"
@@ -44,7 +44,7 @@ def test_answers_follow_the_scenes():
     assert seen["What is in the bottom-right cell of the source image?"] == "nothing"
     assert seen["What is in the top-left cell of the source image?"] == "red circle"
     with pytest.raises(ValueError, match="unknown question kind"):
-        _question(rng, "score", None, SRC, OUT, [])
+        _question(rng, "score", SRC, OUT, [])
 
 
 def test_items_use_the_critic_layout_and_every_kind():

@@ -52,7 +52,8 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
 
 
 def _settings(cls: type, items: list[str], command: str, skip: tuple[str, ...] = ()) -> dict:
-    """``KEY=VALUE`` strings as the fields of dataclass ``cls`` (str, bool, int, float, or comma-separated lists)."""
+    """``KEY=VALUE`` strings as the fields of dataclass ``cls`` (str, bool, int, float, ``X | None``, or
+    comma-separated lists); an unknown key or an unreadable value is an error naming the key."""
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
@@ -63,28 +64,42 @@ def _settings(cls: type, items: list[str], command: str, skip: tuple[str, ...] =
         if not sep or key not in fields:
             raise SystemExit(f"firm shapes {command}: {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         default = getattr(probe, key)
-        if isinstance(default, bool):
-            values[key] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, list):
-            kind = type(default[0]) if default else str
-            values[key] = [kind(x) for x in raw.split(",") if x]
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            values[key] = type(default)(raw)
-        elif default is None:
-            values[key] = raw or None
-        else:
-            values[key] = raw
+        annotation = str(fields[key].type)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ValueError("expected true or false")
+                values[key] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, list):
+                kind = type(default[0]) if default else str
+                values[key] = [kind(x) for x in raw.split(",") if x]
+            elif isinstance(default, (int, float)):
+                values[key] = type(default)(raw)
+            elif default is None and annotation.startswith(("int", "float")):
+                values[key] = (int if annotation.startswith("int") else float)(raw) if raw else None
+            elif default is None:
+                values[key] = raw or None
+            else:
+                values[key] = raw
+        except ValueError as e:
+            raise SystemExit(f"firm shapes {command}: {item!r}: {e}") from None
     return values
 
 
-def _number(raw: str) -> int | float:
-    return int(raw) if raw.lstrip("-").isdigit() else float(raw)
+def _number(raw: str) -> int | float | bool:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return int(raw) if raw.lstrip("-").isdigit() else float(raw)
+    except ValueError:
+        raise SystemExit(f"--critic: {raw!r} is not a number or true/false") from None
 
 
 def _cmd_critic_proof(args: argparse.Namespace) -> int:
     from firm.synthetic.recipes.critic_proof import ProofConfig, run_critic_proof
 
-    values = _settings(ProofConfig, args.settings, "critic-proof", ("critic", "train_overrides", "bench_overrides"))
+    skip = ("critic", "train_overrides", "bench_overrides", "out", "fresh")  # --out / --fresh set these
+    values = _settings(ProofConfig, args.settings, "critic-proof", skip)
     values.update(out=args.out, fresh=args.fresh)
     values["critic"] = {k: _number(v) for k, v in (kv.split("=", 1) for kv in args.critic)}
     values["train_overrides"], values["bench_overrides"] = list(args.train), list(args.bench)
@@ -97,7 +112,7 @@ def _cmd_pretrain_critic_base(args: argparse.Namespace) -> int:
 
     from firm.synthetic.recipes.critic_base import CriticBaseConfig, pretrain_critic_base
 
-    values = _settings(CriticBaseConfig, args.settings, "pretrain-critic-base", ("critic", "grounding"))
+    values = _settings(CriticBaseConfig, args.settings, "pretrain-critic-base", ("critic", "grounding", "out", "fresh"))
     values.update(out=args.out, fresh=args.fresh)
     if args.critic:
         from firm.synthetic.recipes.critic_base import DEFAULT_CRITIC
@@ -164,7 +179,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--out", default="runs/critic-proof", help="output folder (default runs/critic-proof)")
     q.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished stages")
-    q.add_argument("--critic", action="append", default=[], metavar="FIELD=INT", help="a TinyCriticConfig size")
+    q.add_argument(
+        "--critic", action="append", default=[], metavar="FIELD=NUMBER", help='a TinyCriticConfig field (with base="")'
+    )
     q.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="an override of the SFT run")
     q.add_argument("--bench", action="append", default=[], metavar="KEY=VALUE", help="an override of firm critic bench")
     q.add_argument("settings", nargs="*", help="ProofConfig settings, e.g. steps=1500 train_edits=3000 arms=curated")
@@ -181,6 +198,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default="runs/critic-base", help="output folder (default runs/critic-base)")
     q.add_argument("--fresh", action="store_true", help="delete --out first")
     q.add_argument("--critic", action="append", default=[], metavar="FIELD=NUMBER", help="a TinyCriticConfig field")
-    q.add_argument("--export", default=None, metavar="DIR", help="also write the base, float16, to DIR (committed)")
+    q.add_argument("--export", default=None, metavar="DIR", help="also copy the base with pretrain.json to DIR")
     q.add_argument("settings", nargs="*", help="CriticBaseConfig settings, e.g. steps=4000 lr=3e-4 threads=2")
     q.set_defaults(func=_cmd_pretrain_critic_base)

@@ -110,6 +110,14 @@ def warm_start_vision(model, processor_path: str | Path, cfg: CriticBaseConfig) 
 
     proc = AutoImageProcessor.from_pretrained(processor_path)
     visual = model.model.visual
+    vc = model.config.vision_config
+    side = int(round((proc.size["longest_edge"]) ** 0.5))
+    if side // (vc.patch_size * vc.spatial_merge_size) != GRID:
+        raise ValueError(
+            f"vision warm-up: the read-out needs one visual token per grid cell ({GRID}x{GRID}); this critic's "
+            f"{side} px images with patch {vc.patch_size} give {side // (vc.patch_size * vc.spatial_merge_size)} per "
+            "side (use image_size 48 with patch 8, or vision_warmup=0)"
+        )
     width = model.config.text_config.hidden_size
     colours, shapes = list(PALETTE), list(SHAPES)
     head = torch.nn.Linear(width, len(colours) + len(shapes) + 2)

@@ -81,6 +81,15 @@ class ProofConfig:
         bad = [a for a in self.arms if a not in ARMS]
         if bad or not self.arms:
             raise ValueError(f"critic-proof: arms must be a non-empty subset of {list(ARMS)}, got {self.arms}")
+        if "uncurated" in self.arms and self.answer_order != "score_only":
+            # the general teacher's reasoning quotes the rule critic's score it distorted: it would leak the truth
+            raise ValueError("critic-proof: the uncurated arm trains on score_only answers; use arms=curated with "
+                             f"answer_order={self.answer_order}")  # fmt: skip
+
+    @property
+    def answer_tokens(self) -> int:
+        """New tokens a critic needs to reach its score: 8 for score-only JSON, 160 when reasoning comes too."""
+        return 8 if self.answer_order == "score_only" else 160
 
 
 EDIT_MODES_ALL = "[perfect,perfect,copy,partial,wrong_object,overedit_1,overedit_n,redraw,empty]"
@@ -159,11 +168,14 @@ def _run_processes(jobs: list[tuple[str, list[str], Path]], at_once: int, env: d
             name, cmd, log = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
             f = open(log, "w")  # noqa: SIM115 (closed when the process ends)
-            running.append((name, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log))
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            f.close()  # the child has its own handle
+            running.append((name, proc, log))
         name, proc, log = running.pop(0)
         if proc.wait() != 0:
             for _, other, _ in running:
                 other.kill()
+                other.wait()
             raise RuntimeError(f"{name} failed (log: {log}):\n{log.read_text()[-2000:]}")
 
 
@@ -262,6 +274,7 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
             f"data.train_shards={'::'.join(final(n) for n in train_sets[arm])}",
             f"data.val_shards={scored('edit_val')}::{scored('gen_val')}",
             f"data.renderer_options.answer_order={cfg.answer_order}",
+            f"module.val_max_new_tokens={cfg.answer_tokens}",
             *cfg.train_overrides,
         ]
 
@@ -308,6 +321,7 @@ def run_critic_proof(cfg: ProofConfig) -> dict[str, Any]:
             f"critics.{ROW_OF['base']}.model={init_dir}",
             *[f"critics.{ROW_OF[a]}.model={out / f'critic-{a}'}" for a in cfg.arms],
             *[f"critics.{p}_prior.{d}={v}" for p, dims in priors.items() for d, v in dims.items()],
+            *[f"critics.{row}.max_new_tokens={cfg.answer_tokens}" for row in ROW_OF.values()],
             *cfg.bench_overrides,
         ]
         bench_cfg = load_bench_config(experiments_root() / "bench" / "shapes_proof.yaml", overrides)
@@ -451,7 +465,7 @@ def plot_training(run_dirs: dict[str, Path], path: Path) -> Path | None:
     a.set_title("answer-token loss", fontsize=9)
     a.legend(fontsize=7)
     b.set_xlabel("optimizer step")
-    b.set_title("validation MAE of generated scores (each arm's own labels)", fontsize=9)
+    b.set_title("validation MAE of generated scores (rule-teacher labels)", fontsize=9)
     if any(m["val/mae"] for m in metrics.values()):
         b.legend(fontsize=7)
     for ax in (a, b):

@@ -93,10 +93,27 @@ def test_the_committed_base_sees_and_grounds():
     model = Qwen3VLForConditionalGeneration.from_pretrained(path).eval()
     assert model.config.text_config.rope_parameters["rope_theta"] == 10.0
     assert record["heldout_exact_final"]["gen_cell"] >= 0.95
-    cfg = CriticBaseConfig(eval_items=16, grounding={"kinds": ["gen_cell", "cell"]})
+    cfg = CriticBaseConfig(eval_items=16, grounding={"kinds": ["gen_cell"]})
     encoder = ChatExampleEncoder(str(path), max_length=512)
     held = heldout_set(cfg, encoder)
     assert exact_match(model, held["gen_cell"], encoder.pad_token_id) >= 0.85
     torch.manual_seed(0)
     random_init = Qwen3VLForConditionalGeneration(model.config).eval()
     assert exact_match(random_init, held["gen_cell"], encoder.pad_token_id) <= 0.2
+
+
+def test_command_settings_are_typed_and_checked():
+    from firm.synthetic.recipes.cli import _settings
+    from firm.synthetic.recipes.critic_proof import ProofConfig
+
+    got = _settings(CriticBaseConfig, ["threads=2", "init=runs/x/base", "adaptive=no", "lr=1e-4"], "t")
+    assert got == {"threads": 2, "init": "runs/x/base", "adaptive": False, "lr": 1e-4}
+    assert _settings(ProofConfig, ["arms=curated", "steps=10", "base="], "t") == {
+        "arms": ["curated"], "steps": 10, "base": "",
+    }  # fmt: skip
+    for bad in (["adaptive=maybe"], ["steps=ten"], ["nope=1"], ["threads"]):
+        with pytest.raises(SystemExit):
+            _settings(CriticBaseConfig, bad, "t")
+    with pytest.raises(ValueError, match="score_only"):
+        ProofConfig(answer_order="reasoning_first")  # the uncurated arm's reasoning would leak the rule's score
+    assert ProofConfig(arms=["curated"], answer_order="reasoning_first").answer_tokens == 160

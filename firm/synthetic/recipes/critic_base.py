@@ -59,9 +59,9 @@ def _batches(cfg: CriticBaseConfig, split: str, seed: int, start: int, kinds=Non
 
 def heldout_set(cfg: CriticBaseConfig, encoder) -> dict[str, list[tuple[dict, str]]]:
     """``eval_items`` encoded questions per kind from test-split tasks (the same for every run of a config)."""
-    from firm.synthetic.grounding import KINDS, GroundingConfig
+    from firm.synthetic.grounding import GroundingConfig
 
-    kinds = GroundingConfig(**cfg.grounding).kinds or list(KINDS)
+    kinds = GroundingConfig(**cfg.grounding).kinds
     out: dict[str, list] = {}
     for i, kind in enumerate(kinds):
         items = _batches(cfg, "test", seed=10_000 + i, start=8_000_000, kinds=[kind])
@@ -305,6 +305,8 @@ def export_base(out: str | Path, dest: str | Path) -> Path:
     shutil.copytree(out / "base", dest)
     record = json.loads((out / "summary.json").read_text())
     record["curves"] = json.loads((out / "curves.json").read_text())
-    record["command"] = " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("firm") else None
+    from firm.synthetic.recipes.ablation import current_command
+
+    record["command"] = current_command()
     (dest / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
     return dest
